@@ -1,0 +1,183 @@
+"""Which implementation runs each op: the one place that knows about backends.
+
+Backends:
+  reference  epg.reference, plain PyTorch; runs everywhere and defines correct results.
+  triton     the Triton kernels of ``epg_kernels`` (top-level ``kernels/``); CUDA tensors, or CPU
+             tensors under ``TRITON_INTERPRET=1`` when forced (that is how the CPU tests run them).
+  cuda       the compiled extension ``epg._C``: CUDA kernels for CUDA tensors and their C++ twins
+             (same arithmetic) for CPU tensors; the CPU twins run only when forced.
+
+Automatic choice (the default, ``EPG_BACKEND=auto``): on a CUDA tensor the first backend in
+``AUTO_ORDER`` that implements the op, else the reference; on any other device the reference.
+Automatic choice never raises.
+
+Forcing: ``EPG_BACKEND=reference|triton|cuda`` for every op, ``EPG_BACKEND_<OP>`` (for example
+``EPG_BACKEND_LAYER_NORM``) for one op, or :func:`use_backend` in code (it wins over both
+variables). A forced backend that cannot run the op raises :class:`BackendUnavailableError` saying
+why. A backward (``<op>_backward``) follows its forward's forced backend when that backend has a
+backward for it and otherwise runs the reference backward: backwards recompute everything from the
+op's inputs, so any forward pairs with any backward.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import functools
+import os
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import torch
+
+from . import reference
+
+BACKENDS = ("reference", "triton", "cuda")
+AUTO_ORDER = ("cuda", "triton")
+ENV_VAR = "EPG_BACKEND"
+
+_forced: contextvars.ContextVar[dict[str | None, str]] = contextvars.ContextVar(
+    "epg_forced_backend", default={}
+)
+
+
+class BackendUnavailableError(RuntimeError):
+    """A forced backend cannot run the requested op."""
+
+
+@dataclass(frozen=True)
+class BackendInfo:
+    name: str
+    available: bool
+    reason: str  # why it is unavailable, or what it is built from
+    implementations: dict[str, Callable]
+    runs_on_cuda: bool = False  # can run CUDA tensors (the CUDA kernels were built)
+
+
+@functools.cache
+def _reference_info() -> BackendInfo:
+    ops = {
+        name: fn
+        for name, fn in vars(reference).items()
+        if callable(fn) and not name.startswith("_") and getattr(fn, "__module__", "") == reference.__name__
+    }
+    return BackendInfo("reference", True, "plain PyTorch (epg.reference)", ops, runs_on_cuda=True)
+
+
+@functools.cache
+def _triton_info() -> BackendInfo:
+    try:
+        import epg_kernels
+    except ImportError as exc:  # the package itself is part of epg; only a broken install lands here
+        return BackendInfo("triton", False, f"epg_kernels does not import: {exc}", {})
+    impls = dict(getattr(epg_kernels, "IMPLEMENTATIONS", {}))
+    reason = getattr(epg_kernels, "UNAVAILABLE_REASON", None)
+    if reason:
+        return BackendInfo("triton", False, reason, {})
+    import triton
+
+    if not impls:
+        return BackendInfo("triton", False, f"Triton {triton.__version__}: no kernels registered", {})
+    return BackendInfo(
+        "triton", True, f"Triton {triton.__version__}", impls, runs_on_cuda=torch.cuda.is_available()
+    )
+
+
+@functools.cache
+def _cuda_info() -> BackendInfo:
+    try:
+        from . import _C
+    except ImportError as exc:
+        return BackendInfo(
+            "cuda", False, f"extension epg._C not built or not importable ({exc})", {}
+        )
+    ops_namespace = torch.ops.epg_C
+    impls = {}
+    for name in _reference_info().implementations:
+        if hasattr(ops_namespace, name):
+            impls[name] = getattr(ops_namespace, name)
+    with_cuda = bool(getattr(_C, "WITH_CUDA", 0))
+    built = "C++ and CUDA kernels" if with_cuda else "C++ kernels only (built without CUDA)"
+    return BackendInfo("cuda", True, f"epg._C: {built}", impls, runs_on_cuda=with_cuda)
+
+
+_INFO = {"reference": _reference_info, "triton": _triton_info, "cuda": _cuda_info}
+
+
+def info(name: str) -> BackendInfo:
+    """Availability and implemented ops of one backend."""
+    if name not in _INFO:
+        raise ValueError(f"unknown backend {name!r}; expected one of {BACKENDS}")
+    return _INFO[name]()
+
+
+def _forced_backend(op: str) -> str | None:
+    forced = _forced.get()
+    for key in (op, None):
+        if key in forced:
+            return None if forced[key] == "auto" else forced[key]
+    for var in (f"{ENV_VAR}_{op.upper()}", ENV_VAR):
+        value = os.environ.get(var, "").strip().lower()
+        if value and value != "auto":
+            if value == "ref":
+                value = "reference"
+            if value not in BACKENDS:
+                raise ValueError(f"{var}={value!r}: expected auto or one of {BACKENDS}")
+            return value
+    return None
+
+
+def _why_not(backend: BackendInfo, op: str, device: torch.device) -> str | None:
+    """None when ``backend`` can run ``op`` on ``device``, else the reason it cannot."""
+    if not backend.available:
+        return backend.reason
+    if op not in backend.implementations:
+        return f"{backend.name} has no implementation of {op!r} (it has: {sorted(backend.implementations)})"
+    if device.type == "cuda" and not backend.runs_on_cuda:
+        return f"{backend.name} cannot run CUDA tensors here ({backend.reason})"
+    if device.type != "cuda" and backend.name == "triton":
+        if os.environ.get("TRITON_INTERPRET") != "1":
+            return "Triton runs CPU tensors only under TRITON_INTERPRET=1 (set before import)"
+    if device.type not in ("cpu", "cuda") and backend.name != "reference":
+        return f"{backend.name} does not support device {device.type}"
+    return None
+
+
+def _base_op(op: str) -> str:
+    return op.removesuffix("_backward")
+
+
+def choose(op: str, device: torch.device) -> str:
+    """Name of the backend that runs ``op`` for tensors on ``device``."""
+    forced = _forced_backend(_base_op(op))
+    if forced is not None:
+        backend = info(forced)
+        reason = _why_not(backend, op, device)
+        if reason is None:
+            return forced
+        if op.endswith("_backward") and _why_not(backend, _base_op(op), device) is None:
+            return "reference"
+        raise BackendUnavailableError(f"backend {forced!r} was forced for {op!r} but: {reason}")
+    if device.type == "cuda":
+        for name in AUTO_ORDER:
+            if _why_not(info(name), op, device) is None:
+                return name
+    return "reference"
+
+
+def pick(op: str, device: torch.device) -> Callable:
+    """The implementation of ``op`` for tensors on ``device``."""
+    return info(choose(op, device)).implementations[op]
+
+
+@contextlib.contextmanager
+def use_backend(name: str, op: str | None = None) -> Iterator[None]:
+    """Force ``name`` for ``op`` (or for every op) inside the block; ``"auto"`` undoes a force."""
+    if name not in (*BACKENDS, "auto"):
+        raise ValueError(f"unknown backend {name!r}; expected auto or one of {BACKENDS}")
+    forced = {**_forced.get(), op: name}
+    token = _forced.set(forced)
+    try:
+        yield
+    finally:
+        _forced.reset(token)

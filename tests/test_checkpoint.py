@@ -1,0 +1,147 @@
+"""Checkpoint I/O: epg's safetensors format, official layouts, unsafe and corrupt files."""
+
+import json
+import os
+
+import pytest
+import torch
+
+from epg import checkpoint as ck
+from epg.models import build
+
+
+def _noisy(name):
+    model = build(name).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.1)
+    return model
+
+
+@pytest.fixture
+def inputs():
+    return torch.randn(2, 3, 32, 32), torch.randn(2) * 100, torch.tensor([1, 7])
+
+
+def test_safetensors_round_trip(tmp_path, inputs):
+    model = _noisy("epg-tiny")
+    ck.save(model, tmp_path / "run", metadata={"step": 12})
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["config.json", "model.safetensors"]
+    loaded = ck.load(tmp_path / "run")
+    assert loaded.config == model.config
+    assert torch.equal(loaded(*inputs), model(*inputs))
+    assert ck.read_config(tmp_path / "run")[1] == {"step": 12}
+    assert all(p.requires_grad for p in loaded.parameters())
+
+
+def test_round_trip_keeps_overridden_architecture(tmp_path):
+    model = build("epg-tiny", in_channels=1, num_classes=3, decoder_depth=1)
+    ck.save(model, tmp_path)
+    assert ck.load(tmp_path / "model.safetensors").config == model.config
+
+
+def test_rcm_round_trip_keeps_batchnorm_buffers(tmp_path):
+    model = _noisy("rcm-tiny")
+    model.train()(torch.randn(4, 3, 32, 32), torch.randn(4))  # moves the running statistics
+    model.eval()
+    ck.save(model, tmp_path)
+    loaded = ck.load(tmp_path).eval()
+    x, t = torch.randn(3, 3, 32, 32), torch.randn(3)
+    assert torch.equal(loaded(x, t)[0], model(x, t)[0])
+
+
+@pytest.mark.parametrize("layout", ["dir_ema", "dir_nnet_only", "bare", "wrapped", "module_prefix"])
+def test_official_layouts_load_unchanged(tmp_path, inputs, layout):
+    model = _noisy("epg-tiny")
+    sd = model.state_dict()
+    decoy = {k: torch.zeros_like(v) for k, v in sd.items()}
+    if layout == "dir_ema":
+        torch.save(sd, tmp_path / "nnet_ema.pth")
+        torch.save(decoy, tmp_path / "nnet.pth")  # the EMA file is preferred
+        path = tmp_path
+    elif layout == "dir_nnet_only":
+        torch.save(sd, tmp_path / "nnet.pth")
+        path = tmp_path
+    elif layout == "bare":
+        path = tmp_path / "EPG-tiny.pth"
+        torch.save(sd, path)
+    elif layout == "wrapped":
+        path = tmp_path / "wrapped.pth"
+        torch.save({"step": torch.tensor(5), "nnet_ema": sd, "note": "x"}, path)
+    else:
+        path = tmp_path / "ddp.pth"
+        torch.save({f"module.{k}": v for k, v in sd.items()}, path)
+    loaded = ck.load_official(path, "epg-tiny")
+    assert torch.equal(loaded(*inputs), model(*inputs))
+
+
+def test_pickle_that_would_run_code_is_refused(tmp_path):
+    marker = tmp_path / "pwned"
+
+    class Exploit:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    path = tmp_path / "nnet_ema.pth"
+    torch.save({"cls_token": Exploit()}, path)
+    with pytest.raises(ck.CheckpointError, match="refusing to load.*could run code"):
+        ck.load_official(tmp_path, "epg-tiny")
+    assert not marker.exists()
+
+
+def test_mismatched_checkpoint_names_the_bad_keys(tmp_path):
+    sd = build("epg-tiny").state_dict()
+    sd.pop("out.bias")
+    sd["extra.weight"] = torch.zeros(2)
+    sd["class_embed.weight"] = torch.zeros(5, 64)
+    torch.save(sd, tmp_path / "bad.pth")
+    with pytest.raises(ck.CheckpointError) as err:
+        ck.load_official(tmp_path / "bad.pth", "epg-tiny")
+    msg = str(err.value)
+    assert "1 missing key(s): out.bias" in msg
+    assert "1 unexpected key(s): extra.weight" in msg
+    assert "class_embed.weight: checkpoint (5, 64) vs model (11, 64)" in msg
+
+
+def test_missing_and_corrupt_files_give_clear_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="holds none of"):
+        ck.load_official(tmp_path, "epg-tiny")
+    with pytest.raises(FileNotFoundError, match="no checkpoint at"):
+        ck.load_official(tmp_path / "nope.pth", "epg-tiny")
+    (tmp_path / "trunc.pth").write_bytes(b"PK\x03\x04 not really a zip")
+    with pytest.raises(ck.CheckpointError, match="corrupt"):
+        ck.load_official(tmp_path / "trunc.pth", "epg-tiny")
+    torch.save([1, 2, 3], tmp_path / "list.pth")
+    with pytest.raises(ck.CheckpointError, match="not a state dict"):
+        ck.load_official(tmp_path / "list.pth", "epg-tiny")
+
+    run = tmp_path / "run"
+    ck.save(build("epg-tiny"), run)
+    data = (run / "model.safetensors").read_bytes()
+    (run / "model.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(ck.CheckpointError, match="corrupt"):
+        ck.load(run)
+    (run / "config.json").write_text("{not json")
+    with pytest.raises(ck.CheckpointError, match="not a valid epg config"):
+        ck.load(run)
+    with pytest.raises(FileNotFoundError, match="no config.json"):
+        ck.load(tmp_path / "empty")
+
+
+def test_atomic_write_keeps_the_old_file_when_writing_fails(tmp_path):
+    target = tmp_path / "state.json"
+    ck.atomic_write(target, lambda tmp: open(tmp, "w").write(json.dumps({"v": 1})))
+
+    def failing(tmp):
+        open(tmp, "w").write("partial")
+        raise RuntimeError("disk full")
+
+    with pytest.raises(RuntimeError, match="disk full"):
+        ck.atomic_write(target, failing)
+    assert json.loads(target.read_text()) == {"v": 1}
+    assert [p.name for p in tmp_path.iterdir()] == ["state.json"]  # no temporary left behind
+
+
+def test_save_refuses_a_foreign_module(tmp_path):
+    with pytest.raises(TypeError, match="epg network"):
+        ck.save(torch.nn.Linear(2, 2), tmp_path)

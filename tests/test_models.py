@@ -1,0 +1,297 @@
+"""The EPG networks: sizes, official state-dict layout, the forward function, init, compile, errors."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import epg.ops as ops
+from epg import _backend
+from epg.models import CONFIGS, Denoiser, build, count_parameters, get_config
+from helpers import assert_close
+
+
+@pytest.mark.parametrize(
+    "name,millions",
+    [("epg-l-16", 540.2), ("epg-xl-16", 583.0), ("epg-xxl-16", 788.9), ("epg-g-16", 1391.9),
+     ("epg-l-32", 544.9)],
+)  # fmt: skip
+def test_parameter_counts_match_the_paper(name, millions):
+    with torch.device("meta"):
+        model = build(name)
+    assert count_parameters(model) / 1e6 == pytest.approx(millions, rel=1e-3)
+
+
+def _official_xl16_layout():
+    """epg-method.md §4.5, written out independently of the model code."""
+    D, Dd, p = 768, 1584, 16
+    keys = {
+        "cls_token": (1, 1, D), "pos_embed": (1, 258, D),
+        "patch_embed.proj.weight": (D, 3, p, p), "patch_embed.proj.bias": (D,),
+        "norm.weight": (D,), "norm.bias": (D,),
+        "encoder_to_decoder.weight": (Dd, D), "encoder_to_decoder.bias": (Dd,),
+        "out_norm.weight": (Dd,), "out_norm.bias": (Dd,),
+        "out.weight": (p * p * 3, Dd), "out.bias": (p * p * 3,),
+        "class_embed.weight": (1001, D),
+    }  # fmt: skip
+    for i in range(12):
+        b = f"blocks.{i}."
+        keys.update({
+            b + "norm1.weight": (D,), b + "norm1.bias": (D,),
+            b + "attn.qkv.weight": (3 * D, D),
+            b + "attn.proj.weight": (D, D), b + "attn.proj.bias": (D,),
+            b + "norm2.weight": (D,), b + "norm2.bias": (D,),
+            b + "mlp.fc1.weight": (4 * D, D), b + "mlp.fc1.bias": (4 * D,),
+            b + "mlp.fc2.weight": (D, 4 * D), b + "mlp.fc2.bias": (D,),
+        })  # fmt: skip
+        d = f"decoder_blocks.{i}."
+        keys.update({
+            d + "norm1.weight": (Dd,), d + "norm1.bias": (Dd,),
+            d + "attn.qkv.weight": (3 * Dd, Dd),
+            d + "attn.proj.weight": (Dd, Dd), d + "attn.proj.bias": (Dd,),
+            d + "norm2.weight": (Dd,), d + "norm2.bias": (Dd,),
+            d + "skip_linear.weight": (Dd, Dd + D), d + "skip_linear.bias": (Dd,),
+            d + "skip_norm.weight": (Dd,), d + "skip_norm.bias": (Dd,),
+            d + "adaLN_modulation.1.weight": (6 * Dd, D), d + "adaLN_modulation.1.bias": (6 * Dd,),
+            d + "mlp.fc1.weight": (4 * Dd, Dd), d + "mlp.fc1.bias": (4 * Dd,),
+            d + "mlp.fc2.weight": (Dd, 4 * Dd), d + "mlp.fc2.bias": (Dd,),
+        })  # fmt: skip
+    return keys
+
+
+def test_epg_xl16_state_dict_is_the_official_layout():
+    with torch.device("meta"):
+        model = build("epg-xl-16")
+    layout = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    expected = _official_xl16_layout()
+    assert len(expected) == 349
+    assert layout == expected
+
+
+def test_epg_l_has_no_encoder_to_decoder_and_512_uses_patch_32():
+    with torch.device("meta"):
+        l16, l32 = build("epg-l-16"), build("epg-l-32")
+    assert not any(k.startswith("encoder_to_decoder") for k in l16.state_dict())
+    sd = l32.state_dict()
+    assert tuple(sd["patch_embed.proj.weight"].shape) == (1024, 3, 32, 32)
+    assert tuple(sd["pos_embed"].shape) == (1, 258, 1024)
+    assert tuple(sd["out.weight"].shape) == (3072, 1024)
+
+
+def test_rcm_state_dict_has_the_official_projector_keys():
+    with torch.device("meta"):
+        model = build("rcm-b-16")
+    keys = set(model.state_dict())
+    for i in (0, 3, 6):
+        assert f"projection_head.{i}.weight" in keys
+    for i in (1, 4):
+        for s in ("weight", "bias", "running_mean", "running_var", "num_batches_tracked"):
+            assert f"projection_head.{i}.{s}" in keys
+    assert not any(k.startswith(("class_embed", "decoder_blocks")) for k in keys)
+
+
+def test_overrides_accept_every_architectural_field_and_reject_unknown_ones():
+    cfg = get_config("epg-xl-16", img_size=128, patch_size=8, depth=3, embed_dim=96, num_heads=3,
+                     decoder_depth=2, decoder_embed_dim=120, decoder_num_heads=5, num_classes=7,
+                     in_channels=1)  # fmt: skip
+    assert (cfg.img_size, cfg.in_channels, cfg.num_classes) == (128, 1, 7)
+    with pytest.raises(ValueError, match="unknown field"):
+        get_config("epg-xl-16", width=3)
+    with pytest.raises(ValueError, match="unknown model config"):
+        get_config("epg-xs-16")
+    with pytest.raises(ValueError, match="not a multiple of patch_size"):
+        get_config("epg-tiny", img_size=30)
+
+
+# --- the forward function against an independent implementation of spec §4.3 ---------------------
+
+
+def _spec_forward(sd, cfg, x, t_cond, y):
+    """EPGViT's forward written from epg-method.md §4.1-4.3 with plain torch on a state dict."""
+    D, p = cfg.embed_dim, cfg.patch_size
+
+    def ln(v, pre):
+        return F.layer_norm(v, (v.shape[-1],), sd[pre + ".weight"], sd[pre + ".bias"], 1e-5)
+
+    def attn(v, pre, heads):
+        B, T, W = v.shape
+        qkv = (v @ sd[pre + ".qkv.weight"].T).reshape(B, T, 3, heads, W // heads)
+        q, k, vv = qkv.permute(2, 0, 3, 1, 4)
+        a = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(W // heads), -1) @ vv
+        return F.linear(a.transpose(1, 2).reshape(B, T, W), sd[pre + ".proj.weight"], sd[pre + ".proj.bias"])
+
+    def mlp(v, pre):
+        h = F.gelu(F.linear(v, sd[pre + ".fc1.weight"], sd[pre + ".fc1.bias"]))
+        return F.linear(h, sd[pre + ".fc2.weight"], sd[pre + ".fc2.bias"])
+
+    B = x.shape[0]
+    tok = F.conv2d(x, sd["patch_embed.proj.weight"], sd["patch_embed.proj.bias"], stride=p)
+    tok = tok.flatten(2).transpose(1, 2)
+    half = D // 2
+    freqs = torch.exp(-math.log(10000) * torch.arange(half, dtype=torch.float32) / half)
+    time = torch.cat([torch.cos(t_cond[:, None] * freqs), torch.sin(t_cond[:, None] * freqs)], -1)
+    cemb = sd["class_embed.weight"][y]
+    h = torch.cat([(sd["cls_token"][0] + cemb[:, None])[:, :1], time[:, None], tok], 1) + sd["pos_embed"]
+    skips = []
+    for i in range(cfg.depth):
+        b = f"blocks.{i}"
+        h = h + attn(ln(h, b + ".norm1"), b + ".attn", cfg.num_heads)
+        h = h + mlp(ln(h, b + ".norm2"), b + ".mlp")
+        skips.append(h)
+    h = ln(h, "norm")
+    h = F.linear(h, sd["encoder_to_decoder.weight"], sd["encoder_to_decoder.bias"])
+    c = time + cemb
+    for j in range(cfg.decoder_depth):
+        b = f"decoder_blocks.{j}"
+        h = F.linear(torch.cat([h, skips.pop()], -1), sd[b + ".skip_linear.weight"], sd[b + ".skip_linear.bias"])
+        h = ln(h, b + ".skip_norm")
+        mod = F.linear(F.silu(c), sd[b + ".adaLN_modulation.1.weight"], sd[b + ".adaLN_modulation.1.bias"])
+        s1, sc1, g1, s2, sc2, g2 = (m[:, None] for m in mod.chunk(6, -1))
+        h = h + g1 * attn(ln(h, b + ".norm1") * (1 + sc1) + s1, b + ".attn", cfg.decoder_num_heads)
+        h = h + g2 * mlp(ln(h, b + ".norm2") * (1 + sc2) + s2, b + ".mlp")
+    out = F.linear(ln(h[:, 2:], "out_norm"), sd["out.weight"], sd["out.bias"])
+    g, C = cfg.img_size // p, cfg.in_channels
+    out = out.reshape(B, g, g, p, p, C)  # b (m n) (p1 p2 c) → b c (m p1) (n p2)
+    return torch.einsum("bmnpqc->bcmpnq", out).reshape(B, C, g * p, g * p)
+
+
+def _randomised(model):
+    """Fill every parameter with noise so adaLN-Zero and the zero head do not hide anything."""
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.1)
+    return model
+
+
+def test_forward_equals_the_spec_written_independently():
+    model = _randomised(build("epg-tiny")).eval()
+    cfg = model.config
+    x = torch.randn(3, 3, 32, 32)
+    t_cond = 250 * torch.log(torch.tensor([0.01, 1.0, 300.0]))
+    y = torch.tensor([0, 4, 10])
+    expected = _spec_forward(model.state_dict(), cfg, x, t_cond, y)
+    assert_close(model(x, t_cond, y), expected, atol=1e-4, rtol=1e-4)
+
+
+def test_fresh_network_is_adaln_zero():
+    model = build("epg-tiny")
+    x, t = torch.randn(2, 3, 32, 32), torch.randn(2)
+    assert torch.count_nonzero(model(x, t, torch.tensor([1, 2]))) == 0
+    for block in model.decoder_blocks:
+        assert torch.count_nonzero(block.adaLN_modulation[-1].weight) == 0
+    assert model.pos_embed.std().item() == pytest.approx(0.02, rel=0.2)
+    assert model.cls_token.abs().max() < 1e-4
+
+
+def test_unconditional_call_uses_the_null_class():
+    model = _randomised(build("epg-tiny")).eval()
+    x, t = torch.randn(2, 3, 32, 32), torch.randn(2)
+    assert torch.equal(model(x, t), model(x, t, torch.full((2,), 10)))
+
+
+def test_rcm_forward_shapes_and_head():
+    model = build("rcm-tiny").eval()
+    z, h = model(torch.randn(4, 3, 32, 32), torch.randn(4))
+    assert z.shape == (4, 32) and h.shape == (4, 64)
+
+
+# --- backends, backward, compile ------------------------------------------------------------------
+
+
+def _loss_and_grads(model, x, t, y):
+    out = model(x, t, y)
+    loss = (out * torch.linspace(-1, 1, out.numel()).view(out.shape)).sum()
+    grads = torch.autograd.grad(loss, list(model.parameters()))
+    return out.detach(), grads
+
+
+def _non_reference_cases():
+    import os
+
+    cases = []
+    for name in ("triton", "cuda"):
+        info = _backend.info(name)
+        ops_here = sorted(op for op in ops.OPS if info.available and op in info.implementations)
+        if name == "triton" and os.environ.get("TRITON_INTERPRET") != "1":
+            ops_here = []
+        for op in ops_here:
+            cases.append(pytest.param(name, op, id=f"{name}-{op}"))
+    return cases or [pytest.param(None, None, marks=pytest.mark.skip(reason="no other backend runs on CPU here"))]
+
+
+@pytest.mark.parametrize("backend,op", _non_reference_cases())
+def test_tiny_model_forward_and_backward_agree_across_backends(backend, op):
+    # Through the EDM denoiser, so every op of the model (edm_scalings included) runs.
+    model = Denoiser(_randomised(build("epg-tiny")), mode="edm")
+    x, sigma, y = torch.randn(2, 3, 32, 32), torch.tensor([0.05, 7.0]), torch.tensor([3, 10])
+    out_ref, grads_ref = _loss_and_grads(model, x, sigma, y)
+    with ops.use_backend(backend, op):
+        out, grads = _loss_and_grads(model, x, sigma, y)
+    assert_close(out, out_ref, atol=1e-4, rtol=1e-4, what="output")
+    for (name, _), g, e in zip(model.named_parameters(), grads, grads_ref):
+        assert_close(g, e, atol=1e-3, rtol=1e-3, what=name)
+
+
+@pytest.mark.slow
+def test_compiled_model_equals_eager_fullgraph():
+    model = _randomised(build("epg-tiny"))
+    x, t, y = torch.randn(2, 3, 32, 32), torch.randn(2) * 100, torch.tensor([3, 10])
+    out_eager, grads_eager = _loss_and_grads(model, x, t, y)
+    compiled = torch.compile(model, fullgraph=True)
+    out_comp, grads_comp = _loss_and_grads(compiled, x, t, y)
+    assert_close(out_comp, out_eager, atol=1e-4, rtol=1e-4, what="output")
+    for (name, _), g, e in zip(model.named_parameters(), grads_comp, grads_eager):
+        assert_close(g, e, atol=1e-4, rtol=1e-3, what=name)
+
+
+# --- input validation -----------------------------------------------------------------------
+
+
+def test_wrong_image_size_channels_and_labels_name_the_expected_values():
+    model = build("epg-tiny")
+    t = torch.zeros(2)
+    with pytest.raises(ValueError, match=r"\(B, 3, 32, 32\).*got \(2, 3, 64, 64\)"):
+        model(torch.randn(2, 3, 64, 64), t, torch.tensor([0, 1]))
+    with pytest.raises(ValueError, match=r"in_channels=3"):
+        model(torch.randn(2, 1, 32, 32), t, torch.tensor([0, 1]))
+    with pytest.raises(ValueError, match=r"labels must be in \[0, 10\].*\[0, 11\]"):
+        model(torch.randn(2, 3, 32, 32), t, torch.tensor([0, 11]))
+    with pytest.raises(ValueError, match=r"labels must be in \[0, 10\]"):
+        model(torch.randn(2, 3, 32, 32), t, torch.tensor([-1, 2]))
+    with pytest.raises(ValueError, match=r"t_cond must be \(2,\)"):
+        model(torch.randn(2, 3, 32, 32), torch.zeros(3), torch.tensor([0, 1]))
+    with pytest.raises(ValueError, match="expects images"):
+        build("rcm-tiny")(torch.randn(2, 3, 16, 16), t)
+
+
+# --- the denoiser -------------------------------------------------------------------------------
+
+
+def test_denoiser_edm_mode_is_identity_at_shifted_sigma_min():
+    net = _randomised(build("epg-tiny")).eval()
+    den = Denoiser(net, mode="edm")
+    assert den.sigma_min_shifted == pytest.approx(0.002 * 32 / 64)
+    x = torch.randn(2, 3, 32, 32)
+    assert torch.equal(den(x, den.sigma_min_shifted, torch.tensor([1, 2])), x)
+
+
+def test_denoiser_x0_mode_returns_the_network_output_on_c_in_scaled_input():
+    net = _randomised(build("epg-tiny")).eval()
+    den = Denoiser(net, mode="x0")
+    x, sigma, y = torch.randn(2, 3, 32, 32), torch.tensor([0.3, 40.0]), torch.tensor([1, 2])
+    c_in = 1 / torch.sqrt(sigma**2 + 0.25)
+    expected = net(x * c_in.view(2, 1, 1, 1), 250 * torch.log(sigma), y)
+    assert_close(den(x, sigma, y), expected, atol=1e-6, rtol=1e-6)
+
+
+def test_denoiser_rejects_a_wrong_sigma_shape():
+    den = Denoiser(build("epg-tiny"))
+    with pytest.raises(ValueError, match=r"sigma must be a scalar or \(2,\)"):
+        den(torch.randn(2, 3, 32, 32), torch.ones(3))
+
+
+def test_all_named_configs_build_on_meta():
+    for name in CONFIGS:
+        with torch.device("meta"):
+            assert count_parameters(build(name)) > 0

@@ -1,0 +1,290 @@
+"""The op layer: references against independent math, gradients, registration, backend choice."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import epg.ops as ops
+from epg import _backend, reference
+from helpers import assert_close
+
+f64 = dict(dtype=torch.float64)
+
+
+def _ln_f64(x, w, b, eps=1e-5):
+    return F.layer_norm(x, (x.shape[-1],), w, b, eps)
+
+
+def _make_inputs(requires_grad=True):
+    """Small float64 inputs for every op, with awkward sizes (prime token count, odd widths)."""
+    def r(*shape):
+        return torch.randn(*shape, **f64).requires_grad_(requires_grad)
+
+    B, T, D, H, Dh, C, p = 2, 7, 12, 3, 4, 3, 4
+    return {
+        "layer_norm": (r(B, T, D), r(D), r(D), 1e-5),
+        "ln_modulate": (r(B, T, D), r(D), r(D), r(B, D), r(B, D), 1e-5),
+        "gated_residual": (r(B, T, D), r(B, D), r(B, T, D)),
+        "attention": (r(B, T, 3 * H * Dh), H),
+        "patch_embed": (r(B, C, 2 * p, 3 * p), r(D, C, p, p), r(D), r(6, D)),
+        "output_head": (r(B, 9, D), r(D), r(D), r(p * p * C, D), r(p * p * C), p, 1e-5),
+        "timestep_embedding": (r(B) * 50, 10),
+        "edm_scalings": (torch.rand(5, **f64).mul(3).add(0.01).requires_grad_(requires_grad), 0.5, 0.008, "edm"),
+    }
+
+
+# --- layer 1: the references against independent formulations -----------------------------------
+
+
+def test_layer_norm_reference_matches_torch():
+    x, w, b = torch.randn(3, 5, 33, **f64), torch.randn(33, **f64), torch.randn(33, **f64)
+    assert_close(reference.layer_norm(x, w, b, 1e-5), _ln_f64(x, w, b))
+
+
+def test_layer_norm_reference_computes_in_float32_for_half_inputs():
+    x = (torch.randn(4, 64) * 30 + 100).half()
+    w, b = torch.ones(64), torch.zeros(64)
+    out = reference.layer_norm(x, w, b, 1e-5)
+    assert out.dtype == torch.float16
+    assert_close(out.float(), _ln_f64(x.double(), w.double(), b.double()).float(), atol=2e-3, rtol=2e-3)
+
+
+def test_ln_modulate_reference_matches_formula():
+    x, w, b = torch.randn(2, 5, 16, **f64), torch.randn(16, **f64), torch.randn(16, **f64)
+    shift, scale = torch.randn(2, 16, **f64), torch.randn(2, 16, **f64)
+    expected = _ln_f64(x, w, b) * (1 + scale[:, None]) + shift[:, None]
+    assert_close(reference.ln_modulate(x, w, b, shift, scale, 1e-5), expected)
+
+
+def test_gated_residual_reference_matches_formula():
+    x, y, gate = torch.randn(2, 5, 8, **f64), torch.randn(2, 5, 8, **f64), torch.randn(2, 8, **f64)
+    expected = torch.stack([x[i] + gate[i] * y[i] for i in range(2)])
+    assert_close(reference.gated_residual(x, gate, y), expected)
+
+
+@pytest.mark.parametrize("T,H,Dh", [(7, 2, 8), (258, 2, 72), (1, 1, 16)])
+def test_attention_reference_matches_explicit_softmax(T, H, Dh):
+    B = 2
+    qkv = torch.randn(B, T, 3 * H * Dh, **f64)
+    out = reference.attention(qkv, H)
+    for b in range(B):
+        for h in range(H):
+            q = qkv[b, :, h * Dh:(h + 1) * Dh]
+            k = qkv[b, :, H * Dh + h * Dh:H * Dh + (h + 1) * Dh]
+            v = qkv[b, :, 2 * H * Dh + h * Dh:2 * H * Dh + (h + 1) * Dh]
+            p = torch.softmax(q @ k.T / math.sqrt(Dh), dim=-1)
+            assert_close(out[b, :, h * Dh:(h + 1) * Dh], p @ v, what=f"batch {b} head {h}")
+
+
+def test_patch_embed_reference_matches_unfold_matmul():
+    B, C, p, D = 2, 3, 4, 10
+    img = torch.randn(B, C, 3 * p, 2 * p, **f64)
+    w, b, pos = torch.randn(D, C, p, p, **f64), torch.randn(D, **f64), torch.randn(6, D, **f64)
+    patches = F.unfold(img, p, stride=p).transpose(1, 2)  # (B, N, C·p·p), row-major tokens
+    expected = patches @ w.reshape(D, -1).T + b + pos
+    assert_close(reference.patch_embed(img, w, b, pos), expected)
+
+
+def test_output_head_reference_matches_per_pixel_layout():
+    B, p, C, D, side = 2, 2, 3, 8, 3
+    x = torch.randn(B, side * side, D, **f64)
+    nw, nb = torch.randn(D, **f64), torch.randn(D, **f64)
+    w, b = torch.randn(p * p * C, D, **f64), torch.randn(p * p * C, **f64)
+    tokens = _ln_f64(x, nw, nb) @ w.T + b
+    expected = torch.empty(B, C, side * p, side * p, **f64)
+    for i in range(side):
+        for j in range(side):
+            for a in range(p):
+                for c2 in range(p):
+                    for c in range(C):  # feature layout (p1, p2, c)
+                        expected[:, c, i * p + a, j * p + c2] = tokens[:, i * side + j, (a * p + c2) * C + c]
+    assert_close(reference.output_head(x, nw, nb, w, b, p, 1e-5), expected)
+
+
+def test_timestep_embedding_reference_matches_formula():
+    t, dim = torch.tensor([-1200.0, 0.0, 3.5, 900.0], **f64), 12
+    out = reference.timestep_embedding(t, dim)
+    for i, ti in enumerate(t.tolist()):
+        for k in range(dim // 2):
+            f = math.exp(-math.log(10000.0) * k / (dim // 2))
+            assert out[i, k].item() == pytest.approx(math.cos(ti * f), abs=1e-12)
+            assert out[i, dim // 2 + k].item() == pytest.approx(math.sin(ti * f), abs=1e-12)
+
+
+@pytest.mark.parametrize("mode", ["x0", "edm"])
+def test_edm_scalings_reference_matches_formula(mode):
+    sd, smin = 0.5, 0.008
+    sigma = torch.tensor([0.008, 0.05, 0.5, 4.0, 320.0], **f64)
+    c_in, c_skip, c_out, t_cond = reference.edm_scalings(sigma, sd, smin, mode)
+    for i, s in enumerate(sigma.tolist()):
+        assert c_in[i].item() == pytest.approx(1 / math.sqrt(s * s + sd * sd), rel=1e-12)
+        assert t_cond[i].item() == pytest.approx(250 * math.log(s), rel=1e-12)
+        if mode == "x0":
+            assert (c_skip[i].item(), c_out[i].item()) == (0.0, 1.0)
+        else:
+            assert c_skip[i].item() == pytest.approx(sd**2 / ((s - smin) ** 2 + sd**2), rel=1e-12)
+            assert c_out[i].item() == pytest.approx((s - smin) * sd / math.sqrt(s * s + sd * sd), abs=1e-15)
+    if mode == "edm":  # the consistency boundary condition D(x, σ̃_min) = x, exactly
+        assert (c_skip[0].item(), c_out[0].item()) == (1.0, 0.0)
+
+
+def test_edm_scalings_t_cond_finite_at_zero_sigma_in_float32():
+    _, _, _, t_cond = reference.edm_scalings(torch.zeros(2), 0.5, 0.008, "x0")
+    assert torch.isfinite(t_cond).all()
+
+
+# --- through epg.ops: gradients, registration, fakes ----------------------------------------------
+
+
+@pytest.mark.parametrize("name", ops.OPS)
+def test_gradcheck(name):
+    args = _make_inputs()[name]
+    public = getattr(ops, name)
+    tensors = [a for a in args if isinstance(a, torch.Tensor)]
+    rest = args[len(tensors):]
+    assert torch.autograd.gradcheck(lambda *t: public(*t, *rest), tuple(tensors), fast_mode=True)
+
+
+@pytest.mark.parametrize("name", ops.OPS)
+def test_opcheck(name):
+    torch.library.opcheck(getattr(torch.ops.epg, name).default, _make_inputs()[name])
+
+
+@pytest.mark.parametrize("name", ops.OPS)
+def test_fake_metadata_matches_real(name):
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    args = _make_inputs(requires_grad=False)[name]
+    real = getattr(torch.ops.epg, name)(*args)
+    with FakeTensorMode() as mode:
+        fake_args = [mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in args]
+        fake = getattr(torch.ops.epg, name)(*fake_args)
+    real, fake = (real if isinstance(real, tuple) else (real,)), (fake if isinstance(fake, tuple) else (fake,))
+    for r, f in zip(real, fake):
+        assert (r.shape, r.dtype, r.stride()) == (f.shape, f.dtype, f.stride())
+
+
+def test_patch_embed_skips_image_gradient_when_not_needed():
+    img, w, b, pos = _make_inputs()["patch_embed"]
+    img = img.detach()
+    ops.patch_embed(img, w, b, pos).sum().backward()
+    assert img.grad is None and w.grad is not None and pos.grad is not None
+
+
+def test_ops_under_torch_compile_fullgraph_equal_eager():
+    x = torch.randn(2, 9, 12, requires_grad=True)
+    w, b = torch.randn(12, requires_grad=True), torch.randn(12, requires_grad=True)
+    shift, scale, gate = (torch.randn(2, 12, requires_grad=True) for _ in range(3))
+    qkv_w = torch.randn(36, 12, requires_grad=True)
+
+    def block(x):
+        h = ops.ln_modulate(x, w, b, shift, scale)
+        h = ops.attention(h @ qkv_w.T, 3)
+        return ops.gated_residual(ops.layer_norm(x, w, b), gate, h).square().sum()
+
+    eager = block(x)
+    grads_eager = torch.autograd.grad(eager, [x, w, shift, qkv_w])
+    compiled = torch.compile(block, fullgraph=True, backend="aot_eager")(x)
+    grads_compiled = torch.autograd.grad(compiled, [x, w, shift, qkv_w])
+    assert_close(compiled.detach(), eager.detach(), atol=1e-5, rtol=1e-5)
+    for gc, ge in zip(grads_compiled, grads_eager):
+        assert_close(gc, ge, atol=1e-5, rtol=1e-5)
+
+
+# --- input validation -----------------------------------------------------------------------
+
+
+def test_bad_shapes_raise_value_errors_naming_the_expected_form():
+    with pytest.raises(ValueError, match=r"shift and scale must be \(2, 8\)"):
+        ops.ln_modulate(torch.randn(2, 3, 8), torch.ones(8), torch.zeros(8), torch.randn(2, 4), torch.randn(2, 8))
+    with pytest.raises(ValueError, match="3·num_heads·head_dim"):
+        ops.attention(torch.randn(1, 4, 20), 3)
+    with pytest.raises(ValueError, match="expected 3 channels"):
+        ops.patch_embed(torch.randn(1, 1, 8, 8), torch.randn(4, 3, 4, 4), torch.randn(4), torch.randn(4, 4))
+    with pytest.raises(ValueError, match="float32 or float64"):
+        ops.edm_scalings(torch.ones(3, dtype=torch.float16))
+    with pytest.raises(ValueError, match="mode must be one of"):
+        ops.edm_scalings(torch.ones(3), mode="v")
+
+
+# --- backend choice -----------------------------------------------------------------------------
+
+
+def test_automatic_choice_on_cpu_is_reference():
+    assert _backend.choose("layer_norm", torch.device("cpu")) == "reference"
+
+
+def test_unknown_backend_name_is_rejected(monkeypatch):
+    monkeypatch.setenv("EPG_BACKEND", "fast")
+    with pytest.raises(ValueError, match="EPG_BACKEND='fast'"):
+        ops.layer_norm(torch.randn(2, 4), torch.ones(4), torch.zeros(4))
+
+
+def test_forcing_triton_on_cpu_without_interpreter_says_why(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.setenv("EPG_BACKEND", "triton")
+    with pytest.raises(ops.BackendUnavailableError, match="triton"):
+        ops.attention(torch.randn(1, 3, 12), 2)
+
+
+def test_forcing_a_backend_without_the_op_says_which_ops_it_has():
+    info = _backend.info("cuda")
+    if not info.available or "attention" in info.implementations:
+        pytest.skip("needs the extension without an attention kernel")
+    with ops.use_backend("cuda"), pytest.raises(ops.BackendUnavailableError, match="no implementation of 'attention'"):
+        ops.attention(torch.randn(1, 3, 12), 2)
+
+
+def test_use_backend_auto_overrides_the_environment(monkeypatch):
+    monkeypatch.setenv("EPG_BACKEND", "triton")
+    with ops.use_backend("auto"):
+        assert _backend.choose("layer_norm", torch.device("cpu")) == "reference"
+
+
+def test_per_op_environment_variable(monkeypatch):
+    monkeypatch.setenv("EPG_BACKEND_LAYER_NORM", "reference")
+    monkeypatch.setenv("EPG_BACKEND", "triton")
+    assert _backend.choose("layer_norm", torch.device("cpu")) == "reference"
+    assert _backend.choose("layer_norm_backward", torch.device("cpu")) == "reference"
+
+
+def _cpu_backend_cases():
+    """(backend, op) pairs that some non-reference backend can run on CPU tensors here."""
+    cases = []
+    for name in ("cuda", "triton"):
+        info = _backend.info(name)
+        for op in ops.OPS:
+            if info.available and op in info.implementations:
+                cases.append(pytest.param(name, op, id=f"{name}-{op}"))
+    return cases
+
+
+@pytest.mark.parametrize("backend,op", _cpu_backend_cases())
+def test_forced_backend_matches_reference_forward_and_backward(backend, op):
+    if backend == "triton":
+        import os
+
+        if os.environ.get("TRITON_INTERPRET") != "1":
+            pytest.skip("Triton on CPU needs TRITON_INTERPRET=1 set before import")
+    args64 = _make_inputs()[op]
+    args = [a.detach().float().requires_grad_() if isinstance(a, torch.Tensor) else a for a in args64]
+    tensors = [a for a in args if isinstance(a, torch.Tensor)]
+    public = getattr(ops, op)
+    rest = args[len(tensors):]
+
+    def run():
+        out = public(*tensors, *rest)
+        out = out if isinstance(out, tuple) else (out,)
+        loss = sum((o * torch.linspace(-1, 1, o.numel()).view(o.shape)).sum() for o in out)
+        return out, torch.autograd.grad(loss, tensors)
+
+    out_ref, grads_ref = run()
+    with ops.use_backend(backend, op):
+        assert _backend.choose(op, torch.device("cpu")) == backend
+        out, grads = run()
+    for o, e in zip(out, out_ref):
+        assert_close(o, e, atol=2e-5, rtol=2e-5, what=f"{op} forward")
+    for g, e in zip(grads, grads_ref):
+        assert_close(g, e, atol=1e-4, rtol=1e-4, what=f"{op} backward")

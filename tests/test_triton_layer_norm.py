@@ -1,0 +1,263 @@
+"""Triton LayerNorm / LayerNorm+adaLN kernels (epg_kernels.layer_norm) against epg.reference.
+
+Runs on a CUDA GPU, or on the CPU under the Triton interpreter:
+    TRITON_INTERPRET=1 python -m pytest tests/test_triton_layer_norm.py
+
+Inputs are drawn in float64 and cast to the test dtype; the reference runs on the float64
+originals ("truth") and on the cast inputs ("reference in the low dtype"). A kernel output passes
+when its error against the truth is at most twice the low-dtype reference's error plus a floor
+(atol·sqrt(n) + rtol·|truth|, n the number of rows a gradient sums over, 1 for per-row outputs).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+CUDA = torch.cuda.is_available()
+
+if not (os.environ.get("TRITON_INTERPRET") == "1" or CUDA):
+    pytest.skip(
+        "Triton kernels need a CUDA GPU, or TRITON_INTERPRET=1 to run them on the CPU",
+        allow_module_level=True,
+    )
+pytest.importorskip("triton", reason="triton is not installed")
+
+pytestmark = pytest.mark.triton
+
+try:
+    from epg import reference as R
+except ImportError:  # project not pip-installed yet
+    sys.path.insert(0, str(REPO))
+    from epg import reference as R
+
+
+def _import_epg_kernels():
+    try:
+        import epg_kernels
+    except ImportError:  # not installed: load the kernels/ folder under its installed name
+        spec = importlib.util.spec_from_file_location(
+            "epg_kernels", REPO / "kernels" / "__init__.py",
+            submodule_search_locations=[str(REPO / "kernels")],
+        )
+        epg_kernels = importlib.util.module_from_spec(spec)
+        sys.modules["epg_kernels"] = epg_kernels
+        spec.loader.exec_module(epg_kernels)
+    return epg_kernels
+
+
+epg_kernels = _import_epg_kernels()
+K = epg_kernels.IMPLEMENTATIONS
+DEVICE = "cuda" if CUDA else "cpu"
+EPS = 1e-6
+TOL = {  # (atol, rtol) floors
+    torch.float32: (1e-5, 1e-5),
+    torch.float16: (1e-2, 1e-3),
+    torch.bfloat16: (5e-2, 1e-2),
+    torch.float64: (1e-12, 1e-12),
+}
+DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if CUDA else [])
+# (B, T, D) and the layout of the inputs handed to the kernels.
+CASES = {
+    "1x7x37": ((1, 7, 37), "contiguous"),
+    "2x258x64": ((2, 258, 64), "contiguous"),
+    "3x5x1584": ((3, 5, 1584), "contiguous"),
+    # x a (T, B, D) tensor transposed; grad a strided slice; weight, bias strided; shift and
+    # scale chunks of one (B, 2D) tensor, as an adaLN linear produces them.
+    "transposed": ((3, 20, 48), "strided"),
+    # x and grad with a column stride of 2 (x[..., ::2]).
+    "column_stride": ((2, 11, 40), "column_stride"),
+}
+
+
+# --- inputs and comparison -----------------------------------------------------------------------
+
+
+def _inputs(shape, layout, seed):
+    """float64 (x, weight, bias, shift, scale, grad), on DEVICE, in the requested layout."""
+    B, T, D = shape
+    g = torch.Generator().manual_seed(seed)
+
+    def randn(*s):
+        return torch.randn(*s, generator=g, dtype=torch.float64)
+
+    # Rows with a nonzero mean and various spreads, so the mean subtraction matters.
+    x = randn(B, T, D) * (0.5 + randn(B, T, 1).abs()) + 3.0 * randn(B, T, 1)
+    weight, bias = 1.0 + 0.2 * randn(D), 0.2 * randn(D)
+    shift, scale = 0.5 * randn(B, D), 0.5 * randn(B, D)
+    grad = randn(B, T, D)
+    if layout == "strided":
+        x = x.transpose(0, 1).contiguous().transpose(0, 1)
+        grad = torch.cat([grad, randn(B, T, D)], dim=1).reshape(B, T, 2, D)[:, :, 0]
+        weight = torch.stack([weight, randn(D)], dim=1)[:, 0]
+        bias = torch.stack([bias, randn(D)], dim=1)[:, 0]
+        shift, scale = torch.cat([shift, scale], dim=1).chunk(2, dim=1)
+        assert not (x.is_contiguous() or grad.is_contiguous() or shift.is_contiguous())
+    elif layout == "column_stride":
+        x = torch.stack([x, randn(B, T, D)], dim=-1)[..., 0]
+        grad = torch.stack([grad, randn(B, T, D)], dim=-1)[..., 0]
+        assert x.stride(-1) == 2 and grad.stride(-1) == 2
+    return tuple(t.to(DEVICE) for t in (x, weight, bias, shift, scale, grad))
+
+
+def _cast(tensors, dtype):
+    """Casts keeping the layout (strides) of each tensor."""
+    out = []
+    for t in tensors:
+        c = torch.empty_strided(t.size(), t.stride(), dtype=dtype, device=t.device)
+        c.copy_(t)
+        out.append(c)
+    return out
+
+
+def _check(name, out, truth, ref_low, dtype, n_reduce=1, inputs=()):
+    assert out.dtype == ref_low.dtype, f"{name}: dtype {out.dtype}, reference {ref_low.dtype}"
+    assert out.shape == truth.shape, f"{name}: shape {tuple(out.shape)} vs {tuple(truth.shape)}"
+    assert out.is_contiguous(), f"{name}: output is not contiguous"
+    for t in inputs:
+        assert out.untyped_storage().data_ptr() != t.untyped_storage().data_ptr(), (
+            f"{name}: output aliases an input"
+        )
+    atol, rtol = TOL[dtype]
+    o, r, low = out.double().cpu(), truth.double().cpu(), ref_low.double().cpu()
+    ref_err = (low - r).abs().max().item() if r.numel() else 0.0
+    tol = 2.0 * ref_err + atol * math.sqrt(n_reduce) + rtol * r.abs()
+    err = (o - r).abs()
+    bad = ~(err <= tol)  # NaN counts as bad
+    if bad.any():
+        i = int(torch.where(bad.flatten(), err.flatten() - tol.flatten(), -1.0).nan_to_num(
+            float("inf")).argmax())
+        idx = tuple(int(v) for v in torch.unravel_index(torch.tensor(i), r.shape))
+        pytest.fail(
+            f"{name} [{dtype}]: {int(bad.sum())} of {r.numel()} values off; worst at {idx}: "
+            f"kernel {o[idx].item():.8g}, float64 reference {r[idx].item():.8g}, "
+            f"{dtype} reference {low[idx].item():.8g}; |error| {err[idx].item():.3g} > "
+            f"tolerance {tol[idx].item():.3g} (low-dtype reference max error {ref_err:.3g})"
+        )
+
+
+# --- tests ---------------------------------------------------------------------------------------
+
+
+def test_package_exports():
+    assert epg_kernels.UNAVAILABLE_REASON is None
+    assert set(K) == {"layer_norm", "layer_norm_backward", "ln_modulate", "ln_modulate_backward"}
+    assert all(callable(f) for f in K.values())
+
+
+def test_import_without_triton(monkeypatch):
+    """The package imports with Triton missing, exposing no implementations and a reason."""
+    monkeypatch.setitem(sys.modules, "triton", None)  # makes `import triton` raise ImportError
+    spec = importlib.util.spec_from_file_location(
+        "_epg_kernels_without_triton", REPO / "kernels" / "__init__.py",
+        submodule_search_locations=[str(REPO / "kernels")],
+    )
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    assert mod.IMPLEMENTATIONS == {}
+    assert isinstance(mod.UNAVAILABLE_REASON, str) and "triton" in mod.UNAVAILABLE_REASON
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", list(CASES))
+def test_layer_norm(case, dtype):
+    shape, layout = CASES[case]
+    x, w, b, _, _, _ = full = _inputs(shape, layout, seed=1)
+    xl, wl, bl = _cast(full[:3], dtype)
+    out = K["layer_norm"](xl, wl, bl, EPS)
+    _check("y", out, R.layer_norm(x, w, b, EPS), R.layer_norm(xl, wl, bl, EPS), dtype,
+           inputs=(xl, wl, bl))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", list(CASES))
+def test_layer_norm_backward(case, dtype):
+    shape, layout = CASES[case]
+    x, w, _, _, _, g = full = _inputs(shape, layout, seed=2)
+    gl, xl, wl = _cast((g, x, w), dtype)
+    outs = K["layer_norm_backward"](gl, xl, wl, EPS)
+    truths = R.layer_norm_backward(g, x, w, EPS)
+    lows = R.layer_norm_backward(gl, xl, wl, EPS)
+    rows = shape[0] * shape[1]
+    for name, o, t, low, n in zip(("grad_x", "grad_weight", "grad_bias"), outs, truths, lows,
+                                  (1, rows, rows)):
+        _check(name, o, t, low, dtype, n_reduce=n, inputs=(gl, xl, wl))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", list(CASES))
+def test_ln_modulate(case, dtype):
+    shape, layout = CASES[case]
+    full = _inputs(shape, layout, seed=3)
+    low = _cast(full[:5], dtype)
+    out = K["ln_modulate"](*low, EPS)
+    _check("out", out, R.ln_modulate(*full[:5], EPS), R.ln_modulate(*low, EPS), dtype,
+           inputs=low)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", list(CASES))
+def test_ln_modulate_backward(case, dtype):
+    shape, layout = CASES[case]
+    x, w, b, sh, sc, g = _inputs(shape, layout, seed=4)
+    low = _cast((g, x, w, b, sh, sc), dtype)
+    outs = K["ln_modulate_backward"](*low, EPS)
+    truths = R.ln_modulate_backward(g, x, w, b, sh, sc, EPS)
+    lows = R.ln_modulate_backward(*low, EPS)
+    B, T, _ = shape
+    names = ("grad_x", "grad_weight", "grad_bias", "grad_shift", "grad_scale")
+    for name, o, t, lo, n in zip(names, outs, truths, lows, (1, B * T, B * T, T, T)):
+        _check(name, o, t, lo, dtype, n_reduce=n, inputs=low)
+
+
+def test_mixed_dtypes():
+    """float16 activations with float32 weight, bias, shift and scale (mixed precision):
+    every output takes the dtype of its own input, as in the reference."""
+    x, w, b, sh, sc, g = _inputs((2, 9, 24), "contiguous", seed=5)
+    xl, gl = _cast((x, g), torch.float16)
+    wl, bl, shl, scl = _cast((w, b, sh, sc), torch.float32)
+    _check("out", K["ln_modulate"](xl, wl, bl, shl, scl, EPS), R.ln_modulate(x, w, b, sh, sc, EPS),
+           R.ln_modulate(xl, wl, bl, shl, scl, EPS), torch.float16)
+    outs = K["ln_modulate_backward"](gl, xl, wl, bl, shl, scl, EPS)
+    truths = R.ln_modulate_backward(g, x, w, b, sh, sc, EPS)
+    lows = R.ln_modulate_backward(gl, xl, wl, bl, shl, scl, EPS)
+    for name, o, t, lo, n in zip(("grad_x", "grad_weight", "grad_bias", "grad_shift",
+                                  "grad_scale"), outs, truths, lows, (1, 18, 18, 9, 9)):
+        _check(name, o, t, lo, torch.float16, n_reduce=n)
+
+
+def test_float64_and_leading_dims():
+    """float64 inputs are computed in float64; layer_norm takes any number of leading dims
+    (here a 4-D permuted x whose rows cannot be viewed as one (N, D) matrix)."""
+    g = torch.Generator().manual_seed(6)
+    x = torch.randn(2, 4, 3, 40, generator=g, dtype=torch.float64).permute(0, 2, 1, 3)
+    w = 1.0 + 0.2 * torch.randn(40, generator=g, dtype=torch.float64)
+    b = 0.2 * torch.randn(40, generator=g, dtype=torch.float64)
+    grad = torch.randn(2, 3, 4, 40, generator=g, dtype=torch.float64)
+    x, w, b, grad = (t.to(DEVICE) for t in (x, w, b, grad))
+    ref = R.layer_norm(x, w, b, EPS)
+    _check("y", K["layer_norm"](x, w, b, EPS), ref, ref, torch.float64)
+    refs = R.layer_norm_backward(grad, x, w, EPS)
+    for name, o, t, n in zip(("grad_x", "grad_weight", "grad_bias"),
+                             K["layer_norm_backward"](grad, x, w, EPS), refs, (1, 24, 24)):
+        _check(name, o, t, t, torch.float64, n_reduce=n)
+
+
+def test_empty_inputs():
+    x = torch.empty(2, 0, 8, device=DEVICE)
+    w, b = torch.ones(8, device=DEVICE), torch.zeros(8, device=DEVICE)
+    sh = sc = torch.zeros(2, 8, device=DEVICE)
+    assert K["layer_norm"](x, w, b, EPS).shape == x.shape
+    assert K["ln_modulate"](x, w, b, sh, sc, EPS).shape == x.shape
+    gx, gw, gb, gsh, gsc = K["ln_modulate_backward"](x, x, w, b, sh, sc, EPS)
+    assert gx.shape == x.shape and gsh.shape == (2, 8)
+    assert all(not t.any() for t in (gw, gb, gsh, gsc))
+    gx, gw, gb = K["layer_norm_backward"](x, x, w, EPS)
+    assert gx.shape == x.shape and gw.shape == (8,) and not gw.any() and not gb.any()
