@@ -86,6 +86,67 @@ def _cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _parse_sets(pairs: list[str]) -> list[tuple[str, Any]]:
+    import yaml
+
+    parsed = []
+    for pair in pairs:
+        key, sep, raw = pair.partition("=")
+        if not sep or not key:
+            raise SystemExit(f"--set expects key=value, got {pair!r}")
+        parsed.append((key.strip(), yaml.safe_load(raw)))
+    return parsed
+
+
+def _train_config(args: argparse.Namespace, mode_options: dict[str, Any]):
+    from .presets import get_preset, read_config_file, set_option
+    from .train import TrainConfig
+
+    options: dict[str, Any] = get_preset(args.preset) if args.preset else {}
+    if args.config:
+        for key, value in read_config_file(args.config).items():
+            options[key] = value
+    for key, value in mode_options.items():
+        if value is not None:
+            options[key] = value
+    for key, value in _parse_sets(args.set):
+        set_option(options, key, value)
+    return TrainConfig.from_dict(options)
+
+
+def _cmd_train(args: argparse.Namespace, mode_options: dict[str, Any]) -> int:
+    from .train import Trainer
+
+    cfg = _train_config(args, mode_options)
+    trainer = Trainer(cfg)
+    try:
+        trainer.fit()
+        out = trainer.export()
+        if trainer.dist.is_main:
+            print(f"done at step {trainer.step}; network saved to {out}")
+    finally:
+        trainer.close()
+    return 0
+
+
+def _cmd_pretrain(args: argparse.Namespace) -> int:
+    return _cmd_train(args, {"mode": "pretrain", "run_dir": args.run_dir})
+
+
+def _cmd_finetune(args: argparse.Namespace) -> int:
+    return _cmd_train(
+        args, {"mode": args.objective, "encoder": args.encoder, "run_dir": args.run_dir}
+    )
+
+
+def _add_train_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--preset", help="a recipe of epg.presets (e.g. diffusion-epg-xl-16)")
+    p.add_argument("--config", help="a YAML or JSON file of training options")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override one option (dotted keys reach nested ones: objective.tau_rc=0.1)")
+    p.add_argument("--run-dir", help="the run folder (logs, checkpoints, the final network)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="epg", description="Pixel-space diffusion and consistency models trained with EPG."
@@ -94,6 +155,16 @@ def build_parser() -> argparse.ArgumentParser:
     info = sub.add_parser("info", help="versions, available backends (and why others are not), devices")
     info.add_argument("--json", action="store_true", help="print machine-readable JSON")
     info.set_defaults(func=_cmd_info)
+
+    pre = sub.add_parser("pretrain", help="stage 1: self-supervised pre-training of the encoder")
+    _add_train_options(pre)
+    pre.set_defaults(func=_cmd_pretrain)
+
+    fin = sub.add_parser("finetune", help="stage 2: diffusion or consistency fine-tuning")
+    fin.add_argument("--objective", choices=("diffusion", "consistency"), required=True)
+    fin.add_argument("--encoder", help="stage-1 checkpoint: an epg folder or an official RCM .pth")
+    _add_train_options(fin)
+    fin.set_defaults(func=_cmd_finetune)
     return parser
 
 

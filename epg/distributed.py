@@ -1,0 +1,112 @@
+"""torchrun integration: process-group setup, rank facts, and a BatchNorm synchronised over ranks.
+
+Launch with torchrun (``torchrun --nproc_per_node 8 -m epg.cli finetune ...``); a plain
+``python``/``epg`` call is one process. NCCL on GPUs, gloo on CPUs. No launcher of our own.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def setup(device: str | None = None) -> DistInfo:
+    """Join the torchrun process group when launched by torchrun; pick this rank's device."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if device is None or device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        dev = torch.device("cuda", local_rank if dev.index is None else dev.index)
+        torch.cuda.set_device(dev)
+    if world_size > 1 and not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo")
+    return DistInfo(rank, world_size, local_rank, dev)
+
+
+def teardown() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def all_reduce_mean(t: Tensor) -> Tensor:
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        t = t.clone()
+        dist.all_reduce(t)
+        t /= dist.get_world_size()
+    return t
+
+
+def any_rank(flag: bool, device: torch.device) -> bool:
+    """True when ``flag`` is True on any rank (so every rank takes the same branch)."""
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return flag
+    t = torch.tensor([1.0 if flag else 0.0], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item() > 0)
+
+
+class GlobalBatchNorm1d(nn.BatchNorm1d):
+    """BatchNorm1d whose training statistics cover the batch of every rank, on any backend.
+
+    torch's SyncBatchNorm runs on CUDA only; this one all-reduces the per-feature sum and sum of
+    squares (with autograd, through ``torch.distributed.nn``), so a run on N ranks computes what
+    one process computes on the global batch, on gloo/CPU too. Same parameters and buffers as
+    BatchNorm1d, so state dicts are unchanged.
+    """
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not (self.training and dist.is_initialized() and dist.get_world_size() > 1):
+            return super().forward(x)
+        from torch.distributed.nn.functional import all_reduce
+
+        xf = x.float()
+        stats = torch.cat([xf.sum(0), (xf * xf).sum(0), xf.new_tensor([x.shape[0]])])
+        stats = all_reduce(stats)
+        D = x.shape[1]
+        n = stats[-1]
+        mean = stats[:D] / n
+        var = stats[D : 2 * D] / n - mean * mean
+        with torch.no_grad():
+            self.num_batches_tracked += 1
+            m = self.momentum
+            self.running_mean.mul_(1 - m).add_(m * mean.detach())
+            self.running_var.mul_(1 - m).add_(m * var.detach() * n / (n - 1).clamp(min=1))
+        y = (xf - mean) * torch.rsqrt(var + self.eps)
+        return (y * self.weight + self.bias).to(x.dtype)
+
+
+def convert_batchnorm(module: nn.Module) -> nn.Module:
+    """Swap every BatchNorm1d in ``module`` for a :class:`GlobalBatchNorm1d` (in place)."""
+    for name, child in module.named_children():
+        if type(child) is nn.BatchNorm1d:
+            new = GlobalBatchNorm1d(
+                child.num_features, child.eps, child.momentum, child.affine, child.track_running_stats
+            ).to(device=child.weight.device, dtype=child.weight.dtype)
+            new.load_state_dict(child.state_dict())
+            setattr(module, name, new)
+        else:
+            convert_batchnorm(child)
+    return module

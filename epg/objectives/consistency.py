@@ -1,0 +1,205 @@
+"""Stage 2b: ECT-style consistency fine-tuning with an auxiliary InfoNCE (epg-method.md §7).
+
+    D_θ(x, σ) = c_skip(σ)·x + c_out(σ)·F_θ(c_in(σ)·x, 250·ln σ, y)   (§3, "edm", shifted σ̃_min)
+    Δ² = Σ_pixels (D_θ(x0 + tε, t) − D_sgθ(x0 + rε, r))²,   ℓ = Δ² / sqrt(sg(Δ²) + c²)
+    L_aux = NT(W_φ(c_in(σ̃_min)·D_θ, σ̃_min), sg W_φ(c_in(σ̃_min)·x0, σ̃_min); τ_aux)
+    L = mean_batch(w·ℓ + aux_weight·L_aux),   w = 1/(t − r) on shifted t, r.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .. import ops
+from ..schedules import SIGMA_DATA, SIGMA_MIN, resolution_shift
+from .infonce import info_nce
+
+__all__ = ["ect_r", "ConsistencyObjective"]
+
+
+def ect_r(
+    t: Tensor,
+    step: int,
+    stage_length: int = 100_000,
+    q: float = 2.0,
+    k: float = 8.0,
+    b: float = 1.0,
+    sigma_min: float = SIGMA_MIN,
+) -> Tensor:
+    """The ECT "sigmoid" mapping t → r at training step ``step`` (epg-method.md §7.2).
+
+    s = floor(step / stage_length) + 1,  r = max(t·(1 − q^(−s)·(1 + k·sigmoid(−b·t))), σ_min),
+    t and r unshifted. Stage 1: r/t → 0.5 for large t and r = σ_min for t ≲ 1; stage 7:
+    r/t ≈ 0.96–0.99.
+    """
+    stage = step // stage_length + 1
+    ratio = 1.0 - q ** (-stage) * (1.0 + k * torch.sigmoid(-b * t))
+    return (t * ratio).clamp(min=sigma_min)
+
+
+class ConsistencyObjective:
+    """Consistency loss with pseudo-Huber normalisation plus the perceptual InfoNCE (§7.3).
+
+    Args:
+        net: EPGViT F_θ, called as ``net(x_in, t_cond, y)``, in train mode (dropout 0.5 in the
+            official run). The target D_sgθ(x_r, r) is the same ``net`` under ``no_grad``: the
+            official target is a copy overwritten with the online weights every step (§7.1), so
+            it equals the current online network.
+        perceptual: frozen stage-1 RCMViT W_φ with its projector (``perceptual(x_in, t_cond) ->
+            (z, h)``), in eval mode with requires_grad False (the Trainer's job); ``None`` turns
+            the auxiliary term off.
+        img_size: image side H (σ shift H/64).
+        num_classes: class count (null class = num_classes); 0: unconditional (y=None).
+        stage_length, P_mean, P_std, q, k, b: the t/r sampling of §7.2
+            (t = max(exp(N(P_mean, P_std)), σ_min), r = ect_r(t, step)).
+        c: pseudo-Huber constant, 0.06, not scaled with the image dimension (the code's value).
+        aux_weight: weight of L_aux (1.0); tau_aux: its temperature (0.1).
+        label_dropout: probability of the null label; the latest official consistency config
+            uses 0.0, so it is off by default.
+        match_dropout: save and restore the RNG around the online pass so the target pass sees
+            the same dropout masks (True, as the official code). Set False when the net has no
+            dropout to avoid the graph breaks described below.
+        sigma_data, sigma_min: EDM constants (unshifted; σ̃_min = σ_min·H/64 in c_skip/c_out).
+
+    Open points, decided as the code does: the perceptual network sees both D_θ and x0 at time
+    σ̃_min (the paper writes t_n for the first); the weight 1/(t − r) uses *shifted* t and r.
+
+    Dropout: the target pass reuses the online pass's dropout masks by saving the global RNG
+    state (CPU and, for CUDA inputs, the current CUDA device's) before the online pass and
+    restoring it before the target pass. Under ``torch.compile`` the RNG get/set calls break the
+    graph (the two passes compile as separate graphs), and masks then match only if both passes
+    draw their random numbers the same way (eager networks, or inductor with
+    ``fallback_random=True``; on CPU, inductor was also seen to give matching masks). With
+    drop = 0 the save/restore changes nothing (``match_dropout=False`` skips it).
+
+    draw(...) keys (all per-sample):
+        "t", "r" (B,) float32 shifted; "weight" (B,) float32 = 1/(t − r) (0 where t = r);
+        "eps" (B, C, H, W) float32; "drop" (B,) bool label-dropout mask.
+    loss terms: "consistency" = mean(w·ℓ), "aux" = mean(L_aux) (unweighted; 0 without
+    ``perceptual``).
+    """
+
+    def __init__(
+        self,
+        net,
+        perceptual,
+        img_size: int,
+        num_classes: int,
+        stage_length: int = 100_000,
+        P_mean: float = -0.4,
+        P_std: float = 1.6,
+        c: float = 0.06,
+        aux_weight: float = 1.0,
+        tau_aux: float = 0.1,
+        sigma_data: float = SIGMA_DATA,
+        sigma_min: float = SIGMA_MIN,
+        q: float = 2.0,
+        k: float = 8.0,
+        b: float = 1.0,
+        label_dropout: float = 0.0,
+        match_dropout: bool = True,
+    ):
+        if num_classes < 0:
+            raise ValueError(f"num_classes must be >= 0, got {num_classes}")
+        if stage_length <= 0:
+            raise ValueError(f"stage_length must be positive, got {stage_length}")
+        self.net = net
+        self.perceptual = perceptual
+        self.img_size = img_size
+        self.shift = resolution_shift(img_size)
+        self.num_classes = num_classes
+        self.stage_length = stage_length
+        self.P_mean, self.P_std = P_mean, P_std
+        self.c = c
+        self.aux_weight = aux_weight
+        self.tau_aux = tau_aux
+        self.sigma_data = sigma_data
+        self.sigma_min = sigma_min
+        self.sigma_min_shifted = sigma_min * self.shift
+        self.q, self.k, self.b = q, k, b
+        self.label_dropout = label_dropout
+        self.match_dropout = match_dropout
+
+    def draw(
+        self,
+        step: int,
+        batch_size: int,
+        image_shape: tuple[int, int, int],
+        generator: torch.Generator,
+        device: torch.device | str,
+    ) -> dict[str, Tensor]:
+        """All randomness of one step, in this order: ln t, ε, the label-dropout mask."""
+        gen_device = generator.device
+        log_t = torch.randn(batch_size, generator=generator, device=gen_device)
+        eps = torch.randn((batch_size, *image_shape), generator=generator, device=gen_device)
+        drop = torch.rand(batch_size, generator=generator, device=gen_device) < self.label_dropout
+        t = (log_t.double() * self.P_std + self.P_mean).exp().clamp(min=self.sigma_min)
+        r = ect_r(t, step, self.stage_length, self.q, self.k, self.b, self.sigma_min)
+        t, r = t * self.shift, r * self.shift
+        gap = t - r
+        weight = torch.where(gap > 0, 1.0 / gap, torch.zeros_like(gap))
+        return {
+            "t": t.float().to(device),
+            "r": r.float().to(device),
+            "weight": weight.float().to(device),
+            "eps": eps.to(device),
+            "drop": drop.to(device),
+        }
+
+    def denoise(self, x: Tensor, sigma: Tensor, y: Tensor | None) -> Tensor:
+        """D_θ(x, σ) = c_skip·x + c_out·F_θ(c_in·x, 250·ln σ, y) for shifted σ (B,)."""
+        B = x.shape[0]
+        c_in, c_skip, c_out, t_cond = ops.edm_scalings(
+            sigma, self.sigma_data, self.sigma_min_shifted, "edm"
+        )
+        F = self.net(x * c_in.view(B, 1, 1, 1).to(x.dtype), t_cond, y)
+        return c_skip.view(B, 1, 1, 1) * x + c_out.view(B, 1, 1, 1) * F.float()
+
+    def perceptual_features(self, x: Tensor) -> Tensor:
+        """Projector output z of the frozen W_φ for x seen at time σ̃_min."""
+        B = x.shape[0]
+        sigma = torch.full((B,), self.sigma_min_shifted, dtype=torch.float32, device=x.device)
+        c_in, _, _, t_cond = ops.edm_scalings(sigma, self.sigma_data, self.sigma_min_shifted)
+        z, _ = self.perceptual(x * c_in.view(B, 1, 1, 1).to(x.dtype), t_cond)
+        return z
+
+    def loss(
+        self, batch: dict[str, Tensor], draws: dict[str, Tensor]
+    ) -> tuple[Tensor, dict[str, Tensor]]:
+        x0 = batch["image"]
+        B = x0.shape[0]
+        t, r, weight = draws["t"], draws["r"], draws["weight"]
+        eps = draws["eps"].to(x0.dtype)
+        y = None
+        if self.num_classes > 0:
+            y = batch["label"]
+            y = torch.where(draws["drop"], torch.full_like(y, self.num_classes), y)
+        x_t = x0 + t.view(B, 1, 1, 1).to(x0.dtype) * eps
+        x_r = x0 + r.view(B, 1, 1, 1).to(x0.dtype) * eps
+
+        # Same dropout masks in both passes: rewind the RNG to where the online pass started.
+        if self.match_dropout:
+            cpu_state = torch.get_rng_state()
+            cuda_state = torch.cuda.get_rng_state(x0.device) if x0.is_cuda else None
+        d_online = self.denoise(x_t, t, y)  # (B, C, H, W) float32
+        if self.match_dropout:
+            torch.set_rng_state(cpu_state)
+            if cuda_state is not None:
+                torch.cuda.set_rng_state(cuda_state, x0.device)
+        with torch.no_grad():
+            d_target = self.denoise(x_r, r, y)
+
+        delta2 = (d_online - d_target).square().flatten(1).sum(dim=1)  # (B,)
+        consistency = weight * delta2 / torch.sqrt(delta2.detach() + self.c**2)  # (B,)
+
+        if self.perceptual is not None:
+            q = self.perceptual_features(d_online.to(x0.dtype))
+            with torch.no_grad():
+                k = self.perceptual_features(x0)
+            aux = info_nce(q, k, self.tau_aux)  # (B,)
+        else:
+            aux = torch.zeros_like(consistency)
+
+        loss = (consistency + self.aux_weight * aux).mean()
+        return loss, {"consistency": consistency.mean(), "aux": aux.mean()}

@@ -1,0 +1,137 @@
+"""Stage 2a: x0-prediction diffusion fine-tuning (epg-method.md §6.2).
+
+    L = mean_{B,C,H,W}[ w(i)·(x̂0 − x0)² ],   x̂0 = F_θ(c_in(σ)·(x0 + σ·ε), 250·ln σ, y),
+
+with ln σ_i ~ N(P_mean, P_std) snapped to a Karras grid, σ = σ_i·H/64, and the iCT/ECT-style weight
+w(i) = 1/(σ_i − σ_{i+1}) ≈ 125.3·σ_i^(−6/7) on the unshifted grid.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .. import ops
+from ..schedules import RHO, SIGMA_DATA, SIGMA_MAX, SIGMA_MIN, karras_sigmas, resolution_shift
+
+__all__ = ["DiffusionObjective"]
+
+
+class DiffusionObjective:
+    """Weighted x0-MSE with lognormal σ snapped to a fixed Karras grid (epg-method.md §6.2).
+
+    Args:
+        net: EPGViT, called as ``net(x_in, t_cond, y) -> x̂0 (B, C, H, W)``.
+        img_size: image side H (σ shift H/64).
+        num_classes: class count; label ``num_classes`` is the null class. 0: unconditional
+            (the net is called with ``y=None`` and the batch needs no "label").
+        P_mean, P_std: ln σ ~ N(P_mean, P_std), unshifted.
+        grid_scales: the snapping grid has ``grid_scales + 1`` points (indices 0..grid_scales)
+            and the snapped index is clamped to ≤ grid_scales − 1, so σ_{i+1} always exists.
+            The spec (§6.2) says "a 1280-point grid, index clamped ≤ 1279", which leaves the last
+            index without a neighbour; this code reads it as the curriculum's convention
+            (``scales + 1`` points, like N = s1 + 1 in stage 1). Snapping is to the nearest grid
+            point by absolute σ difference.
+        label_dropout: probability of replacing a label by the null class (0.1, for CFG).
+        sigma_data, sigma_min, sigma_max, rho: EDM/Karras constants (unshifted).
+
+    draw(...) keys (all per-sample):
+        "sigma" (B,) float32 shifted σ_i·H/64; "weight" (B,) float32 w(i) on the unshifted grid
+        (0 where σ_i = σ_{i+1}); "eps" (B, C, H, W) float32; "drop" (B,) bool label-dropout mask.
+    loss terms: "diffusion" (the loss itself).
+    """
+
+    def __init__(
+        self,
+        net,
+        img_size: int,
+        num_classes: int,
+        P_mean: float = -1.2,
+        P_std: float = 1.6,
+        grid_scales: int = 1280,
+        label_dropout: float = 0.1,
+        sigma_data: float = SIGMA_DATA,
+        sigma_min: float = SIGMA_MIN,
+        sigma_max: float = SIGMA_MAX,
+        rho: float = RHO,
+    ):
+        if grid_scales < 1:
+            raise ValueError(f"grid_scales must be >= 1, got {grid_scales}")
+        if not 0.0 <= label_dropout <= 1.0:
+            raise ValueError(f"label_dropout must be in [0, 1], got {label_dropout}")
+        if num_classes < 0:
+            raise ValueError(f"num_classes must be >= 0, got {num_classes}")
+        self.net = net
+        self.img_size = img_size
+        self.shift = resolution_shift(img_size)
+        self.num_classes = num_classes
+        self.P_mean, self.P_std = P_mean, P_std
+        self.grid_scales = grid_scales
+        self.label_dropout = label_dropout
+        self.sigma_data = sigma_data
+        self.sigma_min_shifted = sigma_min * self.shift
+        self.sigmas = karras_sigmas(grid_scales + 1, sigma_min, sigma_max, rho)  # float64, CPU
+        gaps = self.sigmas[:-1] - self.sigmas[1:]
+        self.weights = torch.where(gaps > 0, 1.0 / gaps, torch.zeros_like(gaps))  # (grid_scales,)
+        self._tables: dict[torch.device, tuple[Tensor, Tensor]] = {}
+
+    def _grid_on(self, device: torch.device) -> tuple[Tensor, Tensor]:
+        """(σ grid, weights) on ``device``, copied there once."""
+        if device not in self._tables:
+            self._tables[device] = (self.sigmas.to(device), self.weights.to(device))
+        return self._tables[device]
+
+    def grid_weights(self) -> tuple[Tensor, Tensor]:
+        """(σ_i, w(i)) for every index a draw can take, i = 0..grid_scales−1; unshifted, float64."""
+        return self.sigmas[:-1].clone(), self.weights.clone()
+
+    def snap(self, sigma: Tensor) -> Tensor:
+        """Index of the grid point nearest to each unshifted σ, clamped to ≤ grid_scales − 1."""
+        sigmas, _ = self._grid_on(sigma.device)
+        index = (sigma.double()[:, None] - sigmas[None, :]).abs().argmin(dim=1)
+        return index.clamp(max=self.grid_scales - 1)
+
+    def draw(
+        self,
+        step: int,
+        batch_size: int,
+        image_shape: tuple[int, int, int],
+        generator: torch.Generator,
+        device: torch.device | str,
+    ) -> dict[str, Tensor]:
+        """All randomness of one step, in this order: ln σ, ε, the label-dropout mask.
+        ``step`` is unused (no curriculum in stage 2a)."""
+        gen_device = generator.device
+        log_sigma = torch.randn(batch_size, generator=generator, device=gen_device)
+        eps = torch.randn((batch_size, *image_shape), generator=generator, device=gen_device)
+        drop = torch.rand(batch_size, generator=generator, device=gen_device) < self.label_dropout
+        index = self.snap((log_sigma.double() * self.P_std + self.P_mean).exp())
+        sigmas, weights = self._grid_on(gen_device)
+        sigma, weight = sigmas[index] * self.shift, weights[index]
+        return {
+            "sigma": sigma.float().to(device),
+            "weight": weight.float().to(device),
+            "eps": eps.to(device),
+            "drop": drop.to(device),
+        }
+
+    def labels(self, batch: dict[str, Tensor], drop: Tensor) -> Tensor | None:
+        """The conditioning labels: the batch's, with dropped ones set to the null class."""
+        if self.num_classes == 0:
+            return None
+        y = batch["label"]
+        return torch.where(drop, torch.full_like(y, self.num_classes), y)
+
+    def loss(
+        self, batch: dict[str, Tensor], draws: dict[str, Tensor]
+    ) -> tuple[Tensor, dict[str, Tensor]]:
+        x0 = batch["image"]
+        B = x0.shape[0]
+        sigma, weight = draws["sigma"], draws["weight"]
+        c_in, _, _, t_cond = ops.edm_scalings(sigma, self.sigma_data, self.sigma_min_shifted)
+        x_sigma = x0 + sigma.view(B, 1, 1, 1).to(x0.dtype) * draws["eps"].to(x0.dtype)
+        x0_hat = self.net(x_sigma * c_in.view(B, 1, 1, 1).to(x0.dtype), t_cond,
+                          self.labels(batch, draws["drop"]))  # fmt: skip
+        squared = (x0_hat.float() - x0.float()).square()  # (B, C, H, W)
+        loss = (weight.view(B, 1, 1, 1) * squared).mean()
+        return loss, {"diffusion": loss}

@@ -1,0 +1,545 @@
+"""One Trainer for the three EPG training modes: stage-1 pre-training, diffusion and consistency
+fine-tuning (epg-method.md §5–7).
+
+The step: draw the step's randomness (``objective.draw``) from a generator seeded by (seed, step),
+compute the loss (``objective.loss``, wrapped in ``torch.compile`` unless ``compile=False``), back-
+propagate, clip, and update — or skip the update when the loss or the gradient is not finite (the
+step is counted; ``max_bad_steps`` in a row stop the run). Then the EMA of the model (stage 2) or
+of the target encoder (stage 1), logs, previews and checkpoints.
+
+Resuming is exact: a checkpoint holds the model, EMA, target, optimiser, LR schedule, step, the
+torch RNG states (dropout), the data position and the config, and every other random number is
+a function of (seed, step). Checkpoints are written atomically; ``resume="auto"`` continues from
+the newest complete one in the run folder.
+
+Distributed runs go through torchrun (DDP; gloo on CPU, NCCL on GPU). With
+``global_randomness`` (the default on CPU) every rank draws the randomness of the *global* batch
+and keeps its rows, so N processes compute what one process computes on the same global batch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import dataclasses
+import json
+import math
+import os
+import re
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+from tqdm import tqdm
+
+from . import checkpoint as ckpt
+from . import distributed
+from .data.loader import InMemoryLoader
+from .models import EPGViT, RCMViT, build
+
+MODES = ("pretrain", "diffusion", "consistency")
+CHECKPOINT_FORMAT = "epg-train-v1"
+_CKPT_RE = re.compile(r"^step_(\d{8})\.pt$")
+
+
+@dataclass
+class TrainConfig:
+    mode: str = "diffusion"  # pretrain | diffusion | consistency
+    model: str = "epg-tiny"  # a config name of epg.models.CONFIGS
+    model_overrides: dict[str, Any] = field(default_factory=dict)
+    data: str = "digits"  # the embedded scikit-learn digits
+    data_options: dict[str, Any] = field(default_factory=dict)  # image_size, channels, ...
+    run_dir: str = "runs/epg"
+    steps: int = 1000
+    batch_size: int = 64  # global, over all ranks
+    lr: float = 1e-4
+    betas: tuple[float, float] = (0.9, 0.999)
+    weight_decay: float = 0.01
+    no_weight_decay: tuple[str, ...] = ("pos_embed", "cls_token")
+    lr_schedule: str = "cosine"  # cosine (to 0 at `steps`) | warmup-step | constant
+    warmup_steps: int = 0
+    lr_milestones: tuple[int, ...] = ()  # warmup-step: multiply the lr by lr_factors[i] from here
+    lr_factors: tuple[float, ...] = ()
+    grad_clip: float = 0.0  # global norm; 0 = off
+    clip_after_warmup: bool = True
+    ema_decay: float = 0.9999  # stage 2: EMA of the model used for sampling
+    target_ema: float = 0.99  # stage 1: EMA target encoder
+    objective: dict[str, Any] = field(default_factory=dict)  # objective constructor options
+    augment: dict[str, Any] = field(default_factory=dict)  # stage-1 view augmentation options
+    encoder: str | None = None  # stage 2: stage-1 checkpoint (epg folder or official .pth)
+    perceptual: str | None = None  # consistency: frozen stage-1 network (default: encoder)
+    perceptual_config: str = "rcm-b-16"  # the config of an official perceptual .pth
+    compile: bool = True
+    precision: str = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU | bf16 | fp32
+    device: str = "auto"
+    seed: int = 0
+    log_every: int = 10
+    ckpt_every: int = 500
+    keep_checkpoints: int = 2
+    preview_every: int = 0
+    max_bad_steps: int = 5
+    global_randomness: bool | None = None  # None: on for CPU runs, off on GPUs
+    resume: str = "auto"  # auto | none | a checkpoint file
+    progress: bool = True
+
+    def validate(self) -> None:
+        if self.mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
+        if self.steps < 1 or self.batch_size < 1:
+            raise ValueError("steps and batch_size must be positive")
+        if self.lr_schedule not in ("cosine", "warmup-step", "constant"):
+            raise ValueError(f"lr_schedule must be cosine, warmup-step or constant, got {self.lr_schedule!r}")
+        if len(self.lr_milestones) != len(self.lr_factors):
+            raise ValueError("lr_milestones and lr_factors must have the same length")
+        if self.precision not in ("auto", "bf16", "fp32"):
+            raise ValueError(f"precision must be auto, bf16 or fp32, got {self.precision!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - set(fields))
+        if unknown:
+            raise ValueError(f"unknown training option(s) {unknown}; valid: {sorted(fields)}")
+        data = dict(data)
+        for key in ("betas", "no_weight_decay", "lr_milestones", "lr_factors"):
+            if key in data and data[key] is not None:
+                data[key] = tuple(data[key])
+        return cls(**data)
+
+
+def lr_factor(step: int, cfg: TrainConfig) -> float:
+    """The multiplier of cfg.lr at ``step``: linear warm-up, then the configured schedule."""
+    if cfg.warmup_steps and step < cfg.warmup_steps:
+        return (step + 1) / cfg.warmup_steps
+    if cfg.lr_schedule == "cosine":
+        span = max(1, cfg.steps - cfg.warmup_steps)
+        progress = min(1.0, (step - cfg.warmup_steps) / span)
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+    factor = 1.0
+    if cfg.lr_schedule == "warmup-step":
+        for milestone, f in zip(cfg.lr_milestones, cfg.lr_factors):
+            if step >= milestone:
+                factor = f
+    return factor
+
+
+def _step_seed(seed: int, step: int, stream: int, rank: int = 0) -> int:
+    return (seed * 1_000_003 + step * 8_191 + stream * 131 + rank) % (2**63 - 1)
+
+
+def _is_per_sample(t: Tensor, batch: int) -> bool:
+    return t.dim() > 0 and t.shape[0] == batch
+
+
+def load_encoder_weights(model: EPGViT, path: str | os.PathLike) -> list[str]:
+    """Copy a stage-1 encoder (epg checkpoint folder or official RCM ``.pth``) into the encoder
+    of ``model`` (spec §6.1); the projection head is ignored. Returns the keys copied."""
+    path = Path(path)
+    if (path / ckpt.CONFIG_NAME).is_file() or path.suffix == ".safetensors":
+        state = ckpt.load(path).state_dict()
+    else:
+        state = ckpt.read_official_state_dict(path)
+    target = model.state_dict()
+    encoder_keys = [
+        k for k in target if k.split(".")[0] in ("patch_embed", "cls_token", "pos_embed", "blocks", "norm")
+    ]
+    missing = [k for k in encoder_keys if k not in state]
+    mismatched = [
+        f"{k}: {tuple(state[k].shape)} vs {tuple(target[k].shape)}"
+        for k in encoder_keys if k in state and state[k].shape != target[k].shape
+    ]  # fmt: skip
+    if missing or mismatched:
+        raise ckpt.CheckpointError(
+            f"{path} does not hold this network's encoder: missing {missing[:8]}, "
+            f"mismatched {mismatched[:8]}"
+        )
+    model.load_state_dict({k: state[k] for k in encoder_keys}, strict=False)
+    return encoder_keys
+
+
+def _load_network(path: str | os.PathLike, official_config: str) -> nn.Module:
+    path = Path(path)
+    if (path / ckpt.CONFIG_NAME).is_file() or path.suffix == ".safetensors":
+        return ckpt.load(path)
+    return ckpt.load_official(path, official_config)
+
+
+class Trainer:
+    """Runs one training job described by a :class:`TrainConfig`.
+
+    ``data`` (optional) replaces the configured dataset: a dict of tensors with "image" (N, C, H,
+    W) normalised images and "label" (N,) int64. ``preview`` (optional) is called as
+    ``preview(trainer, step)`` on the main rank every ``preview_every`` steps.
+    """
+
+    def __init__(
+        self,
+        cfg: TrainConfig,
+        data: dict[str, Tensor] | None = None,
+        preview: Callable[[Trainer, int], None] | None = None,
+    ):
+        cfg.validate()
+        self.cfg = cfg
+        self.dist = distributed.setup(cfg.device)
+        self.device = self.dist.device
+        self.run_dir = Path(cfg.run_dir)
+        self.ckpt_dir = self.run_dir / "checkpoints"
+        self.preview = preview
+        if cfg.global_randomness is None:
+            self.global_randomness = self.device.type == "cpu"
+        else:
+            self.global_randomness = cfg.global_randomness
+        self.use_bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and self.device.type == "cuda")
+
+        torch.manual_seed(cfg.seed)  # identical initialisation on every rank
+        self._build_models()
+        self._build_data(data)
+        self._build_objective()
+        self._build_optimizer()
+        self.step = 0
+        self.bad_in_a_row = 0
+        self.skipped_total = 0
+        # Dropout streams differ per rank; seeded after init so init is rank-independent.
+        torch.manual_seed(cfg.seed * 7919 + 1 + self.dist.rank)
+        self._maybe_resume()
+        self.loss_fn = torch.compile(self.objective.loss) if cfg.compile else self.objective.loss
+
+    # --- construction ------------------------------------------------------------------------
+
+    def _build_models(self) -> None:
+        cfg = self.cfg
+        with torch.device(self.device):
+            self.model = build(cfg.model, **cfg.model_overrides)
+        kind_ok = isinstance(self.model, RCMViT) if cfg.mode == "pretrain" else isinstance(self.model, EPGViT)
+        if not kind_ok:
+            want = "a stage-1 rcm-* config" if cfg.mode == "pretrain" else "a generative epg-* config"
+            raise ValueError(f"mode {cfg.mode!r} needs {want}, got {cfg.model!r}")
+        self.target = self.ema = self.perceptual = None
+        if cfg.mode == "pretrain":
+            if self.dist.distributed:
+                distributed.convert_batchnorm(self.model)
+            self.target = self._frozen_copy(self.model)
+        else:
+            if cfg.encoder:
+                load_encoder_weights(self.model, cfg.encoder)
+            self.ema = self._frozen_copy(self.model)
+            if cfg.mode == "consistency" and (cfg.perceptual or cfg.encoder):
+                net = _load_network(cfg.perceptual or cfg.encoder, cfg.perceptual_config)
+                if not isinstance(net, RCMViT):
+                    raise ValueError("the perceptual network of the consistency loss must be a stage-1 (rcm) network")
+                self.perceptual = self._frozen_copy(net.to(self.device))
+        self.model.train()
+        self.train_model: nn.Module = self.model
+        if self.dist.distributed:
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.train_model = nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
+
+    @staticmethod
+    def _frozen_copy(model: nn.Module) -> nn.Module:
+        copy_ = copy.deepcopy(model).eval()
+        copy_.requires_grad_(False)
+        return copy_
+
+    def _build_data(self, data: dict[str, Tensor] | None) -> None:
+        cfg = self.cfg
+        if data is None:
+            if cfg.data != "digits":
+                raise ValueError(f"unknown dataset {cfg.data!r}; this version trains on 'digits'")
+            from .data.embedded import load_digits_tensors
+
+            net_cfg = self.model.config
+            options = {"image_size": net_cfg.img_size, "channels": net_cfg.in_channels, "split": "train"}
+            options.update(cfg.data_options)
+            images, labels = load_digits_tensors(**options)
+            data = {"image": images, "label": labels}
+        images = data["image"]
+        expected = (self.model.config.in_channels, self.model.config.img_size, self.model.config.img_size)
+        if images.dim() != 4 or tuple(images.shape[1:]) != expected:
+            raise ValueError(f"training images must be (N, {', '.join(map(str, expected))}), got {tuple(images.shape)}")
+        rank, world = (0, 1) if self.global_randomness else (self.dist.rank, self.dist.world_size)
+        self.loader = InMemoryLoader(data, cfg.batch_size, rank, world, cfg.seed, self.device)
+        self.local_batch = cfg.batch_size // self.dist.world_size
+        self.image_shape = expected
+        if cfg.mode == "pretrain":
+            from .data.augment import ViewAugment, view1_config, view2_config
+
+            self.augment = (
+                ViewAugment(view1_config(**cfg.augment)), ViewAugment(view2_config(**cfg.augment))
+            )
+
+    def _build_objective(self) -> None:
+        cfg, net_cfg = self.cfg, self.model.config
+        options = dict(cfg.objective)
+        if cfg.mode == "pretrain":
+            from .objectives.pretrain import PretrainObjective
+
+            options.setdefault("total_steps", cfg.steps)
+            self.objective = PretrainObjective(self.train_model, self.target, img_size=net_cfg.img_size, **options)
+        elif cfg.mode == "diffusion":
+            from .objectives.diffusion import DiffusionObjective
+
+            self.objective = DiffusionObjective(
+                self.train_model, img_size=net_cfg.img_size, num_classes=net_cfg.num_classes, **options
+            )
+        else:
+            from .objectives.consistency import ConsistencyObjective
+
+            self.objective = ConsistencyObjective(
+                self.train_model, self.perceptual, img_size=net_cfg.img_size,
+                num_classes=net_cfg.num_classes, **options,
+            )  # fmt: skip
+
+    def _build_optimizer(self) -> None:
+        cfg = self.cfg
+        decay, no_decay = [], []
+        for name, p in self.model.named_parameters():
+            if p.requires_grad:
+                (no_decay if name in cfg.no_weight_decay else decay).append(p)
+        groups = [{"params": decay, "weight_decay": cfg.weight_decay}]
+        if no_decay:
+            groups.append({"params": no_decay, "weight_decay": 0.0})
+        fused = self.device.type == "cuda"
+        self.optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, fused=fused)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: lr_factor(s, cfg))
+        self.params = [p for g in groups for p in g["params"]]
+
+    # --- checkpoints ---------------------------------------------------------------------------
+
+    def checkpoints(self) -> list[Path]:
+        """Complete checkpoints in the run folder, oldest first (temporary files never count)."""
+        if not self.ckpt_dir.is_dir():
+            return []
+        return sorted(p for p in self.ckpt_dir.iterdir() if _CKPT_RE.match(p.name))
+
+    def state_dict(self) -> dict[str, Any]:
+        rng = {"cpu": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            rng["cuda"] = torch.cuda.get_rng_state_all()
+        return {
+            "format": CHECKPOINT_FORMAT,
+            "step": self.step,
+            "config": self.cfg.to_dict(),
+            "model_config": ckpt.config_to_dict(self.model.config),
+            "model": self.model.state_dict(),
+            "ema": self.ema.state_dict() if self.ema is not None else None,
+            "target": self.target.state_dict() if self.target is not None else None,
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "rng": rng,
+            "data": self.loader.state_dict(),
+            "skipped_total": self.skipped_total,
+            "bad_in_a_row": self.bad_in_a_row,
+        }
+
+    def save_checkpoint(self) -> Path | None:
+        path = self.ckpt_dir / f"step_{self.step:08d}.pt"
+        if self.dist.is_main:
+            state = self.state_dict()
+            ckpt.atomic_write(path, lambda tmp: torch.save(state, tmp))
+            for old in self.checkpoints()[: -self.cfg.keep_checkpoints]:
+                old.unlink(missing_ok=True)
+        if self.dist.distributed:
+            dist.barrier()
+        return path
+
+    def load_checkpoint(self, path: str | os.PathLike) -> None:
+        path = Path(path)
+        try:
+            state = torch.load(path, map_location=self.device, weights_only=True)
+        except Exception as exc:
+            raise ckpt.CheckpointError(f"cannot read training checkpoint {path}: {exc}") from exc
+        if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+            raise ckpt.CheckpointError(f"{path} is not an epg training checkpoint ({CHECKPOINT_FORMAT})")
+        saved_model = ckpt.config_from_dict(state["model_config"])
+        if saved_model != self.model.config:
+            raise ckpt.CheckpointError(
+                f"{path} was trained with {saved_model}, this run builds {self.model.config}"
+            )
+        ckpt.load_state_dict_strict(self.model, state["model"], str(path))
+        for name in ("ema", "target"):
+            module = getattr(self, name)
+            if module is not None:
+                ckpt.load_state_dict_strict(module, state[name], f"{path} [{name}]")
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.loader.load_state_dict(state["data"])
+        self.step = state["step"]
+        self.skipped_total = state["skipped_total"]
+        self.bad_in_a_row = state["bad_in_a_row"]
+        torch.set_rng_state(state["rng"]["cpu"].cpu())
+        if "cuda" in state["rng"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all([s.cpu() for s in state["rng"]["cuda"]])
+        if self.dist.distributed:  # ranks must not share a dropout stream after resuming either
+            torch.manual_seed(self.cfg.seed * 7919 + 1 + self.dist.rank + 104729 * self.step)
+
+    def _maybe_resume(self) -> None:
+        resume = self.cfg.resume
+        if resume == "none":
+            return
+        if resume == "auto":
+            found = self.checkpoints()
+            if not found:
+                return
+            path = found[-1]
+        else:
+            path = Path(resume)
+            if not path.is_file():
+                raise FileNotFoundError(f"resume checkpoint {path} does not exist")
+        self.load_checkpoint(path)
+        if self.dist.is_main:
+            print(f"resumed from {path} at step {self.step}", flush=True)
+
+    # --- the step -------------------------------------------------------------------------------
+
+    def _local_rows(self, t: Tensor) -> Tensor:
+        if not self.global_randomness or not self.dist.distributed:
+            return t
+        r, b = self.dist.rank, self.local_batch
+        return t[r * b : (r + 1) * b]
+
+    def _draws(self, step: int) -> dict[str, Tensor]:
+        gen_device = self.device if self.device.type == "cuda" else torch.device("cpu")
+        if self.global_randomness:
+            batch, rank = self.cfg.batch_size, 0
+        else:
+            batch, rank = self.local_batch, self.dist.rank
+        def draw(rank: int) -> dict[str, Tensor]:
+            seed = _step_seed(self.cfg.seed, step, 0, rank)
+            g = torch.Generator(device=gen_device).manual_seed(seed)
+            return self.objective.draw(step, batch, self.image_shape, g, self.device)
+
+        draws = draw(rank)
+        if rank != 0:  # per-batch draws (0-d, e.g. stage 1's noise index) are the same on all ranks
+            shared = draw(0)
+            draws.update({k: v for k, v in shared.items() if not _is_per_sample(v, batch)})
+        return {k: self._local_rows(v) if _is_per_sample(v, batch) else v for k, v in draws.items()}
+
+    def _batch(self, step: int) -> dict[str, Tensor]:
+        batch = next(self.loader)
+        if self.cfg.mode == "pretrain":
+            gen_device = self.device if self.device.type == "cuda" else torch.device("cpu")
+            rank = 0 if self.global_randomness else self.dist.rank
+            g = torch.Generator(device=gen_device).manual_seed(_step_seed(self.cfg.seed, step, 1, rank))
+            image = batch["image"]
+            batch = {"image": image, "view1": self.augment[0](image, g), "view2": self.augment[1](image, g)}
+        return {k: self._local_rows(v) for k, v in batch.items()}
+
+    def _autocast(self):
+        if self.use_bf16:
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def train_step(self) -> dict[str, float]:
+        """One optimisation step (or a skipped one); returns the logged values."""
+        step = self.step
+        batch = self._batch(step)
+        draws = self._draws(step)
+        self.optimizer.zero_grad(set_to_none=True)
+        with self._autocast():
+            loss, terms = self.loss_fn(batch, draws)
+        loss.backward()
+        clip = self.cfg.grad_clip if (self.cfg.grad_clip and (step >= self.cfg.warmup_steps or not self.cfg.clip_after_warmup)) else math.inf
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, clip)
+        bad = distributed.any_rank(
+            not (torch.isfinite(loss).item() and torch.isfinite(grad_norm).item()), self.device
+        )
+        values = {"loss": distributed.all_reduce_mean(loss.detach().float()).item()}
+        for name, term in terms.items():
+            values[name] = distributed.all_reduce_mean(term.detach().float()).item()
+        values["grad_norm"] = grad_norm.item()
+        values["lr"] = self.scheduler.get_last_lr()[0]
+        if bad:
+            self.skipped_total += 1
+            self.bad_in_a_row += 1
+            self.optimizer.zero_grad(set_to_none=True)
+            if self.bad_in_a_row >= self.cfg.max_bad_steps:
+                shown = ", ".join(f"{k}={v:.4g}" for k, v in values.items())
+                raise RuntimeError(
+                    f"stopping: {self.bad_in_a_row} non-finite steps in a row, the last at step "
+                    f"{step} ({shown}); the newest checkpoint is in {self.ckpt_dir}"
+                )
+        else:
+            self.bad_in_a_row = 0
+            self.optimizer.step()
+            self.scheduler.step()
+            self._update_averages()
+            self.step += 1
+        values["skipped"] = self.skipped_total
+        return values
+
+    @torch.no_grad()
+    def _update_averages(self) -> None:
+        pairs = [(self.ema, self.cfg.ema_decay), (self.target, self.cfg.target_ema)]
+        for average, decay in pairs:
+            if average is not None:
+                avg = [p for p in average.parameters()]
+                src = [p.detach() for p in self.model.parameters()]
+                torch._foreach_lerp_(avg, src, 1.0 - decay)
+
+    # --- the loop -------------------------------------------------------------------------------
+
+    def _log(self, record: dict[str, Any]) -> None:
+        if self.dist.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            with open(self.run_dir / "log.jsonl", "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+    def fit(self, stop_at: int | None = None) -> list[dict[str, Any]]:
+        """Train until ``cfg.steps`` (or ``stop_at``); returns the per-step records."""
+        cfg = self.cfg
+        end = min(cfg.steps, stop_at) if stop_at is not None else cfg.steps
+        if self.dist.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            (self.run_dir / "train_config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
+        bar = tqdm(
+            total=end, initial=self.step, desc=f"{cfg.mode}", unit="step", dynamic_ncols=True,
+            disable=not (cfg.progress and self.dist.is_main),
+        )  # fmt: skip
+        records = []
+        logged_time, logged_step = time.perf_counter(), self.step
+        while self.step < end:
+            before = self.step
+            values = self.train_step()
+            record = {"step": self.step, **values}
+            records.append(record)
+            if self.step == before:  # skipped: no update happened
+                continue
+            bar.update(1)
+            bar.set_postfix(loss=f"{values['loss']:.4g}")
+            if self.step % cfg.log_every == 0 or self.step == end:
+                now = time.perf_counter()
+                elapsed = max(now - logged_time, 1e-9)
+                record["images_per_s"] = cfg.batch_size * (self.step - logged_step) / elapsed
+                logged_time, logged_step = now, self.step
+                self._log(record)
+            if cfg.ckpt_every and self.step % cfg.ckpt_every == 0 and self.step < end:
+                self.save_checkpoint()
+            if self.preview and cfg.preview_every and self.step % cfg.preview_every == 0 and self.dist.is_main:
+                self.preview(self, self.step)
+        bar.close()
+        if self.step >= end:
+            self.save_checkpoint()
+        return records
+
+    def export(self, directory: str | os.PathLike | None = None) -> Path:
+        """Save the network to use downstream as an epg checkpoint folder: the EMA model in
+        stage 2, the online encoder (with its projector) in stage 1 (the official code fine-tunes
+        from the online weights)."""
+        directory = Path(directory) if directory else self.run_dir / "final"
+        net = self.ema if self.ema is not None else self.model
+        if self.dist.is_main:
+            ckpt.save(net, directory, metadata={"step": self.step, "mode": self.cfg.mode})
+        if self.dist.distributed:
+            dist.barrier()
+        return directory
+
+    def close(self) -> None:
+        distributed.teardown()

@@ -1,0 +1,100 @@
+"""The digits judge, the Fréchet distance, and the digits quality report."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from epg.data import load_digits_tensors
+from epg.evaluation import DigitsJudge, digits_report, frechet_distance
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return load_digits_tensors("train"), load_digits_tensors("test")
+
+
+@pytest.fixture(scope="module")
+def judge(digits):
+    (x_tr, y_tr), _ = digits
+    return DigitsJudge(image_size=16, channels=1).fit(x_tr, y_tr, seed=0)
+
+
+def test_judge_accuracy_on_held_out_digits(judge, digits):
+    _, (x_te, y_te) = digits
+    assert judge.accuracy(x_te, y_te) >= 0.95
+    pred = judge.predict(x_te)
+    assert pred.shape == y_te.shape and pred.dtype == torch.int64
+    feats = judge.features(x_te)
+    assert feats.shape == (len(y_te), judge.feature_dim) and feats.dtype == np.float64
+
+
+def test_judge_is_deterministic_and_keeps_global_state(judge, digits):
+    (x_tr, y_tr), (x_te, _) = digits
+    torch.manual_seed(123)
+    expected_next = torch.rand(3)
+    torch.manual_seed(123)
+    threads = torch.get_num_threads()
+    again = DigitsJudge().fit(x_tr[:300], y_tr[:300], epochs=2, seed=0)
+    assert torch.equal(torch.rand(3), expected_next)  # global RNG untouched
+    assert torch.get_num_threads() == threads
+    twice = DigitsJudge().fit(x_tr[:300], y_tr[:300], epochs=2, seed=0)
+    assert np.array_equal(again.features(x_te), twice.features(x_te))
+
+
+def test_judge_checks_its_input(judge):
+    with pytest.raises(ValueError):
+        judge.predict(torch.zeros(2, 3, 16, 16))
+    with pytest.raises(RuntimeError):
+        DigitsJudge().predict(torch.zeros(2, 1, 16, 16))
+
+
+def test_frechet_distance_of_a_set_with_itself_is_zero():
+    rng = np.random.default_rng(0)
+    a = rng.normal(size=(500, 8)) @ rng.normal(size=(8, 8))
+    assert frechet_distance(a, a) == pytest.approx(0.0, abs=1e-6)
+    few = rng.normal(size=(20, 64))  # N < F: singular covariances, regularised
+    assert frechet_distance(few, few) == pytest.approx(0.0, abs=1e-4)
+
+
+def test_frechet_distance_of_shifted_gaussians():
+    rng = np.random.default_rng(1)
+    a = rng.normal(size=(4000, 6)) @ np.diag([1.0, 2.0, 0.5, 1.0, 3.0, 1.0])
+    shift = np.array([1.0, -2.0, 0.5, 0.0, 3.0, 1.0])
+    # Same sample, shifted: equal covariances, so d² = ‖μ_a − μ_b‖² exactly.
+    assert frechet_distance(a, a + shift) == pytest.approx(shift @ shift, rel=1e-6)
+    # Independent samples of the two Gaussians: analytic value up to sampling noise.
+    b = rng.normal(size=(4000, 6)) @ np.diag([1.0, 2.0, 0.5, 1.0, 3.0, 1.0]) + shift
+    assert frechet_distance(a, b) == pytest.approx(shift @ shift, abs=0.15 * (shift @ shift))
+
+
+def test_frechet_distance_of_scaled_gaussians_in_one_dimension():
+    # 1-D: d² = (μ_a − μ_b)² + (σ_a − σ_b)².
+    rng = np.random.default_rng(2)
+    z = rng.normal(size=(2000, 1))
+    z = (z - z.mean()) / z.std(ddof=1)
+    assert frechet_distance(z, 3 * z + 1) == pytest.approx(1 + 4, rel=1e-6)
+
+
+def test_digits_report_on_real_digits(judge, digits):
+    (x_tr, _), (x_te, y_te) = digits
+    # "Samples": half of the real test digits; real_test: the other half; reference: train.
+    half = len(y_te) // 2
+    report = digits_report(x_te[:half], y_te[:half], judge, (x_te[half:], y_te[half:]), x_tr)
+    json.dumps(report)
+    assert report["accuracy"] >= 0.95
+    assert report["num_samples"] == half and report["num_reference"] == half
+    assert report["num_real"] == len(y_te) - half
+    assert report["real_test_accuracy"] >= 0.9
+    assert len(report["class_accuracy"]) == 10
+    ref = report["reference_frechet_distance"]
+    assert 0 < ref and 0 < report["frechet_distance"] < 2 * ref
+    # Real digits as samples against themselves: perfect.
+    same = digits_report(x_te, y_te, judge, x_te)
+    assert same["frechet_distance"] == pytest.approx(0.0, abs=1e-6)
+    assert same["reference_frechet_distance"] is None and same["real_test_accuracy"] is None
+    # Noise is far away, and its accuracy is near chance.
+    noise = torch.rand(half, 1, 16, 16, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    bad = digits_report(noise, y_te[:half], judge, (x_te[half:], y_te[half:]), x_tr)
+    assert bad["frechet_distance"] > 10 * ref and bad["accuracy"] < 0.3

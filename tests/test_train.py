@@ -1,0 +1,206 @@
+"""The Trainer: schedules, exact resume, compile, non-finite steps, crash safety, torchrun."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+from epg.train import TrainConfig, Trainer, lr_factor
+
+TINY = dict(img_size=16, patch_size=4, in_channels=1)
+
+
+def _cfg(tmp_path, mode="diffusion", **kw):
+    base = dict(
+        mode=mode,
+        model="rcm-tiny" if mode == "pretrain" else "epg-tiny",
+        model_overrides=dict(TINY),
+        run_dir=str(tmp_path / "run"),
+        steps=6,
+        batch_size=8,
+        lr=1e-3,
+        warmup_steps=2,
+        ckpt_every=3,
+        log_every=1,
+        compile=False,
+        progress=False,
+        seed=3,
+        ema_decay=0.9,
+    )
+    if mode == "pretrain":
+        base["augment"] = dict(crop_scale=(0.5, 1.0), flip_p=0.0)
+        base["objective"] = dict(s0=4, s1=16)
+    if mode == "consistency":
+        base["model_overrides"]["drop"] = 0.5
+        base["objective"] = dict(stage_length=3)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def _losses(records):
+    return [r["loss"] for r in records]
+
+
+def test_lr_schedules():
+    cfg = TrainConfig(steps=110, warmup_steps=10, lr_schedule="cosine")
+    assert lr_factor(0, cfg) == pytest.approx(0.1)
+    assert lr_factor(9, cfg) == pytest.approx(1.0)
+    assert lr_factor(10, cfg) == pytest.approx(1.0)
+    assert lr_factor(60, cfg) == pytest.approx(0.5)
+    assert lr_factor(110, cfg) == pytest.approx(0.0, abs=1e-12)
+    step = TrainConfig(steps=700, warmup_steps=10, lr_schedule="warmup-step",
+                       lr_milestones=(400, 500), lr_factors=(0.3, 0.08))  # fmt: skip
+    assert [lr_factor(s, step) for s in (5, 399, 400, 499, 500)] == pytest.approx([0.6, 1, 0.3, 0.3, 0.08])
+
+
+@pytest.mark.parametrize("mode", ["pretrain", "diffusion", "consistency"])
+def test_resume_reproduces_the_uninterrupted_run_exactly(tmp_path, mode):
+    straight = Trainer(_cfg(tmp_path / "a", mode))
+    full = _losses(straight.fit())
+
+    first = Trainer(_cfg(tmp_path / "b", mode))
+    part = _losses(first.fit(stop_at=3))
+    resumed = Trainer(_cfg(tmp_path / "b", mode))
+    assert resumed.step == 3
+    rest = _losses(resumed.fit())
+    assert part + rest == full  # bit for bit
+    for a, b in zip(straight.model.parameters(), resumed.model.parameters()):
+        assert torch.equal(a, b)
+
+
+def test_weight_decay_groups_and_frozen_copies(tmp_path):
+    trainer = Trainer(_cfg(tmp_path, "diffusion"))
+    no_decay = trainer.optimizer.param_groups[1]["params"]
+    assert {id(p) for p in no_decay} == {id(trainer.model.pos_embed), id(trainer.model.cls_token)}
+    assert trainer.optimizer.param_groups[1]["weight_decay"] == 0.0
+    assert not any(p.requires_grad for p in trainer.ema.parameters())
+    trainer.fit(stop_at=1)
+    moved = [not torch.equal(e, p) for e, p in zip(trainer.ema.parameters(), trainer.model.parameters())]
+    assert any(moved)  # the EMA lags the model
+
+
+def test_non_finite_steps_are_skipped_and_too_many_stop_the_run(tmp_path):
+    trainer = Trainer(_cfg(tmp_path, "diffusion", max_bad_steps=3))
+    real_loss = trainer.loss_fn
+    calls = {"n": 0}
+
+    def sometimes_nan(batch, draws):
+        calls["n"] += 1
+        loss, terms = real_loss(batch, draws)
+        return (loss * float("nan"), terms) if calls["n"] == 2 else (loss, terms)
+
+    trainer.loss_fn = sometimes_nan
+    before = [p.clone() for p in trainer.model.parameters()]
+    records = trainer.fit(stop_at=2)
+    assert trainer.step == 2 and trainer.skipped_total == 1 and len(records) == 3
+    assert not all(torch.equal(a, b) for a, b in zip(before, trainer.model.parameters()))
+
+    trainer.loss_fn = lambda b, d: (real_loss(b, d)[0] * float("inf"), real_loss(b, d)[1])
+    with pytest.raises(RuntimeError, match=r"3 non-finite steps in a row, the last at step 2 \(loss=inf"):
+        trainer.fit()
+    assert trainer.step == 2
+
+
+def test_stage2_starts_from_a_stage1_encoder(tmp_path):
+    stage1 = Trainer(_cfg(tmp_path / "s1", "pretrain", steps=2))
+    stage1.fit()
+    encoder_dir = stage1.export()
+    cfg = _cfg(tmp_path / "s2", "diffusion", encoder=str(encoder_dir))
+    stage2 = Trainer(cfg)
+    for name, p in stage1.model.state_dict().items():
+        if not name.startswith("projection_head"):
+            assert torch.equal(stage2.model.state_dict()[name], p), name
+
+
+def test_bad_configs_are_refused(tmp_path):
+    with pytest.raises(ValueError, match="mode must be one of"):
+        Trainer(_cfg(tmp_path, "denoise"))
+    with pytest.raises(ValueError, match="needs a stage-1 rcm"):
+        Trainer(_cfg(tmp_path, "pretrain", model="epg-tiny"))
+    with pytest.raises(ValueError, match="unknown training option"):
+        TrainConfig.from_dict({"stepz": 3})
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        Trainer(_cfg(tmp_path, "diffusion", resume=str(tmp_path / "nope.pt")))
+
+
+@pytest.mark.slow
+def test_compiled_steps_agree_with_eager_and_resume_within_tolerance(tmp_path):
+    eager = _losses(Trainer(_cfg(tmp_path / "e", "diffusion", steps=4)).fit())
+    compiled_run = Trainer(_cfg(tmp_path / "c", "diffusion", steps=4, compile=True))
+    compiled = _losses(compiled_run.fit())
+    assert compiled == pytest.approx(eager, rel=1e-4, abs=1e-6)
+    part = _losses(Trainer(_cfg(tmp_path / "r", "diffusion", steps=4, compile=True)).fit(stop_at=2))
+    rest = _losses(Trainer(_cfg(tmp_path / "r", "diffusion", steps=4, compile=True)).fit())
+    assert part + rest == pytest.approx(compiled, rel=1e-4, abs=1e-6)
+
+
+_CRASH_SCRIPT = """
+import os, signal, sys, torch
+from epg.train import TrainConfig, Trainer
+cfg = TrainConfig(**{config})
+saves = {{"n": 0}}
+real_save = torch.save
+def dying_save(obj, f, *a, **k):
+    saves["n"] += 1
+    if saves["n"] == 2:  # the second checkpoint: write half of it, then die like kill -9
+        with open(f, "wb") as fh:
+            fh.write(b"partial")
+            fh.flush()
+        os.kill(os.getpid(), signal.SIGKILL)
+    return real_save(obj, f, *a, **k)
+torch.save = dying_save
+Trainer(cfg).fit()
+"""
+
+
+def test_kill_during_checkpoint_write_leaves_the_previous_one_resumable(tmp_path):
+    cfg = _cfg(tmp_path, "diffusion", ckpt_every=2, steps=6)
+    options = {k: v for k, v in cfg.to_dict().items()}
+    script = _CRASH_SCRIPT.format(config=repr(options))
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
+    ckpts = sorted(p.name for p in (Path(cfg.run_dir) / "checkpoints").iterdir())
+    assert "step_00000002.pt" in ckpts and "step_00000004.pt" not in ckpts  # only a temp file
+    resumed = Trainer(cfg)
+    assert resumed.step == 2
+    rest = _losses(resumed.fit())
+    full = _losses(Trainer(_cfg(tmp_path / "ref", "diffusion", ckpt_every=2, steps=6)).fit())
+    assert rest == full[2:]
+
+
+_DIST_SCRIPT = """
+import json, os, sys
+from epg.train import TrainConfig, Trainer
+cfg = TrainConfig(**json.loads(sys.argv[1]))
+trainer = Trainer(cfg)
+losses = [r["loss"] for r in trainer.fit()]
+if trainer.dist.rank == 0:
+    with open(sys.argv[2], "w") as f:
+        json.dump(losses, f)
+trainer.close()
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["pretrain", "diffusion"])
+def test_two_processes_match_one_on_the_same_global_batch(tmp_path, mode):
+    script = tmp_path / "run.py"
+    script.write_text(_DIST_SCRIPT)
+    results = {}
+    for nproc in (1, 2):
+        cfg = _cfg(tmp_path / f"p{nproc}", mode, steps=3, ckpt_every=0)
+        out = tmp_path / f"losses{nproc}.json"
+        env = {**os.environ, "OMP_NUM_THREADS": "1"}
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
+               "--master_port", str(29500 + nproc + (7 if mode == "pretrain" else 0)),
+               str(script), json.dumps(cfg.to_dict()), str(out)]  # fmt: skip
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        results[nproc] = json.loads(out.read_text())
+    assert results[2] == pytest.approx(results[1], rel=1e-4, abs=1e-6)
