@@ -131,6 +131,32 @@ def lr_factor(step: int, cfg: TrainConfig) -> float:
     return factor
 
 
+def sample_preview(trainer: Trainer, step: int) -> Path | None:
+    """The default preview: a grid of EMA samples (Euler, 50 steps as the official previews; one
+    step for consistency models), one column per class, saved as ``previews/step_<n>.png``."""
+    if trainer.ema is None:
+        return None
+    from . import sampling
+    from .data.embedded import make_grid_png
+    from .models import Denoiser
+
+    net_cfg = trainer.ema.config
+    classes = min(net_cfg.num_classes, 10) if net_cfg.num_classes else 0
+    n = 4 * max(classes, 4)
+    labels = sampling.class_labels(n, classes) if classes else None
+    consistency = trainer.cfg.mode == "consistency"
+    denoiser = Denoiser(trainer.ema, mode="edm" if consistency else "x0")
+    images = sampling.sample(
+        denoiser, labels, net_cfg.img_size, channels=net_cfg.in_channels,
+        steps=1 if consistency else 50, sampler="consistency" if consistency else "euler",
+        seed=trainer.cfg.seed, batch_size=n, device=trainer.device, progress=False,
+    )  # fmt: skip
+    path = trainer.run_dir / "previews" / f"step_{step:08d}.png"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    make_grid_png(images, path, nrow=max(classes, 4), scale=max(1, 64 // net_cfg.img_size))
+    return path
+
+
 def _step_seed(seed: int, step: int, stream: int, rank: int = 0) -> int:
     return (seed * 1_000_003 + step * 8_191 + stream * 131 + rank) % (2**63 - 1)
 
@@ -192,7 +218,7 @@ class Trainer:
         self.device = self.dist.device
         self.run_dir = Path(cfg.run_dir)
         self.ckpt_dir = self.run_dir / "checkpoints"
-        self.preview = preview
+        self.preview = preview if preview is not None else sample_preview
         if cfg.global_randomness is None:
             self.global_randomness = self.device.type == "cpu"
         else:

@@ -266,6 +266,16 @@ def test_diffusion_draws_snap_to_the_grid():
         assert float(d["weight"][b]) == pytest.approx(1 / (grid[i] - grid[i + 1]), rel=1e-6)
 
 
+def test_diffusion_uniform_weighting_draws_the_same_sigmas_with_unit_weights():
+    delta, _ = make_diffusion()
+    uniform = DiffusionObjective(delta.net, img_size=IMG, num_classes=10, weighting="uniform")
+    d, u = delta.draw(0, 32, SHAPE, gen(9), "cpu"), uniform.draw(0, 32, SHAPE, gen(9), "cpu")
+    assert torch.equal(d["sigma"], u["sigma"]) and torch.equal(d["eps"], u["eps"])
+    assert torch.equal(u["weight"], torch.ones(32))
+    with pytest.raises(ValueError, match="weighting must be"):
+        DiffusionObjective(delta.net, img_size=IMG, num_classes=10, weighting="snr")
+
+
 def test_diffusion_weights_follow_power_law():
     obj, _ = make_diffusion()
     sigma, w = obj.grid_weights()

@@ -204,3 +204,13 @@ def test_two_processes_match_one_on_the_same_global_batch(tmp_path, mode):
         assert proc.returncode == 0, proc.stderr[-3000:]
         results[nproc] = json.loads(out.read_text())
     assert results[2] == pytest.approx(results[1], rel=1e-4, abs=1e-6)
+
+
+def test_previews_and_logs_are_written(tmp_path):
+    trainer = Trainer(_cfg(tmp_path, "diffusion", steps=2, preview_every=2, log_every=2))
+    trainer.fit()
+    run = Path(trainer.cfg.run_dir)
+    assert (run / "previews" / "step_00000002.png").is_file()
+    records = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [2]
+    assert {"loss", "diffusion", "lr", "grad_norm", "images_per_s", "skipped"} <= set(records[0])

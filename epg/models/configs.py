@@ -108,6 +108,15 @@ CONFIGS: dict[str, EPGConfig | RCMConfig] = {
         img_size=32, patch_size=4, embed_dim=64, depth=2, num_heads=4,
         decoder_embed_dim=96, decoder_depth=2, decoder_num_heads=4, num_classes=10,
     ),  # fmt: skip
+    # The networks of `epg demo`: 16-px grayscale digits, 16 patch tokens, about 2M parameters.
+    "epg-digits": EPGConfig(
+        img_size=16, patch_size=4, in_channels=1, embed_dim=128, depth=4, num_heads=4,
+        decoder_embed_dim=128, decoder_depth=4, decoder_num_heads=4, num_classes=10,
+    ),  # fmt: skip
+    "rcm-digits": RCMConfig(
+        img_size=16, patch_size=4, in_channels=1, embed_dim=128, depth=4, num_heads=4,
+        proj_hidden_dim=256, proj_output_dim=128,
+    ),  # fmt: skip
     "rcm-tiny": RCMConfig(
         img_size=32, patch_size=4, embed_dim=64, depth=2, num_heads=4,
         proj_hidden_dim=128, proj_output_dim=32,

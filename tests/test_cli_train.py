@@ -1,0 +1,68 @@
+"""The training commands of the CLI: presets, config files, --set, and the demo pipeline."""
+
+import json
+
+import pytest
+
+from epg.cli import main
+from epg.presets import PRESETS, get_preset, set_option
+from epg.train import TrainConfig
+
+TINY_SETS = [
+    "--set", "steps=2", "--set", "batch_size=8", "--set", "compile=false",
+    "--set", "progress=false", "--set", "model_overrides={img_size: 16, patch_size: 4, in_channels: 1}",
+]  # fmt: skip
+
+
+def test_presets_are_valid_train_configs():
+    for name in PRESETS:
+        TrainConfig.from_dict(get_preset(name)).validate()
+    xl = get_preset("diffusion-epg-xl-16")
+    assert (xl["lr"], xl["grad_clip"], xl["ema_decay"], xl["objective"]["label_dropout"]) == (1e-4, 0.5, 0.9999, 0.1)
+
+
+def test_set_option_reaches_nested_keys():
+    options = {"objective": {"c": 0.06}}
+    set_option(options, "objective.tau_aux", 0.2)
+    set_option(options, "model_overrides.drop", 0.5)
+    assert options == {"objective": {"c": 0.06, "tau_aux": 0.2}, "model_overrides": {"drop": 0.5}}
+
+
+def test_pretrain_then_finetune_from_the_command_line(tmp_path, capsys):
+    stage1 = tmp_path / "s1"
+    assert main(["pretrain", "--run-dir", str(stage1), "--set", "model=rcm-tiny",
+                 "--set", "augment.flip_p=0", "--set", "objective.s0=4", "--set", "objective.s1=16",
+                 *TINY_SETS]) == 0  # fmt: skip
+    assert (stage1 / "final" / "model.safetensors").is_file()
+    records = [json.loads(line) for line in (stage1 / "log.jsonl").read_text().splitlines()]
+    assert records[-1]["step"] == 2 and {"contrastive", "consistency", "lr", "grad_norm"} <= set(records[-1])
+
+    stage2 = tmp_path / "s2"
+    config = tmp_path / "run.yaml"
+    config.write_text("model: epg-tiny\nlr: 0.0005\nobjective:\n  label_dropout: 0.2\n")
+    assert main(["finetune", "--objective", "diffusion", "--encoder", str(stage1 / "final"),
+                 "--config", str(config), "--run-dir", str(stage2), *TINY_SETS]) == 0  # fmt: skip
+    saved = json.loads((stage2 / "train_config.json").read_text())
+    assert saved["lr"] == 0.0005 and saved["objective"] == {"label_dropout": 0.2}
+    assert saved["encoder"] == str(stage1 / "final")
+    assert "network saved to" in capsys.readouterr().out
+
+
+def test_bad_command_line_input_is_reported(tmp_path):
+    with pytest.raises(SystemExit, match="key=value"):
+        main(["pretrain", "--set", "steps"])
+    with pytest.raises(FileNotFoundError, match="config file"):
+        main(["pretrain", "--config", str(tmp_path / "missing.yaml")])
+    with pytest.raises(ValueError, match="unknown preset"):
+        main(["pretrain", "--preset", "pretrain-rcm-xs"])
+
+
+def test_demo_quick_runs_the_whole_pipeline(tmp_path, capsys):
+    out = tmp_path / "demo"
+    assert main(["demo", "--quick", "--out", str(out)]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert 0.0 <= metrics["accuracy"] <= 1.0
+    assert metrics["frechet_distance"] > 0 and metrics["reference_frechet_distance"] > 0
+    assert (out / "samples.png").is_file() and (out / "stage2" / "final" / "model.safetensors").is_file()
+    printed = capsys.readouterr().out
+    assert "samples.png" in printed and "metrics.json" in printed
