@@ -354,14 +354,19 @@ def heun(
     _check_inputs(x_T, y)
     x = x_T
     for i in _steps(len(sig) - 1, progress, "heun"):
-        s, s_next = sig[i], sig[i + 1]
-        d = (x - _evaluate(denoiser, x, s, y)) / s
-        x_next = x + (s_next - s) * d
-        if s_next > 0:
-            d_next = (x_next - _evaluate(denoiser, x_next, s_next, y)) / s_next
-            x_next = x + (s_next - s) * 0.5 * (d + d_next)
-        x = x_next
+        x = _heun_step(denoiser, x, sig[i], sig[i + 1], y)
     return x
+
+
+def _heun_step(denoiser: DenoiserFn, x: Tensor, s: float, s_next: float, y: Tensor | None) -> Tensor:
+    """One EDM Alg. 2 step from σ = s to s_next: Euler, then the trapezoidal correction unless
+    s_next is 0 (where the slope is undefined and the step stays first order)."""
+    d = (x - _evaluate(denoiser, x, s, y)) / s
+    x_next = x + (s_next - s) * d
+    if s_next > 0:
+        d_next = (x_next - _evaluate(denoiser, x_next, s_next, y)) / s_next
+        x_next = x + (s_next - s) * 0.5 * (d + d_next)
+    return x_next
 
 
 @torch.no_grad()
@@ -490,12 +495,7 @@ def edm_sde(
         s_hat = s * (1 + gamma)
         if gamma > 0:
             x = x + math.sqrt(s_hat**2 - s**2) * S_noise * _randn(x.shape, x, generator)
-        d = (x - _evaluate(denoiser, x, s_hat, y)) / s_hat
-        x_next = x + (s_next - s_hat) * d
-        if s_next > 0:
-            d_next = (x_next - _evaluate(denoiser, x_next, s_next, y)) / s_next
-            x_next = x + (s_next - s_hat) * 0.5 * (d + d_next)
-        x = x_next
+        x = _heun_step(denoiser, x, s_hat, s_next, y)
     return x
 
 

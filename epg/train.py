@@ -26,6 +26,7 @@ import json
 import math
 import os
 import re
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -528,6 +529,7 @@ class Trainer:
         bar = tqdm(
             total=end, initial=self.step, desc=f"{cfg.mode}", unit="step", dynamic_ncols=True,
             disable=not (cfg.progress and self.dist.is_main),
+            mininterval=0.1 if sys.stderr.isatty() else 10.0,  # keep redirected logs short
         )  # fmt: skip
         records = []
         logged_time, logged_step = time.perf_counter(), self.step
