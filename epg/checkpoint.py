@@ -56,16 +56,23 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
         raise
 
 
-def save(model: nn.Module, directory: str | os.PathLike, metadata: Mapping[str, Any] | None = None) -> Path:
+def save(
+    model: nn.Module,
+    directory: str | os.PathLike,
+    metadata: Mapping[str, Any] | None = None,
+    state_dict: Mapping[str, Tensor] | None = None,
+) -> Path:
     """Write ``model.safetensors`` and ``config.json`` into ``directory``; returns the directory.
 
-    ``model`` must be an epg network (it carries its config); ``metadata`` is stored in the JSON.
+    ``model`` must be an epg network (it carries its config); ``metadata`` is stored in the JSON;
+    ``state_dict`` replaces ``model.state_dict()`` (e.g. the gathered state of a sharded model).
     """
     config = getattr(model, "config", None)
     if not isinstance(config, (EPGConfig, RCMConfig)):
         raise TypeError("save() needs an epg network built by epg.models.build")
     directory = Path(directory)
-    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    source = model.state_dict() if state_dict is None else state_dict
+    state = {k: v.detach().contiguous().cpu() for k, v in source.items()}
     payload = {"config": config_to_dict(config), "metadata": dict(metadata or {})}
     atomic_write(directory / WEIGHTS_NAME, lambda tmp: save_file(state, tmp))
     atomic_write(

@@ -84,6 +84,7 @@ class TrainConfig:
     keep_checkpoints: int = 2
     preview_every: int = 0
     max_bad_steps: int = 5
+    parallel: str = "ddp"  # ddp | fsdp (FSDP2 fully_shard per block; for the large configs)
     global_randomness: bool | None = None  # None: on for CPU runs, off on GPUs
     resume: str = "auto"  # auto | none | a checkpoint file
     progress: bool = True
@@ -97,6 +98,8 @@ class TrainConfig:
             raise ValueError(f"lr_schedule must be cosine, warmup-step or constant, got {self.lr_schedule!r}")
         if len(self.lr_milestones) != len(self.lr_factors):
             raise ValueError("lr_milestones and lr_factors must have the same length")
+        if self.parallel not in ("ddp", "fsdp"):
+            raise ValueError(f"parallel must be ddp or fsdp, got {self.parallel!r}")
         if self.precision not in ("auto", "bf16", "fp32"):
             raise ValueError(f"precision must be auto, bf16 or fp32, got {self.precision!r}")
 
@@ -132,9 +135,20 @@ def lr_factor(step: int, cfg: TrainConfig) -> float:
     return factor
 
 
+def _fully_shard(model: nn.Module) -> None:
+    """FSDP2: shard every transformer block, then the rest of the network."""
+    from torch.distributed.fsdp import fully_shard
+
+    for name in ("blocks", "decoder_blocks"):
+        for block in getattr(model, name, []):
+            fully_shard(block)
+    fully_shard(model)
+
+
 def sample_preview(trainer: Trainer, step: int) -> Path | None:
     """The default preview: a grid of EMA samples (Euler, 50 steps as the official previews; one
-    step for consistency models), one column per class, saved as ``previews/step_<n>.png``."""
+    step for consistency models), one column per class, saved as ``previews/step_<n>.png``.
+    Runs on every rank (a sharded EMA samples collectively); the main rank writes the file."""
     if trainer.ema is None:
         return None
     from . import sampling
@@ -152,6 +166,8 @@ def sample_preview(trainer: Trainer, step: int) -> Path | None:
         steps=1 if consistency else 50, sampler="consistency" if consistency else "euler",
         seed=trainer.cfg.seed, batch_size=n, device=trainer.device, progress=False,
     )  # fmt: skip
+    if not trainer.dist.is_main:
+        return None
     path = trainer.run_dir / "previews" / f"step_{step:08d}.png"
     path.parent.mkdir(parents=True, exist_ok=True)
     make_grid_png(images, path, nrow=max(classes, 4), scale=max(1, 64 // net_cfg.img_size))
@@ -265,7 +281,13 @@ class Trainer:
                 self.perceptual = self._frozen_copy(net.to(self.device))
         self.model.train()
         self.train_model: nn.Module = self.model
-        if self.dist.distributed:
+        self.fsdp = self.dist.distributed and cfg.parallel == "fsdp"
+        if self.fsdp:
+            # The averages are sharded like the model, so the EMA update stays shard-local.
+            for module in (self.model, self.ema, self.target):
+                if module is not None:
+                    _fully_shard(module)
+        elif self.dist.distributed:
             ids = [self.device.index] if self.device.type == "cuda" else None
             self.train_model = nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
 
@@ -346,7 +368,32 @@ class Trainer:
             return []
         return sorted(p for p in self.ckpt_dir.iterdir() if _CKPT_RE.match(p.name))
 
+    def _module_state(self, module: nn.Module) -> dict[str, Tensor]:
+        """A full (unsharded) state dict; a collective under FSDP, so every rank calls it."""
+        if not self.fsdp:
+            return module.state_dict()
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        return get_model_state_dict(module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+    def _load_module_state(self, module: nn.Module, state: dict[str, Tensor], source: str) -> None:
+        if not self.fsdp:
+            ckpt.load_state_dict_strict(module, state, source)
+            return
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+        set_model_state_dict(module, state, options=StateDictOptions(full_state_dict=True))
+
     def state_dict(self) -> dict[str, Any]:
+        """Everything a resumed run needs; under FSDP every rank must call it (it gathers)."""
+        if self.fsdp:
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+            optimizer = get_optimizer_state_dict(
+                self.model, self.optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
+            )
+        else:
+            optimizer = self.optimizer.state_dict()
         rng = {"cpu": torch.get_rng_state()}
         if torch.cuda.is_available():
             rng["cuda"] = torch.cuda.get_rng_state_all()
@@ -355,10 +402,10 @@ class Trainer:
             "step": self.step,
             "config": self.cfg.to_dict(),
             "model_config": ckpt.config_to_dict(self.model.config),
-            "model": self.model.state_dict(),
-            "ema": self.ema.state_dict() if self.ema is not None else None,
-            "target": self.target.state_dict() if self.target is not None else None,
-            "optimizer": self.optimizer.state_dict(),
+            "model": self._module_state(self.model),
+            "ema": self._module_state(self.ema) if self.ema is not None else None,
+            "target": self._module_state(self.target) if self.target is not None else None,
+            "optimizer": optimizer,
             "scheduler": self.scheduler.state_dict(),
             "rng": rng,
             "data": self.loader.state_dict(),
@@ -368,8 +415,8 @@ class Trainer:
 
     def save_checkpoint(self) -> Path | None:
         path = self.ckpt_dir / f"step_{self.step:08d}.pt"
+        state = self.state_dict() if (self.dist.is_main or self.fsdp) else None
         if self.dist.is_main:
-            state = self.state_dict()
             ckpt.atomic_write(path, lambda tmp: torch.save(state, tmp))
             for old in self.checkpoints()[: -self.cfg.keep_checkpoints]:
                 old.unlink(missing_ok=True)
@@ -390,12 +437,20 @@ class Trainer:
             raise ckpt.CheckpointError(
                 f"{path} was trained with {saved_model}, this run builds {self.model.config}"
             )
-        ckpt.load_state_dict_strict(self.model, state["model"], str(path))
+        self._load_module_state(self.model, state["model"], str(path))
         for name in ("ema", "target"):
             module = getattr(self, name)
             if module is not None:
-                ckpt.load_state_dict_strict(module, state[name], f"{path} [{name}]")
-        self.optimizer.load_state_dict(state["optimizer"])
+                self._load_module_state(module, state[name], f"{path} [{name}]")
+        if self.fsdp:
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+            set_optimizer_state_dict(
+                self.model, self.optimizer, state["optimizer"],
+                options=StateDictOptions(full_state_dict=True),
+            )  # fmt: skip
+        else:
+            self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.loader.load_state_dict(state["data"])
         self.step = state["step"]
@@ -475,6 +530,8 @@ class Trainer:
         loss.backward()
         clip = self.cfg.grad_clip if (self.cfg.grad_clip and (step >= self.cfg.warmup_steps or not self.cfg.clip_after_warmup)) else math.inf
         grad_norm = torch.nn.utils.clip_grad_norm_(self.params, clip)
+        if hasattr(grad_norm, "full_tensor"):  # a DTensor under FSDP
+            grad_norm = grad_norm.full_tensor()
         bad = distributed.any_rank(
             not (torch.isfinite(loss).item() and torch.isfinite(grad_norm).item()), self.device
         )
@@ -550,8 +607,8 @@ class Trainer:
                 self._log(record)
             if cfg.ckpt_every and self.step % cfg.ckpt_every == 0 and self.step < end:
                 self.save_checkpoint()
-            if self.preview and cfg.preview_every and self.step % cfg.preview_every == 0 and self.dist.is_main:
-                self.preview(self, self.step)
+            if self.preview and cfg.preview_every and self.step % cfg.preview_every == 0:
+                self.preview(self, self.step)  # on every rank: a sharded EMA samples collectively
         bar.close()
         if self.step >= end:
             self.save_checkpoint()
@@ -563,8 +620,10 @@ class Trainer:
         from the online weights)."""
         directory = Path(directory) if directory else self.run_dir / "final"
         net = self.ema if self.ema is not None else self.model
+        state = self._module_state(net)
         if self.dist.is_main:
-            ckpt.save(net, directory, metadata={"step": self.step, "mode": self.cfg.mode})
+            meta = {"step": self.step, "mode": self.cfg.mode}
+            ckpt.save(net, directory, metadata=meta, state_dict=state)
         if self.dist.distributed:
             dist.barrier()
         return directory

@@ -178,8 +178,13 @@ _DIST_SCRIPT = """
 import json, os, sys
 from epg.train import TrainConfig, Trainer
 cfg = TrainConfig(**json.loads(sys.argv[1]))
+stop_at = int(sys.argv[3])
 trainer = Trainer(cfg)
-losses = [r["loss"] for r in trainer.fit()]
+losses = [r["loss"] for r in trainer.fit(stop_at=stop_at or None)]
+if stop_at:  # resume in a fresh Trainer from the checkpoint written at stop_at
+    trainer = Trainer(cfg)
+    losses += [r["loss"] for r in trainer.fit()]
+    trainer.export()
 if trainer.dist.rank == 0:
     with open(sys.argv[2], "w") as f:
         json.dump(losses, f)
@@ -188,21 +193,25 @@ trainer.close()
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("mode", ["pretrain", "diffusion"])
-def test_two_processes_match_one_on_the_same_global_batch(tmp_path, mode):
+@pytest.mark.parametrize(
+    "mode,parallel,stop_at", [("pretrain", "ddp", 0), ("diffusion", "ddp", 0), ("diffusion", "fsdp", 2)]
+)
+def test_two_processes_match_one_on_the_same_global_batch(tmp_path, mode, parallel, stop_at):
     script = tmp_path / "run.py"
     script.write_text(_DIST_SCRIPT)
     results = {}
     for nproc in (1, 2):
-        cfg = _cfg(tmp_path / f"p{nproc}", mode, steps=3, ckpt_every=0)
+        cfg = _cfg(tmp_path / f"p{nproc}", mode, steps=3, ckpt_every=0, parallel=parallel)
         out = tmp_path / f"losses{nproc}.json"
         env = {**os.environ, "OMP_NUM_THREADS": "1"}
+        port = 29500 + 10 * nproc + {"pretrain": 1, "diffusion": 2}[mode] + (5 if parallel == "fsdp" else 0)
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
-               "--master_port", str(29500 + nproc + (7 if mode == "pretrain" else 0)),
-               str(script), json.dumps(cfg.to_dict()), str(out)]  # fmt: skip
+               "--master_port", str(port), str(script), json.dumps(cfg.to_dict()), str(out),
+               str(stop_at)]  # fmt: skip
         proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
         assert proc.returncode == 0, proc.stderr[-3000:]
         results[nproc] = json.loads(out.read_text())
+    assert len(results[1]) == 3
     assert results[2] == pytest.approx(results[1], rel=1e-4, abs=1e-6)
 
 
