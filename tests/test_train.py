@@ -1,11 +1,11 @@
 """The Trainer: schedules, exact resume, compile, non-finite steps, crash safety, torchrun."""
 
 import json
+import math
 import os
 import signal
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import pytest
@@ -223,3 +223,25 @@ def test_previews_and_logs_are_written(tmp_path):
     records = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [2]
     assert {"loss", "diffusion", "lr", "grad_norm", "images_per_s", "skipped"} <= set(records[0])
+
+
+@pytest.mark.cuda
+def test_cuda_bf16_compiled_steps_track_fp32_eager(tmp_path):
+    """GPU only: bf16 autocast + torch.compile on CUDA against fp32 eager on the same draws."""
+    fp32 = _losses(Trainer(_cfg(tmp_path / "f", "diffusion", steps=3, device="cuda", precision="fp32")).fit())
+    bf16 = _losses(Trainer(_cfg(tmp_path / "b", "diffusion", steps=3, device="cuda", precision="bf16",
+                                compile=True)).fit())  # fmt: skip
+    assert all(math.isfinite(v) for v in bf16)
+    assert bf16 == pytest.approx(fp32, rel=5e-2)
+
+
+@pytest.mark.cuda
+def test_cuda_compiled_consistency_target_shares_dropout_masks(tmp_path):
+    """GPU only: with drop=0.5 and r forced equal to t, the compiled consistency term is 0 on CUDA
+    only if the target pass replays the online pass's dropout masks."""
+    trainer = Trainer(_cfg(tmp_path, "consistency", steps=1, device="cuda", compile=True))
+    batch = trainer._batch(0)
+    draws = trainer._draws(0)
+    draws["r"] = draws["t"].clone()
+    _, terms = trainer.loss_fn(batch, draws)
+    assert terms["consistency"].item() == 0.0
