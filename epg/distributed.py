@@ -51,21 +51,12 @@ def teardown() -> None:
         dist.destroy_process_group()
 
 
-def all_reduce_mean(t: Tensor) -> Tensor:
+def all_reduce_sum(t: Tensor) -> Tensor:
+    """The sum of ``t`` over ranks (``t`` itself in a single process)."""
     if dist.is_initialized() and dist.get_world_size() > 1:
         t = t.clone()
         dist.all_reduce(t)
-        t /= dist.get_world_size()
     return t
-
-
-def any_rank(flag: bool, device: torch.device) -> bool:
-    """True when ``flag`` is True on any rank (so every rank takes the same branch)."""
-    if not (dist.is_initialized() and dist.get_world_size() > 1):
-        return flag
-    t = torch.tensor([1.0 if flag else 0.0], device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item() > 0)
 
 
 class GlobalBatchNorm1d(nn.BatchNorm1d):

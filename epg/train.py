@@ -532,12 +532,17 @@ class Trainer:
         grad_norm = torch.nn.utils.clip_grad_norm_(self.params, clip)
         if hasattr(grad_norm, "full_tensor"):  # a DTensor under FSDP
             grad_norm = grad_norm.full_tensor()
-        bad = distributed.any_rank(
-            not (torch.isfinite(loss).item() and torch.isfinite(grad_norm).item()), self.device
+        # One collective and one host sync per step: the loss terms averaged over ranks, and a
+        # non-finite flag (summed, so any rank's flag counts).
+        finite = torch.isfinite(loss.detach()) & torch.isfinite(grad_norm)
+        packed = torch.stack(
+            [loss.detach().float(), *(t.detach().float() for t in terms.values()), (~finite).float()]
         )
-        values = {"loss": distributed.all_reduce_mean(loss.detach().float()).item()}
-        for name, term in terms.items():
-            values[name] = distributed.all_reduce_mean(term.detach().float()).item()
+        packed = distributed.all_reduce_sum(packed).tolist()
+        world = self.dist.world_size
+        bad = packed[-1] > 0
+        values = {"loss": packed[0] / world}
+        values.update({name: v / world for name, v in zip(terms, packed[1:-1])})
         values["grad_norm"] = grad_norm.item()
         values["lr"] = self.scheduler.get_last_lr()[0]
         if bad:
