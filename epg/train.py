@@ -15,6 +15,10 @@ the newest complete one in the run folder.
 Distributed runs go through torchrun (DDP; gloo on CPU, NCCL on GPU). With
 ``global_randomness`` (the default on CPU) every rank draws the randomness of the *global* batch
 and keeps its rows, so N processes compute what one process computes on the same global batch.
+``parallel="fsdp"`` shards the networks with FSDP2 instead of replicating them.
+
+GPU only, not yet run on a GPU: bf16 autocast, fused AdamW, NCCL, and ``torch.compile`` of the
+step on CUDA; the tests marked ``cuda`` in tests/test_train.py check them where a GPU is present.
 """
 
 from __future__ import annotations
