@@ -606,8 +606,8 @@ class Trainer:
             records.append(record)
             if self.step == before:  # skipped: no update happened
                 continue
+            bar.set_postfix(loss=f"{values['loss']:.4g}", refresh=False)
             bar.update(1)
-            bar.set_postfix(loss=f"{values['loss']:.4g}")
             if self.step % cfg.log_every == 0 or self.step == end:
                 now = time.perf_counter()
                 elapsed = max(now - logged_time, 1e-9)
