@@ -82,6 +82,13 @@ def save(
     return directory
 
 
+def is_epg_checkpoint(path: str | os.PathLike) -> bool:
+    """True for a folder written by :func:`save` or its ``.safetensors`` file (not an official
+    ``.pth``)."""
+    path = Path(path)
+    return (path / CONFIG_NAME).is_file() or path.suffix == ".safetensors"
+
+
 def read_config(directory: str | os.PathLike) -> tuple[EPGConfig | RCMConfig, dict[str, Any]]:
     """The network config and the metadata stored by :func:`save`."""
     path = Path(directory) / CONFIG_NAME

@@ -190,7 +190,7 @@ def load_encoder_weights(model: EPGViT, path: str | os.PathLike) -> list[str]:
     """Copy a stage-1 encoder (epg checkpoint folder or official RCM ``.pth``) into the encoder
     of ``model`` (spec §6.1); the projection head is ignored. Returns the keys copied."""
     path = Path(path)
-    if (path / ckpt.CONFIG_NAME).is_file() or path.suffix == ".safetensors":
+    if ckpt.is_epg_checkpoint(path):
         state = ckpt.load(path).state_dict()
     else:
         state = ckpt.read_official_state_dict(path)
@@ -214,7 +214,7 @@ def load_encoder_weights(model: EPGViT, path: str | os.PathLike) -> list[str]:
 
 def _load_network(path: str | os.PathLike, official_config: str) -> nn.Module:
     path = Path(path)
-    if (path / ckpt.CONFIG_NAME).is_file() or path.suffix == ".safetensors":
+    if ckpt.is_epg_checkpoint(path):
         return ckpt.load(path)
     return ckpt.load_official(path, official_config)
 
@@ -363,6 +363,14 @@ class Trainer:
         self.optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, fused=fused)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: lr_factor(s, cfg))
         self.params = [p for g in groups for p in g["params"]]
+        # (average params, model params, decay) of the EMA and the stage-1 target, listed once
+        # here rather than on every step.
+        source = [p.detach() for p in self.model.parameters()]
+        self._averages = [
+            (list(average.parameters()), source, decay)
+            for average, decay in ((self.ema, cfg.ema_decay), (self.target, cfg.target_ema))
+            if average is not None
+        ]
 
     # --- checkpoints ---------------------------------------------------------------------------
 
@@ -570,12 +578,8 @@ class Trainer:
 
     @torch.no_grad()
     def _update_averages(self) -> None:
-        pairs = [(self.ema, self.cfg.ema_decay), (self.target, self.cfg.target_ema)]
-        for average, decay in pairs:
-            if average is not None:
-                avg = [p for p in average.parameters()]
-                src = [p.detach() for p in self.model.parameters()]
-                torch._foreach_lerp_(avg, src, 1.0 - decay)
+        for average, source, decay in self._averages:
+            torch._foreach_lerp_(average, source, 1.0 - decay)
 
     # --- the loop -------------------------------------------------------------------------------
 

@@ -180,7 +180,7 @@ def test_layer_norm(case, dtype):
 @pytest.mark.parametrize("case", list(CASES))
 def test_layer_norm_backward(case, dtype):
     shape, layout = CASES[case]
-    x, w, _, _, _, g = full = _inputs(shape, layout, seed=2)
+    x, w, _, _, _, g = _inputs(shape, layout, seed=2)
     gl, xl, wl = _cast((g, x, w), dtype)
     outs = K["layer_norm_backward"](gl, xl, wl, EPS)
     truths = R.layer_norm_backward(g, x, w, EPS)
