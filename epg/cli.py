@@ -11,6 +11,10 @@ import sys
 from pathlib import Path
 from typing import Any
 
+# The sampler names, without importing torch to build the parser (kept equal to
+# epg.sampling.SAMPLERS by tests/test_generate.py).
+_SAMPLERS = ("heun", "euler", "euler_ancestral", "euler_sde", "edm_sde", "consistency")
+
 
 def _version(dist: str) -> str | None:
     try:
@@ -158,6 +162,53 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_sample(args: argparse.Namespace) -> int:
+    import torch.distributed as torch_dist
+
+    from . import distributed
+    from .generate import GUIDANCE_SCALES, SampleSettings, load_network, run_sampling
+
+    dist_info = distributed.setup(args.device)
+    try:
+        net, info = load_network(args.checkpoint, args.official, args.config, dist_info.device)
+        mode = args.mode or info.get("mode", "diffusion")
+        guidance = args.guidance
+        if guidance is None:
+            guidance = GUIDANCE_SCALES.get(info.get("config") or "", 1.0) if mode == "diffusion" else 1.0
+        sampler = args.sampler or ("heun" if mode == "diffusion" else "consistency")
+        steps = args.steps or (32 if sampler != "consistency" else 1)
+        labels = args.labels
+        if net.config.num_classes == 0:
+            labels = "none"
+        interval = (0.0, float("inf")) if args.no_interval else tuple(args.interval)
+        settings = SampleSettings(
+            num_images=args.num_images, mode=mode, sampler=sampler, steps=steps, guidance=guidance,
+            guidance_interval=interval, trailing_zero=args.trailing_zero, clamp=not args.no_clamp,
+            labels=labels, seed=args.seed, convention=args.convention or info.get("convention", "imagenet"),
+            precision=args.precision, model=info["source"],
+        )  # fmt: skip
+        if dist_info.is_main:
+            print(f"epg sample: {settings.num_images} images, {sampler} ({steps} steps), guidance "
+                  f"{guidance:g}, {mode} network from {info['source']}, {settings.precision} on "
+                  f"{dist_info.device} x{dist_info.world_size} -> {Path(args.out).resolve()}")
+        summary = run_sampling(
+            net, args.out, settings, batch_size=args.batch_size, rank=dist_info.rank,
+            world_size=dist_info.world_size,
+            barrier=torch_dist.barrier if dist_info.distributed else None,
+            compile=args.compile, cuda_graph=args.cuda_graph, overwrite=args.overwrite,
+            progress=not args.no_progress,
+        )  # fmt: skip
+        if dist_info.is_main:
+            rate = summary["images_per_s"]
+            print(f"network passes per image: {summary['passes_per_image']}; "
+                  f"{rate if rate is not None else '-'} images/s on rank 0")
+            print(f"images:  {Path(args.out).resolve() / 'images'}\nnpz:     {summary['npz']}\n"
+                  f"preview: {summary['preview']}")
+    finally:
+        distributed.teardown()
+    return 0
+
+
 def _add_train_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--preset", help="a recipe of epg.presets (e.g. diffusion-epg-xl-16)")
     p.add_argument("--config", help="a YAML or JSON file of training options")
@@ -185,6 +236,43 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train_options(fin)
     fin.set_defaults(func=_cmd_finetune)
 
+    smp = sub.add_parser(
+        "sample", help="sample images to PNGs + an ADM-layout .npz (epg or official checkpoints; torchrun)",
+        description="Sample images from a stage-2 network. Resumable: rerun the same command to "
+        "finish an interrupted run. Under torchrun each rank samples its own index range.",
+    )
+    smp.add_argument("checkpoint", nargs="?", help="an epg checkpoint folder (or a training run folder)")
+    smp.add_argument("--official", metavar="PATH", help="a released .pth (or folder with nnet_ema.pth)")
+    smp.add_argument("--config", help="the network config of --official (e.g. epg-xl-16, epg-l-32)")
+    smp.add_argument("--out", required=True, help="output folder")
+    smp.add_argument("--num-images", type=int, default=50_000, help="number of images (default 50000)")
+    smp.add_argument("--mode", choices=("diffusion", "consistency"),
+                     help="the network's output (default: recorded in the checkpoint, else diffusion)")
+    smp.add_argument("--sampler", choices=sorted(_SAMPLERS),
+                     help="default heun (diffusion) / consistency (consistency)")
+    smp.add_argument("--steps", type=int,
+                     help="grid points (default 32); for the consistency sampler, network evaluations (default 1)")
+    smp.add_argument("--guidance", type=float,
+                     help="CFG scale (default: 2.5 for epg-xl-16, 3.2 for epg-l-32, else 1 = none)")
+    smp.add_argument("--interval", type=float, nargs=2, default=(0.19, 1.61), metavar=("LOW", "HIGH"),
+                     help="guidance interval in unshifted sigma (default 0.19 1.61)")
+    smp.add_argument("--no-interval", action="store_true", help="guide at every sigma")
+    smp.add_argument("--trailing-zero", action="store_true", help="EDM grid ending in sigma=0")
+    smp.add_argument("--no-clamp", action="store_true", help="do not clamp the denoised image to [-1, 1]")
+    smp.add_argument("--labels", choices=("balanced", "random", "none"), default="balanced",
+                     help="class labels: i mod K (default), i.i.d. uniform, or unconditional")
+    smp.add_argument("--seed", type=int, default=0)
+    smp.add_argument("--convention", choices=("imagenet", "simple"),
+                     help="the data normalisation to invert (default: from the checkpoint, else imagenet)")
+    smp.add_argument("--precision", choices=("fp32", "bf16"), default="fp32")
+    smp.add_argument("--batch-size", type=int, default=100, help="images per batch and process")
+    smp.add_argument("--device", help="cpu, cuda (default: cuda when present)")
+    smp.add_argument("--compile", action="store_true", help="torch.compile the network")
+    smp.add_argument("--cuda-graph", action="store_true", help="replay the denoiser from CUDA graphs")
+    smp.add_argument("--overwrite", action="store_true", help="resample images already in --out")
+    smp.add_argument("--no-progress", action="store_true")
+    smp.set_defaults(func=_cmd_sample)
+
     demo = sub.add_parser("demo", help="both stages, sampling and a quality check on bundled digits (CPU, minutes)")
     demo.add_argument("--objective", choices=("diffusion", "consistency"), default="diffusion")
     demo.add_argument("--out", default="epg-demo", help="output folder (default: ./epg-demo)")
@@ -196,7 +284,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return args.func(args)
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError, NotADirectoryError) as exc:
+        # Bad input (files, shapes, options): say what was wrong without a traceback, which
+        # EPG_TRACEBACK=1 brings back.
+        if os.environ.get("EPG_TRACEBACK"):
+            raise
+        print(f"epg {args.command}: error: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -303,6 +303,9 @@ class Trainer:
 
     def _build_data(self, data: dict[str, Tensor] | None) -> None:
         cfg = self.cfg
+        # The normalisation of the training images, recorded in the exported network so that
+        # `epg sample` inverts the right one; unknown for tensors handed in directly.
+        self.convention: str | None = cfg.data_options.get("convention")
         if data is None:
             if cfg.data != "digits":
                 raise ValueError(f"unknown dataset {cfg.data!r}; this version trains on 'digits'")
@@ -313,6 +316,7 @@ class Trainer:
             options.update(cfg.data_options)
             images, labels = load_digits_tensors(**options)
             data = {"image": images, "label": labels}
+            self.convention = "simple"  # the digits are x = 2·x01 − 1
         images = data["image"]
         expected = (self.model.config.in_channels, self.model.config.img_size, self.model.config.img_size)
         if images.dim() != 4 or tuple(images.shape[1:]) != expected:
@@ -636,6 +640,8 @@ class Trainer:
         state = self._module_state(net)
         if self.dist.is_main:
             meta = {"step": self.step, "mode": self.cfg.mode}
+            if self.convention is not None:
+                meta["convention"] = self.convention
             ckpt.save(net, directory, metadata=meta, state_dict=state)
         if self.dist.distributed:
             dist.barrier()

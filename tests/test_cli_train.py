@@ -48,11 +48,16 @@ def test_pretrain_then_finetune_from_the_command_line(tmp_path, capsys):
     assert "network saved to" in capsys.readouterr().out
 
 
-def test_bad_command_line_input_is_reported(tmp_path):
+def test_bad_command_line_input_is_reported(tmp_path, capsys, monkeypatch):
     with pytest.raises(SystemExit, match="key=value"):
         main(["pretrain", "--set", "steps"])
-    with pytest.raises(FileNotFoundError, match="config file"):
-        main(["pretrain", "--config", str(tmp_path / "missing.yaml")])
+    # Bad files and options: one line on stderr and exit status 2, no traceback...
+    assert main(["pretrain", "--config", str(tmp_path / "missing.yaml")]) == 2
+    assert "epg pretrain: error:" in capsys.readouterr().err
+    assert main(["pretrain", "--preset", "pretrain-rcm-xs"]) == 2
+    assert "unknown preset" in capsys.readouterr().err
+    # ...unless asked for one.
+    monkeypatch.setenv("EPG_TRACEBACK", "1")
     with pytest.raises(ValueError, match="unknown preset"):
         main(["pretrain", "--preset", "pretrain-rcm-xs"])
 

@@ -154,8 +154,10 @@ class EPGViT(_ViTEncoder):
             return
         if y.shape != (batch,) or y.dtype not in (torch.int64, torch.int32):
             raise ValueError(f"y must be ({batch},) int64 class labels, got {tuple(y.shape)} {y.dtype}")
-        # A data-dependent check: skipped while torch.compile traces (it would break the graph).
-        if not torch.compiler.is_compiling() and y.numel():
+        # A data-dependent check: skipped while torch.compile traces (it would break the graph)
+        # and while a CUDA graph is captured (reading y back to the host is illegal there).
+        capturing = y.is_cuda and torch.cuda.is_current_stream_capturing()
+        if not torch.compiler.is_compiling() and not capturing and y.numel():
             lo, hi = int(y.min()), int(y.max())
             if lo < 0 or hi > self.null_class:
                 raise ValueError(

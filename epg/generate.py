@@ -1,0 +1,380 @@
+"""Sampling to disk (``epg sample``): PNG files, an ADM-layout ``.npz`` and a preview grid.
+
+The images of a run are numbered 0..N−1. Image i gets class label ``labels[i]`` (class-balanced:
+``i mod K``, as the released 256-px script; or i.i.d. from the run's seed) and its noise from the
+generator seeded by (seed, i) (:func:`epg.sampling.image_generators`), so every image is the same
+whatever the batch size, the number of processes or how often the run was interrupted (up to the
+float rounding of matrix products, which varies with the batch shape: on CPU a few pixels in ten
+thousand move by one 8-bit level).
+
+Layout of the output folder::
+
+    settings.json     what the images were sampled with; a resumed run must match it
+    images/000123.png one PNG per image (x01 = x·2·std + mean, rounded as floor(x01·255 + 0.5))
+    samples.npz       arr_0: (N, H, W, C) uint8 in index order (ADM evaluator layout), arr_1: labels
+    preview.png       a grid of the first images
+    summary.json      network passes per image, images/s, wall time
+
+Under torchrun each rank samples the contiguous index range ``[r·N/W, (r+1)·N/W)`` and writes
+its PNGs; rank 0 then reads all of them back into the ``.npz``, so the archive holds exactly the
+pixels of the PNGs. A PNG is written to a temporary name and renamed, so an interrupted run
+leaves only whole files, and a rerun skips the images whose PNG exists and decodes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from . import checkpoint as ckpt
+from . import sampling
+from .checkpoint import atomic_write
+from .data.augment import CONVENTIONS
+from .data.embedded import make_grid_png, to_uint8
+from .models import Denoiser
+from .models.networks import EPGViT
+
+SETTINGS_NAME = "settings.json"
+IMAGES_DIR = "images"
+NPZ_NAME = "samples.npz"
+PREVIEW_NAME = "preview.png"
+SUMMARY_NAME = "summary.json"
+
+# Guidance scales of the released sampling scripts (epg-method.md §8); other models: none known.
+GUIDANCE_SCALES = {"epg-xl-16": 2.5, "epg-l-32": 3.2}
+MODES = {"diffusion": "x0", "consistency": "edm"}
+
+
+@dataclass
+class SampleSettings:
+    """Everything that decides the pixels of image i (and so must match on resume)."""
+
+    num_images: int = 50_000
+    mode: str = "diffusion"  # "diffusion" (x0 output) or "consistency" (EDM output)
+    sampler: str = "heun"
+    steps: int = 32
+    guidance: float = 1.0
+    guidance_interval: tuple[float, float] = (sampling.GUIDANCE_SIGMA_LOW, sampling.GUIDANCE_SIGMA_HIGH)
+    trailing_zero: bool = False
+    clamp: bool = True
+    labels: str = "balanced"  # "balanced" | "random" | "none" (unconditional)
+    seed: int = 0
+    convention: str = "imagenet"
+    precision: str = "fp32"  # "fp32" | "bf16" (autocast around the network)
+    model: str = ""  # where the weights came from, for the record
+
+    def validate(self) -> None:
+        if not isinstance(self.num_images, int) or self.num_images < 1:
+            raise ValueError(f"num_images must be a positive int, got {self.num_images!r}")
+        if self.mode not in MODES:
+            raise ValueError(f"mode must be one of {sorted(MODES)}, got {self.mode!r}")
+        if self.sampler not in sampling.SAMPLERS:
+            raise ValueError(f"unknown sampler {self.sampler!r}; expected one of {sorted(sampling.SAMPLERS)}")
+        if self.labels not in ("balanced", "random", "none"):
+            raise ValueError(f"labels must be 'balanced', 'random' or 'none', got {self.labels!r}")
+        if self.convention not in CONVENTIONS:
+            raise ValueError(f"convention must be one of {CONVENTIONS}, got {self.convention!r}")
+        if self.precision not in ("fp32", "bf16"):
+            raise ValueError(f"precision must be 'fp32' or 'bf16', got {self.precision!r}")
+        low, high = self.guidance_interval
+        if not 0 <= low < high:
+            raise ValueError(f"guidance interval needs 0 <= low < high, got {self.guidance_interval}")
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["guidance_interval"] = [float(v) for v in self.guidance_interval]
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> SampleSettings:
+        d = dict(d)
+        d["guidance_interval"] = tuple(d["guidance_interval"])
+        return cls(**d)
+
+
+# --------------------------------------------------------------------------------------------------
+# Loading a network to sample from
+# --------------------------------------------------------------------------------------------------
+
+
+def load_network(
+    checkpoint: str | os.PathLike | None = None,
+    official: str | os.PathLike | None = None,
+    config: str | None = None,
+    device: str | torch.device = "cpu",
+) -> tuple[EPGViT, dict[str, Any]]:
+    """The stage-2 network to sample from, and what is known about it.
+
+    ``checkpoint``: an epg checkpoint folder (``config.json`` + weights, as ``Trainer.export``
+    writes) or a training run folder holding ``final/``. ``official`` + ``config``: a released
+    ``.pth`` file or folder (``nnet_ema.pth`` preferred) loaded unchanged into ``config``.
+    Returns (network in eval mode, info) with info keys "config" (name or None), "mode" and
+    "convention" when the checkpoint recorded them, and "source".
+    """
+    if (checkpoint is None) == (official is None):
+        raise ValueError("give either an epg checkpoint folder or --official PATH (with --config)")
+    if official is not None:
+        if not config:
+            raise ValueError("--official needs --config NAME (e.g. epg-xl-16), the released files "
+                             "hold weights only")
+        net = ckpt.load_official(official, config, device=device)
+        info = {"config": config, "source": f"official:{official}", "convention": "imagenet"}
+    else:
+        folder = Path(checkpoint)
+        if folder.is_dir() and not (folder / ckpt.CONFIG_NAME).is_file() and (folder / "final").is_dir():
+            folder = folder / "final"  # a training run folder: its exported network
+        net = ckpt.load(folder, device=device)
+        _, meta = ckpt.read_config(folder if folder.is_dir() else folder.parent)
+        info = {"config": None, "source": str(folder)}
+        if meta.get("mode") in MODES:
+            info["mode"] = meta["mode"]
+        elif meta.get("mode") == "pretrain":
+            raise ValueError(f"{folder} holds a stage-1 encoder (pre-training); sampling needs a "
+                             "fine-tuned (diffusion or consistency) network")
+        if meta.get("convention") in CONVENTIONS:
+            info["convention"] = meta["convention"]
+    if not isinstance(net, EPGViT):
+        raise ValueError(f"{info['source']} is a {type(net).__name__}; sampling needs an EPGViT "
+                         "(a stage-2 diffusion or consistency network)")
+    return net.eval().requires_grad_(False), info
+
+
+# --------------------------------------------------------------------------------------------------
+# The denoiser as sampled
+# --------------------------------------------------------------------------------------------------
+
+
+class PassCounter:
+    """Counts the network's forward passes and the images that went through them."""
+
+    def __init__(self, fn):
+        self.fn = fn
+        self.calls = 0
+        self.images = 0
+
+    def __call__(self, x: Tensor, sigma: Tensor, y: Tensor | None) -> Tensor:
+        self.calls += 1
+        self.images += x.shape[0]
+        return self.fn(x, sigma, y)
+
+
+def make_denoiser(
+    net: EPGViT,
+    mode: str,
+    precision: str = "fp32",
+    compile: bool = False,
+    cuda_graph: bool = False,
+):
+    """``denoiser(x, sigma, y) -> x0_hat`` in float32 around ``net``.
+
+    precision "bf16" runs the network under bf16 autocast (the sampler state stays float32);
+    ``compile`` wraps the network in ``torch.compile``; ``cuda_graph`` captures the denoiser in a
+    CUDA graph per input shape (:class:`epg.sampling.CUDAGraphDenoiser`; CUDA only).
+    """
+    if compile:
+        net = torch.compile(net, dynamic=False)
+    denoiser = Denoiser(net, mode=MODES[mode])
+
+    def run(x: Tensor, sigma: Tensor, y: Tensor | None) -> Tensor:
+        autocast = (
+            torch.autocast(x.device.type, dtype=torch.bfloat16)
+            if precision == "bf16"
+            else contextlib.nullcontext()
+        )
+        with torch.no_grad(), autocast:
+            return denoiser(x, sigma, y).float()
+
+    if cuda_graph:
+        return sampling.CUDAGraphDenoiser(run)
+    return run
+
+
+# --------------------------------------------------------------------------------------------------
+# Files
+# --------------------------------------------------------------------------------------------------
+
+
+def image_path(out_dir: str | os.PathLike, index: int) -> Path:
+    return Path(out_dir) / IMAGES_DIR / f"{index:06d}.png"
+
+
+def _read_png(path: Path) -> np.ndarray | None:
+    """The PNG's pixels as (H, W, C) uint8, or None when it is missing or does not decode."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as im:
+            im.load()
+            arr = np.asarray(im)
+    except (OSError, UnidentifiedImageError, ValueError):
+        return None
+    return arr[..., None] if arr.ndim == 2 else arr
+
+
+def _write_png(path: Path, pixels: np.ndarray) -> None:
+    from PIL import Image
+
+    image = Image.fromarray(pixels[..., 0] if pixels.shape[-1] == 1 else pixels)
+    # Temporary name + rename, so a killed run leaves no partial PNG under the final name. No
+    # fsync per image (50k of them): a file lost to a power cut fails to decode and is resampled.
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    image.save(tmp, format="PNG")
+    os.replace(tmp, path)
+
+
+def _check_settings(out_dir: Path, settings: SampleSettings, overwrite: bool) -> None:
+    path = out_dir / SETTINGS_NAME
+    if path.is_file() and not overwrite:
+        try:
+            saved = json.loads(path.read_text())
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{path} is corrupt ({exc}); remove it to start over") from exc
+        mine = settings.to_dict()
+        different = sorted(k for k in set(saved) | set(mine) if saved.get(k) != mine.get(k))
+        if different:
+            detail = ", ".join(f"{k}: {saved.get(k)!r} there, {mine.get(k)!r} now" for k in different)
+            raise ValueError(
+                f"{out_dir} holds images sampled with other settings ({detail}); use another "
+                "output folder, or --overwrite to discard them"
+            )
+
+
+def _shard(n: int, rank: int, world_size: int) -> range:
+    return range(n * rank // world_size, n * (rank + 1) // world_size)
+
+
+def labels_for(settings: SampleSettings, num_classes: int) -> Tensor | None:
+    """The label of every image 0..N−1 (None when unconditional)."""
+    if settings.labels == "none":
+        return None
+    if num_classes < 1:
+        raise ValueError("this network is unconditional (num_classes 0): use labels='none'")
+    return sampling.class_labels(
+        settings.num_images, num_classes, balanced=settings.labels == "balanced", seed=settings.seed
+    )
+
+
+def write_npz(out_dir: str | os.PathLike, num_images: int, labels: Tensor | None) -> Path:
+    """Read images 0..N−1 back from their PNGs into ``samples.npz`` (arr_0 NHWC uint8, arr_1)."""
+    out_dir = Path(out_dir)
+    first = _read_png(image_path(out_dir, 0))
+    if first is None:
+        raise FileNotFoundError(f"{image_path(out_dir, 0)} is missing or corrupt")
+    images = np.empty((num_images, *first.shape), np.uint8)
+    for i in tqdm(range(num_images), desc="npz", unit="img", leave=False):
+        pixels = first if i == 0 else _read_png(image_path(out_dir, i))
+        if pixels is None or pixels.shape != first.shape:
+            raise ValueError(f"{image_path(out_dir, i)} is missing, corrupt or of another size")
+        images[i] = pixels
+    arrays = {"arr_0": images}
+    if labels is not None:
+        arrays["arr_1"] = labels.numpy().astype(np.int64)
+    path = out_dir / NPZ_NAME
+    def save(tmp: str) -> None:
+        with open(tmp, "wb") as f:  # a file object: np.savez would append ".npz" to a name
+            np.savez(f, **arrays)
+
+    atomic_write(path, save)
+    return path
+
+
+# --------------------------------------------------------------------------------------------------
+# The run
+# --------------------------------------------------------------------------------------------------
+
+
+def run_sampling(
+    net: EPGViT,
+    out_dir: str | os.PathLike,
+    settings: SampleSettings,
+    *,
+    batch_size: int = 100,
+    rank: int = 0,
+    world_size: int = 1,
+    barrier=None,
+    compile: bool = False,
+    cuda_graph: bool = False,
+    overwrite: bool = False,
+    progress: bool = True,
+    write_archive: bool = True,
+) -> dict[str, Any]:
+    """Sample ``settings.num_images`` images from ``net`` into ``out_dir`` (see the module
+    docstring); resumable. ``barrier`` is called between the PNGs and the archive when
+    ``world_size > 1``. Returns the summary (also written to ``summary.json`` by rank 0)."""
+    settings.validate()
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+    out_dir = Path(out_dir)
+    cfg = net.config
+    device = next(net.parameters()).device
+    labels = labels_for(settings, cfg.num_classes)
+    if settings.guidance > 1 and labels is None:
+        raise ValueError("classifier-free guidance needs class labels (labels='none' given)")
+
+    if rank == 0:
+        _check_settings(out_dir, settings, overwrite)
+        (out_dir / IMAGES_DIR).mkdir(parents=True, exist_ok=True)
+        atomic_write(out_dir / SETTINGS_NAME,
+                     lambda tmp: Path(tmp).write_text(json.dumps(settings.to_dict(), indent=2)))
+    if world_size > 1 and barrier is not None:
+        barrier()
+
+    (out_dir / IMAGES_DIR).mkdir(parents=True, exist_ok=True)
+    mine = _shard(settings.num_images, rank, world_size)
+    todo = [i for i in mine if overwrite or _read_png(image_path(out_dir, i)) is None]
+    counter = PassCounter(make_denoiser(net, settings.mode, settings.precision, compile, cuda_graph))
+    null_class = cfg.num_classes if cfg.num_classes > 0 else None  # the null label is K
+    start = time.perf_counter()
+    bar = tqdm(total=len(mine), initial=len(mine) - len(todo), desc=f"sampling ({settings.sampler})",
+               unit="img", disable=not progress, dynamic_ncols=True)
+    for first in range(0, len(todo), batch_size):
+        batch = todo[first : first + batch_size]
+        y = None if labels is None else labels[batch]
+        images = sampling.sample(
+            counter, y, cfg.img_size, cfg.in_channels, settings.steps, settings.sampler,
+            settings.guidance, null_class=null_class, guidance_interval=settings.guidance_interval,
+            clamp=settings.clamp, trailing_zero=settings.trailing_zero, seed=settings.seed,
+            indices=batch, batch_size=batch_size, device=device, progress=False,
+        )  # fmt: skip
+        pixels = to_uint8(images, settings.convention)
+        for i, px in zip(batch, pixels):
+            _write_png(image_path(out_dir, i), px)
+        bar.update(len(batch))
+    bar.close()
+    elapsed = time.perf_counter() - start
+    if world_size > 1 and barrier is not None:
+        barrier()
+
+    summary = {
+        "images": settings.num_images,
+        "sampled_now_by_this_rank": len(todo),
+        "network_passes": counter.calls,
+        "passes_per_image": counter.images / len(todo) if todo else None,
+        "seconds": round(elapsed, 3),
+        "images_per_s": round(len(todo) / elapsed, 3) if todo and elapsed > 0 else None,
+        "world_size": world_size,
+        "device": str(device),
+    }
+    if rank == 0:
+        if write_archive:
+            summary["npz"] = str(write_npz(out_dir, settings.num_images, labels))
+            preview = torch.from_numpy(
+                np.stack([_read_png(image_path(out_dir, i)) for i in range(min(64, settings.num_images))])
+            ).permute(0, 3, 1, 2).float() / 127.5 - 1.0  # fmt: skip
+            scale = max(1, math.ceil(64 / cfg.img_size))
+            make_grid_png(preview, out_dir / PREVIEW_NAME, nrow=8, scale=scale, convention="simple")
+            summary["preview"] = str(out_dir / PREVIEW_NAME)
+        atomic_write(out_dir / SUMMARY_NAME, lambda tmp: Path(tmp).write_text(json.dumps(summary, indent=2)))
+    return summary

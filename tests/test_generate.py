@@ -1,0 +1,223 @@
+"""`epg sample` and epg.generate: files, resume, sharding, official checkpoints, pass counts."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from epg import checkpoint as ckpt
+from epg import sampling
+from epg.cli import _SAMPLERS, main
+from epg.generate import (
+    SampleSettings,
+    image_path,
+    labels_for,
+    load_network,
+    make_denoiser,
+    run_sampling,
+)
+from epg.models import build
+
+
+def _tiny(seed=0, **overrides):
+    torch.manual_seed(seed)
+    net = build("epg-tiny", **overrides).eval()
+    # A random init has a zero output layer (adaLN-zero style): give it weights so images differ.
+    with torch.no_grad():
+        for p in net.parameters():
+            if p.abs().sum() == 0:
+                p.normal_(0, 0.02)
+    return net
+
+
+@pytest.fixture(scope="module")
+def tiny_ckpt(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("ckpt") / "final"
+    ckpt.save(_tiny(), folder, metadata={"mode": "diffusion", "convention": "simple"})
+    return folder
+
+
+def _sample_cli(ckpt_dir, out, *extra):
+    return main(["sample", str(ckpt_dir), "--out", str(out), "--device", "cpu", "--no-progress",
+                 "--num-images", "6", "--steps", "3", *extra])  # fmt: skip
+
+
+def _png_stack(out, n):
+    return np.stack([np.asarray(Image.open(image_path(out, i))) for i in range(n)])
+
+
+def _assert_same_images(got, ref):
+    # Same noise, same labels; only the float rounding of batched matrix products differs
+    # with the batch shape, which can move a pixel that sits on a rounding edge by one level.
+    got, ref = got.astype(int), ref.astype(int)
+    assert got.shape == ref.shape
+    assert np.abs(got - ref).max() <= 1 and (got != ref).mean() < 1e-3
+
+
+def test_sample_writes_pngs_npz_preview_and_summary(tiny_ckpt, tmp_path, capsys):
+    out = tmp_path / "s"
+    assert _sample_cli(tiny_ckpt, out, "--batch-size", "4") == 0
+    data = np.load(out / "samples.npz")
+    images, labels = data["arr_0"], data["arr_1"]
+    assert images.shape == (6, 32, 32, 3) and images.dtype == np.uint8
+    assert labels.tolist() == [0, 1, 2, 3, 4, 5]  # class-balanced: i mod 10
+    np.testing.assert_array_equal(images, _png_stack(out, 6))
+    assert images.std() > 0  # not a constant image
+    assert Image.open(out / "preview.png").size[0] > 64
+    settings = json.loads((out / "settings.json").read_text())
+    assert settings["convention"] == "simple" and settings["mode"] == "diffusion"
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["passes_per_image"] == 4  # Heun, 3 points, no trailing zero: 2·(3−1)
+    assert "network passes per image: 4" in capsys.readouterr().out
+
+
+def test_pixels_follow_to_uint8_of_the_sampled_tensor(tiny_ckpt, tmp_path):
+    net, _ = load_network(tiny_ckpt)
+    settings = SampleSettings(num_images=3, steps=3, convention="simple", labels="random", seed=5)
+    run_sampling(net, tmp_path, settings, batch_size=3, progress=False)
+    x = sampling.sample(make_denoiser(net, "diffusion"), labels_for(settings, 10), 32, 3, steps=3,
+                        seed=5, progress=False)  # fmt: skip
+    x01 = ((x + 1) / 2).clamp(0, 1)
+    expected = torch.floor(x01 * 255 + 0.5).to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    np.testing.assert_array_equal(np.load(tmp_path / "samples.npz")["arr_0"], expected)
+
+
+def test_images_do_not_depend_on_batch_size_or_the_number_of_ranks(tiny_ckpt, tmp_path):
+    net, _ = load_network(tiny_ckpt)
+    settings = SampleSettings(num_images=5, steps=8, guidance=2.0, convention="simple")
+    one = run_sampling(net, tmp_path / "one", settings, batch_size=5, progress=False)
+    assert one["passes_per_image"] > 14  # guided passes happened (σ grid crosses the interval)
+    run_sampling(net, tmp_path / "small", settings, batch_size=2, progress=False)
+    # Two ranks, run one after the other (rank 0 last: it writes the archive from all PNGs).
+    run_sampling(net, tmp_path / "ranks", settings, batch_size=2, rank=1, world_size=2, progress=False)
+    r0 = run_sampling(net, tmp_path / "ranks", settings, batch_size=2, rank=0, world_size=2, progress=False)
+    assert r0["sampled_now_by_this_rank"] == 2  # indices 0..1; rank 1 did 2..4
+    ref = np.load(tmp_path / "one" / "samples.npz")["arr_0"]
+    for other in ("small", "ranks"):
+        _assert_same_images(np.load(tmp_path / other / "samples.npz")["arr_0"], ref)
+
+
+def test_rerun_resumes_missing_and_corrupt_images_only(tiny_ckpt, tmp_path, capsys):
+    out = tmp_path / "s"
+    assert _sample_cli(tiny_ckpt, out) == 0
+    ref = np.load(out / "samples.npz")["arr_0"]
+    image_path(out, 1).unlink()
+    image_path(out, 4).write_bytes(b"not a png")
+    (out / "samples.npz").unlink()
+    assert _sample_cli(tiny_ckpt, out) == 0
+    assert json.loads((out / "summary.json").read_text())["sampled_now_by_this_rank"] == 2
+    _assert_same_images(np.load(out / "samples.npz")["arr_0"], ref)
+    assert not list((out / "images").glob(".*.tmp"))
+
+
+def test_other_settings_in_the_same_folder_are_refused_without_losing_images(tiny_ckpt, tmp_path, capsys):
+    out = tmp_path / "s"
+    assert _sample_cli(tiny_ckpt, out) == 0
+    before = _png_stack(out, 6)
+    capsys.readouterr()
+    assert _sample_cli(tiny_ckpt, out, "--seed", "1") == 2
+    err = capsys.readouterr().err
+    assert "other settings" in err and "seed: 0 there, 1 now" in err
+    np.testing.assert_array_equal(_png_stack(out, 6), before)
+    assert _sample_cli(tiny_ckpt, out, "--seed", "1", "--overwrite") == 0
+    assert not np.array_equal(_png_stack(out, 6), before)
+
+
+def test_official_layout_state_dict_samples_without_renaming(tmp_path):
+    net = _tiny(seed=3)
+    # Released files are plain state dicts, sometimes saved from a DDP-wrapped module.
+    state = {f"module.{k}": v for k, v in net.state_dict().items()}
+    torch.save(state, tmp_path / "nnet_ema.pth")
+    out = tmp_path / "s"
+    assert main(["sample", "--official", str(tmp_path), "--config", "epg-tiny", "--out", str(out),
+                 "--num-images", "2", "--steps", "2", "--device", "cpu", "--no-progress",
+                 "--labels", "random"]) == 0  # fmt: skip
+    assert json.loads((out / "settings.json").read_text())["convention"] == "imagenet"
+    assert np.load(out / "samples.npz")["arr_0"].shape == (2, 32, 32, 3)
+
+
+def test_official_needs_a_config_and_a_matching_one(tmp_path, capsys):
+    torch.save(_tiny().state_dict(), tmp_path / "nnet_ema.pth")
+    assert main(["sample", "--official", str(tmp_path), "--out", str(tmp_path / "o")]) == 2
+    assert "--config" in capsys.readouterr().err
+    assert main(["sample", "--official", str(tmp_path), "--config", "epg-digits",
+                 "--out", str(tmp_path / "o"), "--device", "cpu"]) == 2  # fmt: skip
+    err = capsys.readouterr().err
+    assert "does not fit EPGViT" in err and "missing key(s): blocks.2.attn.proj.bias" in err
+
+
+def test_consistency_checkpoint_samples_in_one_pass(tmp_path):
+    folder = tmp_path / "cm"
+    ckpt.save(_tiny(), folder, metadata={"mode": "consistency", "convention": "simple"})
+    out = tmp_path / "s"
+    assert main(["sample", str(folder), "--out", str(out), "--num-images", "3", "--device", "cpu",
+                 "--no-progress"]) == 0  # fmt: skip
+    settings = json.loads((out / "settings.json").read_text())
+    assert (settings["sampler"], settings["steps"], settings["mode"]) == ("consistency", 1, "consistency")
+    assert json.loads((out / "summary.json").read_text())["passes_per_image"] == 1
+
+
+def test_stage1_and_missing_checkpoints_are_reported(tmp_path, capsys):
+    rcm = tmp_path / "rcm"
+    ckpt.save(build("rcm-tiny"), rcm, metadata={"mode": "pretrain"})
+    assert main(["sample", str(rcm), "--out", str(tmp_path / "o")]) == 2
+    assert "stage-1 encoder" in capsys.readouterr().err
+    assert main(["sample", str(tmp_path / "nowhere"), "--out", str(tmp_path / "o")]) == 2
+    assert "config.json" in capsys.readouterr().err
+
+
+def test_settings_are_validated():
+    with pytest.raises(ValueError, match="sampler"):
+        SampleSettings(sampler="ddim").validate()
+    with pytest.raises(ValueError, match="num_images"):
+        SampleSettings(num_images=0).validate()
+    with pytest.raises(ValueError, match="interval"):
+        SampleSettings(guidance_interval=(2.0, 1.0)).validate()
+
+
+def test_cli_sampler_names_match_the_library():
+    assert set(_SAMPLERS) == set(sampling.SAMPLERS)
+
+
+def test_cuda_graph_denoiser_refuses_cpu_tensors():
+    graphed = sampling.CUDAGraphDenoiser(lambda x, s, y: x)
+    with pytest.raises(RuntimeError, match="CUDA graphs need CUDA tensors"):
+        graphed(torch.zeros(1, 3, 4, 4), torch.ones(1), None)
+
+
+@pytest.mark.cuda
+def test_cuda_graph_and_compiled_sampling_match_eager_on_gpu():
+    net = _tiny().cuda()
+    settings = dict(steps=4, guidance=2.0, null_class=net.null_class, seed=0, progress=False,
+                    device="cuda", guidance_interval=(0.0, float("inf")))  # fmt: skip
+    labels = torch.arange(4) % 10
+    eager = sampling.sample(make_denoiser(net, "diffusion"), labels, 32, 3, **settings)
+    graphed = sampling.CUDAGraphDenoiser(make_denoiser(net, "diffusion"))
+    replayed = sampling.sample(graphed, labels, 32, 3, **settings)
+    assert len(graphed.graphs) == 1  # one batched (cond + uncond) shape at every σ
+    torch.testing.assert_close(replayed, eager, rtol=1e-4, atol=1e-4)
+    compiled = sampling.sample(make_denoiser(net, "diffusion", compile=True), labels, 32, 3, **settings)
+    torch.testing.assert_close(compiled, eager, rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.slow
+def test_torchrun_two_processes_split_the_indices_and_match_one(tiny_ckpt, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    args = ["-m", "epg.cli", "sample", str(tiny_ckpt), "--out", str(tmp_path / "two"), "--num-images", "5",
+            "--steps", "3", "--batch-size", "2", "--device", "cpu", "--no-progress"]  # fmt: skip
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+           "--master_port", "29571", *args]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert main(["sample", str(tiny_ckpt), "--out", str(tmp_path / "one"), "--num-images", "5", "--steps",
+                 "3", "--device", "cpu", "--no-progress"]) == 0  # fmt: skip
+    summary = json.loads((tmp_path / "two" / "summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["sampled_now_by_this_rank"] == 2  # rank 0: 0..1
+    _assert_same_images(np.load(tmp_path / "two" / "samples.npz")["arr_0"],
+                        np.load(tmp_path / "one" / "samples.npz")["arr_0"])
