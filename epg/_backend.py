@@ -26,7 +26,7 @@ import contextvars
 import functools
 import os
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -52,6 +52,8 @@ class BackendInfo:
     reason: str  # why it is unavailable, or what it is built from
     implementations: dict[str, Callable]
     runs_on_cuda: bool = False  # can run CUDA tensors (the CUDA kernels were built)
+    # op -> check(*args) -> reason or None: inputs an implementation declines (dtype, size)
+    supports: dict[str, Callable[..., str | None]] = field(default_factory=dict)
 
 
 @functools.cache
@@ -79,8 +81,9 @@ def _triton_info() -> BackendInfo:
     if not impls:
         return BackendInfo("triton", False, f"Triton {triton.__version__}: no kernels registered", {})
     return BackendInfo(
-        "triton", True, f"Triton {triton.__version__}", impls, runs_on_cuda=torch.cuda.is_available()
-    )
+        "triton", True, f"Triton {triton.__version__}", impls, runs_on_cuda=torch.cuda.is_available(),
+        supports=dict(getattr(epg_kernels, "SUPPORTS", {})),
+    )  # fmt: skip
 
 
 @functools.cache
@@ -147,8 +150,17 @@ def _base_op(op: str) -> str:
     return op.removesuffix("_backward")
 
 
-def choose(op: str, device: torch.device) -> str:
-    """Name of the backend that runs ``op`` for tensors on ``device``."""
+def _declines(backend: BackendInfo, op: str, args: tuple) -> str | None:
+    check = backend.supports.get(op)
+    return check(*args) if check is not None and args else None
+
+
+def choose(op: str, device: torch.device, args: tuple = ()) -> str:
+    """Name of the backend that runs ``op`` for tensors on ``device``.
+
+    Automatic choice also skips a backend whose implementation declines these ``args`` (e.g.
+    a dtype or head dim its kernel does not take); a forced backend is used as forced.
+    """
     forced = _forced_backend(_base_op(op))
     if forced is not None:
         backend = info(forced)
@@ -160,14 +172,15 @@ def choose(op: str, device: torch.device) -> str:
         raise BackendUnavailableError(f"backend {forced!r} was forced for {op!r} but: {reason}")
     if device.type == "cuda":
         for name in AUTO_ORDER:
-            if _why_not(info(name), op, device) is None:
+            backend = info(name)
+            if _why_not(backend, op, device) is None and _declines(backend, op, args) is None:
                 return name
     return "reference"
 
 
-def pick(op: str, device: torch.device) -> Callable:
-    """The implementation of ``op`` for tensors on ``device``."""
-    return info(choose(op, device)).implementations[op]
+def pick(op: str, device: torch.device, args: tuple = ()) -> Callable:
+    """The implementation of ``op`` for tensors on ``device`` (and these ``args``)."""
+    return info(choose(op, device, args)).implementations[op]
 
 
 @contextlib.contextmanager

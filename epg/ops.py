@@ -62,7 +62,7 @@ def _custom_op(name: str) -> Callable:
 
 
 def _run(op: str, device_tensor: Tensor, *args):
-    return _backend.pick(op, device_tensor.device)(*args)
+    return _backend.pick(op, device_tensor.device, args)(*args)
 
 
 def _check(condition: bool, message: Callable[[], str]) -> None:

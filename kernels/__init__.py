@@ -1,13 +1,16 @@
 """Triton kernels behind ``epg.ops``; this folder installs as the package ``epg_kernels``.
 
 Plain launchers over tensors, one op family per module (``layer_norm``: LayerNorm and LayerNorm +
-adaLN modulation, forward and backward). Each launcher has the signature and return convention
-of the function of the same name in ``epg.reference``, which defines the math. The package
-knows nothing of EPG models, autograd or ``torch.library``: the op layer wires these in.
+adaLN modulation, forward and backward; ``attention``: flash attention on packed qkv, forward and
+backward). Each launcher has the signature and return convention of the function of the same
+name in ``epg.reference``, which defines the math. The package knows nothing of EPG models,
+autograd or ``torch.library``: the op layer wires these in.
 
-The op layer reads two names:
+The op layer reads these names:
 
 * ``IMPLEMENTATIONS``: op name -> launcher; empty when Triton cannot be imported.
+* ``SUPPORTS``: op name -> ``check(*args) -> reason | None`` for launchers that take only some
+  inputs (dtypes, sizes); automatic backend choice skips a launcher whose check gives a reason.
 * ``UNAVAILABLE_REASON``: why ``IMPLEMENTATIONS`` is empty, or ``None`` when Triton imported.
 
 Importing this package never fails for lack of Triton. On a CPU-only machine the kernels run
@@ -19,6 +22,7 @@ from __future__ import annotations
 from typing import Callable
 
 IMPLEMENTATIONS: dict[str, Callable] = {}
+SUPPORTS: dict[str, Callable[..., str | None]] = {}
 UNAVAILABLE_REASON: str | None
 
 try:
@@ -27,10 +31,13 @@ except Exception as exc:  # ImportError, or a broken install raising something e
     UNAVAILABLE_REASON = f"triton could not be imported: {type(exc).__name__}: {exc}"
 else:
     UNAVAILABLE_REASON = None
+    from .attention import MAX_HEAD_DIM, SUPPORTED_DTYPES, attention, attention_backward
     from .layer_norm import layer_norm, layer_norm_backward, ln_modulate, ln_modulate_backward
 
     IMPLEMENTATIONS.update(
         {
+            "attention": attention,
+            "attention_backward": attention_backward,
             "layer_norm": layer_norm,
             "layer_norm_backward": layer_norm_backward,
             "ln_modulate": ln_modulate,
@@ -38,4 +45,22 @@ else:
         }
     )
 
-__all__ = ["IMPLEMENTATIONS", "UNAVAILABLE_REASON"]
+
+    def _attention_supports(qkv, num_heads, *rest) -> str | None:
+        # Inputs the kernel declines (it would raise): automatic backend choice passes them on.
+        if qkv.dtype not in SUPPORTED_DTYPES:
+            return f"dtype {qkv.dtype} (the kernel takes {SUPPORTED_DTYPES})"
+        if qkv.dim() == 3 and qkv.shape[-1] % (3 * num_heads) == 0:
+            head_dim = qkv.shape[-1] // (3 * num_heads)
+            if head_dim > MAX_HEAD_DIM:
+                return f"head dim {head_dim} > {MAX_HEAD_DIM}"
+        return None
+
+    SUPPORTS.update(
+        {
+            "attention": _attention_supports,
+            "attention_backward": lambda grad, qkv, num_heads: _attention_supports(qkv, num_heads),
+        }
+    )
+
+__all__ = ["IMPLEMENTATIONS", "SUPPORTS", "UNAVAILABLE_REASON"]
