@@ -209,6 +209,36 @@ def _cmd_sample(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_prepare(args: argparse.Namespace) -> int:
+    from .data.prepare import prepare
+
+    report = prepare(args.src, args.dst, args.resolution, workers=args.workers,
+                     progress=not args.no_progress)  # fmt: skip
+    print(report)
+    return 0
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    from .checkpoint import atomic_write
+    from .evaluation import evaluate, format_table, save_reference_statistics
+
+    common = dict(weights=args.inception_weights, batch_size=args.batch_size, device=args.device,
+                  progress=not args.no_progress)  # fmt: skip
+    if (args.ref is None) == (args.save_ref is None):
+        raise ValueError("give --ref REF.npz (evaluate SAMPLES against it) or --save-ref OUT.npz "
+                         "(save SAMPLES' statistics as a reference)")
+    if args.save_ref:
+        saved = save_reference_statistics(args.samples, args.save_ref, **common)
+        print(f"reference statistics of {saved['num_images']} images saved to {saved['path']}")
+        return 0
+    results = evaluate(args.samples, args.ref, **common)
+    print(format_table(results))
+    out = Path(args.json) if args.json else Path(args.samples).with_name(Path(args.samples).stem + "_metrics.json")
+    atomic_write(out, lambda tmp: Path(tmp).write_text(json.dumps(results, indent=2)))
+    print(f"metrics: {out}")
+    return 0
+
+
 def _add_train_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--preset", help="a recipe of epg.presets (e.g. diffusion-epg-xl-16)")
     p.add_argument("--config", help="a YAML or JSON file of training options")
@@ -235,6 +265,19 @@ def build_parser() -> argparse.ArgumentParser:
     fin.add_argument("--encoder", help="stage-1 checkpoint: an epg folder or an official RCM .pth")
     _add_train_options(fin)
     fin.set_defaults(func=_cmd_finetune)
+
+    prep = sub.add_parser(
+        "prepare", help="centre-crop an ImageNet-style folder to RES x RES PNGs (ADM preprocessing)",
+        description="Resize (box-halving, then bicubic) and centre-crop every image of SRC/<class>/ "
+        "into DST/<class>/<name>.png. Resumable; unreadable files are skipped and listed in "
+        "DST/skipped.txt.",
+    )
+    prep.add_argument("src", help="raw image tree: one folder per class")
+    prep.add_argument("dst", help="output folder")
+    prep.add_argument("--resolution", type=int, default=256, help="output side (default 256)")
+    prep.add_argument("--workers", type=int, help="processes (default: all CPUs)")
+    prep.add_argument("--no-progress", action="store_true")
+    prep.set_defaults(func=_cmd_prepare)
 
     smp = sub.add_parser(
         "sample", help="sample images to PNGs + an ADM-layout .npz (epg or official checkpoints; torchrun)",
@@ -272,6 +315,23 @@ def build_parser() -> argparse.ArgumentParser:
     smp.add_argument("--overwrite", action="store_true", help="resample images already in --out")
     smp.add_argument("--no-progress", action="store_true")
     smp.set_defaults(func=_cmd_sample)
+
+    ev = sub.add_parser(
+        "evaluate", help="FID, sFID, Inception Score, precision, recall (ADM evaluator definitions)",
+        description="Evaluate a sample batch against an ADM reference batch (e.g. "
+        "VIRTUAL_imagenet256_labeled.npz). Needs the FID Inception weights as a local file "
+        "(pt_inception-2015-12-05-6726825d.pth): --inception-weights or EPG_INCEPTION_WEIGHTS; "
+        "nothing is downloaded.",
+    )
+    ev.add_argument("samples", help="samples .npz (arr_0 uint8 NHWC, as epg sample writes) or an image folder")
+    ev.add_argument("--ref", help="reference .npz: ADM batch (images and/or mu/sigma statistics)")
+    ev.add_argument("--save-ref", metavar="OUT.npz", help="instead: save SAMPLES' statistics as a reference")
+    ev.add_argument("--inception-weights", metavar="PATH", help="pt_inception-2015-12-05-*.pth")
+    ev.add_argument("--json", help="where to write the metrics (default: <samples>_metrics.json)")
+    ev.add_argument("--batch-size", type=int, default=200)
+    ev.add_argument("--device", help="cpu, cuda (default: cuda when present)")
+    ev.add_argument("--no-progress", action="store_true")
+    ev.set_defaults(func=_cmd_evaluate)
 
     demo = sub.add_parser("demo", help="both stages, sampling and a quality check on bundled digits (CPU, minutes)")
     demo.add_argument("--objective", choices=("diffusion", "consistency"), default="diffusion")

@@ -301,36 +301,81 @@ class Trainer:
         copy_.requires_grad_(False)
         return copy_
 
+    def _build_folder_loader(self, rank: int, world: int):
+        """A loader over an image folder (``data="folder"``): DALI or the portable Pillow one."""
+        from .data.dali import DaliLoader, dali_available
+        from .data.portable import PortableLoader
+
+        cfg, net_cfg = self.cfg, self.model.config
+        options = dict(cfg.data_options)
+        if "path" not in options:
+            raise ValueError('data="folder" needs data_options.path (an ImageNet-style folder '
+                             "of class folders, or a file list)")
+        path = options.pop("path")
+        kind = options.pop("loader", "auto")
+        workers = options.pop("workers", 4)
+        options.setdefault("convention", "imagenet")
+        self.convention = options["convention"]
+        if net_cfg.in_channels != 3:
+            raise ValueError(f"folder images are RGB; the network takes {net_cfg.in_channels} channel(s)")
+        if kind == "auto":
+            kind = "dali" if self.device.type == "cuda" and dali_available() else "portable"
+        common = dict(resolution=net_cfg.img_size, global_batch_size=cfg.batch_size, rank=rank,
+                      world_size=world, seed=cfg.seed, device=self.device, **options)  # fmt: skip
+        if kind == "dali":
+            loader = DaliLoader(path, num_threads=max(1, workers), **common)  # 0 workers: 1 thread
+        elif kind == "portable":
+            loader = PortableLoader(path, num_workers=workers, **common)
+        else:
+            raise ValueError(f"data_options.loader must be auto, portable or dali, got {kind!r}")
+        num_classes = getattr(net_cfg, "num_classes", None)
+        if cfg.mode != "pretrain" and num_classes and loader.num_classes != num_classes:
+            loader.close()
+            raise ValueError(f"{path} has {loader.num_classes} classes; the network was built for "
+                             f"{num_classes} (set model_overrides.num_classes)")
+        return loader
+
     def _build_data(self, data: dict[str, Tensor] | None) -> None:
         cfg = self.cfg
         # The normalisation of the training images, recorded in the exported network so that
         # `epg sample` inverts the right one; unknown for tensors handed in directly.
         self.convention: str | None = cfg.data_options.get("convention")
+        net_cfg = self.model.config
+        expected = (net_cfg.in_channels, net_cfg.img_size, net_cfg.img_size)
+        rank, world = (0, 1) if self.global_randomness else (self.dist.rank, self.dist.world_size)
+        self.local_batch = cfg.batch_size // self.dist.world_size
+        self.image_shape = expected
+        if data is None and cfg.data == "folder":
+            self.loader = self._build_folder_loader(rank, world)
+        else:
+            self._build_tensor_loader(data, expected, rank, world)
+        if cfg.mode == "pretrain":
+            from .data.augment import ViewAugment, view1_config, view2_config
+
+            # Photometric augmentations work on x01, so they need the data's normalisation.
+            augment = {"convention": self.convention or "simple", **cfg.augment}
+            self.augment = (ViewAugment(view1_config(**augment)), ViewAugment(view2_config(**augment)))
+
+    def _build_tensor_loader(self, data: dict[str, Tensor] | None, expected, rank: int, world: int) -> None:
+        cfg = self.cfg
         if data is None:
             if cfg.data != "digits":
-                raise ValueError(f"unknown dataset {cfg.data!r}; this version trains on 'digits'")
+                raise ValueError(f"unknown dataset {cfg.data!r}; expected 'digits' (embedded) or "
+                                 "'folder' (with data_options.path)")
             from .data.embedded import load_digits_tensors
 
             net_cfg = self.model.config
             options = {"image_size": net_cfg.img_size, "channels": net_cfg.in_channels, "split": "train"}
             options.update(cfg.data_options)
+            if options.pop("convention", "simple") != "simple":
+                raise ValueError("the embedded digits are normalised as 'simple' (2·x01 − 1)")
             images, labels = load_digits_tensors(**options)
             data = {"image": images, "label": labels}
             self.convention = "simple"  # the digits are x = 2·x01 − 1
         images = data["image"]
-        expected = (self.model.config.in_channels, self.model.config.img_size, self.model.config.img_size)
         if images.dim() != 4 or tuple(images.shape[1:]) != expected:
             raise ValueError(f"training images must be (N, {', '.join(map(str, expected))}), got {tuple(images.shape)}")
-        rank, world = (0, 1) if self.global_randomness else (self.dist.rank, self.dist.world_size)
         self.loader = InMemoryLoader(data, cfg.batch_size, rank, world, cfg.seed, self.device)
-        self.local_batch = cfg.batch_size // self.dist.world_size
-        self.image_shape = expected
-        if cfg.mode == "pretrain":
-            from .data.augment import ViewAugment, view1_config, view2_config
-
-            self.augment = (
-                ViewAugment(view1_config(**cfg.augment)), ViewAugment(view2_config(**cfg.augment))
-            )
 
     def _build_objective(self) -> None:
         cfg, net_cfg = self.cfg, self.model.config
@@ -648,4 +693,7 @@ class Trainer:
         return directory
 
     def close(self) -> None:
+        close_loader = getattr(getattr(self, "loader", None), "close", None)
+        if close_loader is not None:  # the folder loaders own worker processes / a DALI pipeline
+            close_loader()
         distributed.teardown()

@@ -221,3 +221,25 @@ def test_torchrun_two_processes_split_the_indices_and_match_one(tiny_ckpt, tmp_p
     assert summary["world_size"] == 2 and summary["sampled_now_by_this_rank"] == 2  # rank 0: 0..1
     _assert_same_images(np.load(tmp_path / "two" / "samples.npz")["arr_0"],
                         np.load(tmp_path / "one" / "samples.npz")["arr_0"])
+
+
+def test_sample_then_evaluate_end_to_end_with_a_random_inception(tiny_ckpt, tmp_path, capsys):
+    from epg.evaluation import InceptionV3
+
+    torch.manual_seed(0)
+    weights = tmp_path / "pt_inception-random.pth"
+    torch.save(InceptionV3().state_dict(), weights)
+    for name, seed in (("samples", "0"), ("reference", "1")):
+        assert _sample_cli(tiny_ckpt, tmp_path / name, "--seed", seed) == 0
+    capsys.readouterr()
+    common = ["--inception-weights", str(weights), "--device", "cpu", "--no-progress", "--batch-size", "4"]
+    ref = tmp_path / "ref_stats.npz"
+    assert main(["evaluate", str(tmp_path / "reference" / "samples.npz"), "--save-ref", str(ref), *common]) == 0
+    assert main(["evaluate", str(tmp_path / "samples" / "samples.npz"), "--ref", str(ref), *common]) == 0
+    out = capsys.readouterr().out
+    assert "FID" in out and "Precision" in out
+    metrics = json.loads((tmp_path / "samples" / "samples_metrics.json").read_text())
+    assert metrics["num_samples"] == 6 and metrics["fid"] > 0
+    # Neither or both of --ref / --save-ref: one line on stderr.
+    assert main(["evaluate", str(tmp_path / "samples" / "samples.npz"), *common]) == 2
+    assert "--ref" in capsys.readouterr().err

@@ -18,10 +18,11 @@ from __future__ import annotations
 import math
 
 import numpy as np
-import scipy.linalg
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from .adm import FIDStatistics
 
 
 class _JudgeNet(nn.Module):
@@ -170,32 +171,21 @@ class DigitsJudge:
         return self._batched(images, self.net.features).cpu().double().numpy()
 
 
-def frechet_distance(feats_a: np.ndarray, feats_b: np.ndarray, eps: float = 1e-6) -> float:
+def frechet_distance(feats_a: np.ndarray, feats_b: np.ndarray) -> float:
     """Fréchet distance between Gaussians fitted to two feature sets (N_a, F) and (N_b, F).
 
-    d² = ‖μ_a − μ_b‖² + tr(Σ_a + Σ_b − 2·(Σ_a Σ_b)^½), with unbiased covariances (ddof 1) and
-    ``scipy.linalg.sqrtm``. With fewer samples than features (N ≤ F) a covariance is singular and
-    the matrix square root ill-conditioned, so ``eps·I`` is always added to both covariances;
-    this changes d² by O(eps·F), far below anything the metric resolves. The real part of the
-    square root is used (imaginary parts are rounding noise) and a tiny negative result is
-    clamped to 0. The estimate is biased upward by O(F/N): compare values at equal N.
+    d² = ‖μ_a − μ_b‖² + tr(Σ_a + Σ_b − 2·(Σ_a Σ_b)^½), with unbiased covariances (ddof 1), the
+    definition of FID (:class:`epg.evaluation.adm.FIDStatistics`). The trace of the square root
+    is computed from rank-revealing factors of the covariances, so it stays exact when N ≤ F
+    makes them singular (no ε·I regularisation); a rounding-level negative result is clamped
+    to 0. The estimate is biased upward by O(F/N): compare values at equal N.
     """
     a, b = np.asarray(feats_a, np.float64), np.asarray(feats_b, np.float64)
     if a.ndim != 2 or b.ndim != 2 or a.shape[1] != b.shape[1]:
         raise ValueError(f"features must be (N, F) with equal F, got {a.shape} and {b.shape}")
     if min(len(a), len(b)) < 2:
         raise ValueError("need at least 2 samples in each set")
-    mu_a, mu_b = a.mean(axis=0), b.mean(axis=0)
-    eye = np.eye(a.shape[1])
-    cov_a = np.atleast_2d(np.cov(a, rowvar=False)) + eps * eye
-    cov_b = np.atleast_2d(np.cov(b, rowvar=False)) + eps * eye
-    covmean = scipy.linalg.sqrtm(cov_a @ cov_b)
-    covmean = np.real(covmean)
-    if not np.all(np.isfinite(covmean)):
-        raise FloatingPointError("matrix square root of the covariance product is not finite")
-    diff = mu_a - mu_b
-    d2 = float(diff @ diff + np.trace(cov_a) + np.trace(cov_b) - 2.0 * np.trace(covmean))
-    return max(d2, 0.0)
+    return FIDStatistics.from_features(a).frechet_distance(FIDStatistics.from_features(b))
 
 
 def digits_report(

@@ -1,0 +1,258 @@
+"""The DALI folder loader: NVIDIA DALI decodes (on the GPU with ``"mixed"``), crops and flips.
+
+Same schedule, same interface and the same images as :class:`epg.data.portable.PortableLoader`
+(bit for bit on PNG input, whose decoding is lossless; JPEG decoders may differ by rounding).
+
+How the order is kept: DALI's own file reader shuffles with a buffer and cannot reproduce a seeded
+permutation or resume mid-epoch, so the pipeline starts from ``fn.external_source`` instead. Its
+callback receives DALI's iteration number k (counted from the pipeline's start, prefetching
+included), maps start + k to the position (epoch, batch index), and returns the encoded bytes of
+this rank's files at that position (read by a thread pool, one batch ahead), their labels and
+the scheduled flips (epg/data/folder.py). Each DALI iteration depends only on its position, so
+prefetching never shifts the data, and resuming means building the pipeline at the saved
+position. The rest of the graph:
+
+    external_source → decoders.image ("mixed" on a CUDA device, "cpu" otherwise; RGB, EXIF
+    orientation ignored like Pillow) → crop_mirror_normalize (centre crop resolution² with floor
+    rounding, the scheduled mirror, CHW, uint8)
+
+and the uint8 batch is normalised by the same torch code as the portable loader, so both paths
+agree exactly. Sharding is the schedule's: each rank's pipeline reads its share of the global
+batch (DALI's ``shard_id``/``num_shards`` belong to its file reader, which is not used).
+
+Bad files: DALI stops the pipeline on a decoding or cropping error without naming the file, so
+after a failure the loader decodes the files of the failed batch (and of the prefetched ones)
+with Pillow to find the culprit. ``on_error="raise"`` then raises :class:`BadImageError` naming
+it; ``"skip"`` marks it bad, rebuilds the pipeline at the same position and substitutes the next
+good file in index order, as the portable loader does.
+
+Only a GPU can confirm: the ``"mixed"`` decoder path (``device`` a CUDA device), i.e. GPU
+decoding of JPEG (DALI decodes PNG on host threads even in ``"mixed"`` mode), the GPU crop and
+flip, the copy into torch's CUDA tensors, and its throughput. The tests run the ``"cpu"`` mode.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from .folder import (
+    BadImageError,
+    BatchSchedule,
+    FolderIndex,
+    FolderLoaderBase,
+    decode_image,
+    substitute,
+)
+
+INSTALL_HINT = "pip install 'epg[dali]'  (the wheel nvidia-dali-cuda130)"
+
+
+def dali_available() -> bool:
+    """Whether ``nvidia.dali`` imports."""
+    try:
+        import nvidia.dali  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _import_dali():
+    try:
+        from nvidia.dali import Pipeline, fn, types
+        from nvidia.dali.plugin.pytorch import DALIGenericIterator
+    except ImportError as exc:
+        raise ImportError(
+            f"the DALI loader needs NVIDIA DALI, which is not installed: {INSTALL_HINT}; "
+            "or use the portable loader (loader='portable')"
+        ) from exc
+    return Pipeline, fn, types, DALIGenericIterator
+
+
+def _batch_files(
+    folder: FolderIndex, schedule: BatchSchedule, bad: set[int], batch: int
+) -> tuple[list[int], np.ndarray]:
+    """(file per slot after substitution, flips) of a rank's batch number ``batch`` (absolute)."""
+    files, flips = schedule.rows(0, batch)  # rows() folds the batch number into epochs
+    if bad:
+        return [substitute(i, bad, len(folder)) for i in files.tolist()], flips
+    return files.tolist(), flips
+
+
+class _Feeder:
+    """The external source: DALI iteration k → (encoded files, labels, flips) at start + k."""
+
+    def __init__(
+        self,
+        folder: FolderIndex,
+        schedule: BatchSchedule,
+        start: int,
+        bad: set[int],
+        pool: ThreadPoolExecutor,
+    ):
+        self.folder, self.schedule, self.start, self.bad, self.pool = (
+            folder, schedule, start, bad, pool,
+        )  # fmt: skip
+        self._ahead: dict[int, tuple[list[Future], np.ndarray, np.ndarray]] = {}
+
+    def _submit(self, batch: int):
+        files, flips = _batch_files(self.folder, self.schedule, self.bad, batch)
+        reads = [self.pool.submit(np.fromfile, self.folder.path(i), np.uint8) for i in files]
+        return reads, self.folder.labels[files], flips.astype(np.int32)
+
+    def __call__(self, info) -> tuple[list[np.ndarray], np.ndarray, np.ndarray]:
+        batch = self.start + info.iteration
+        reads, labels, flips = self._ahead.pop(batch, None) or self._submit(batch)
+        if batch + 1 not in self._ahead:  # read the next batch while DALI decodes this one
+            self._ahead[batch + 1] = self._submit(batch + 1)
+        return [r.result() for r in reads], labels, flips
+
+
+class DaliLoader(FolderLoaderBase):
+    """Batches of an image folder decoded by NVIDIA DALI.
+
+    Args as :class:`~epg.data.portable.PortableLoader` (source, resolution, global_batch_size,
+    rank, world_size, seed, device, convention, flip_p, on_error), and:
+        decoder: ``"mixed"`` (GPU decoding, output on ``device``) or ``"cpu"``; default
+            ``"mixed"`` when ``device`` is a CUDA device, else ``"cpu"`` (``device_id=None``).
+        num_threads: DALI's CPU threads (host decoding, and the host part of ``"mixed"``).
+        read_threads: threads reading the encoded files.
+        prefetch_queue_depth: batches DALI prepares ahead.
+    """
+
+    def __init__(
+        self,
+        source: FolderIndex | str | os.PathLike,
+        resolution: int,
+        global_batch_size: int,
+        rank: int = 0,
+        world_size: int = 1,
+        seed: int = 0,
+        device: torch.device | str = "cpu",
+        convention: str | None = "imagenet",
+        flip_p: float = 0.5,
+        on_error: str = "raise",
+        decoder: str | None = None,
+        num_threads: int = 4,
+        read_threads: int = 8,
+        prefetch_queue_depth: int = 2,
+    ):
+        _import_dali()
+        super().__init__(source, resolution, global_batch_size, rank, world_size, seed, device,
+                         convention, flip_p, on_error)  # fmt: skip
+        if decoder is None:
+            decoder = "mixed" if self.device.type == "cuda" else "cpu"
+        if decoder not in ("mixed", "cpu"):
+            raise ValueError(f"decoder must be 'mixed' or 'cpu', got {decoder!r}")
+        if decoder == "mixed":
+            if self.device.type != "cuda" or not torch.cuda.is_available():
+                raise ValueError(f"DALI's 'mixed' decoder needs a CUDA device, got {self.device}")
+            if self.device.index is None:
+                self.device = torch.device("cuda", torch.cuda.current_device())
+        self.decoder = decoder
+        self.num_threads, self.read_threads = num_threads, read_threads
+        self.prefetch_queue_depth = prefetch_queue_depth
+        self._bad: set[int] = set()  # file indices known bad (skip mode)
+        self._iterator: Iterator | None = None
+        self._pipe = None
+        self._pool: ThreadPoolExecutor | None = None
+
+    def _batch_number(self) -> int:
+        return self.epoch * self.batches_per_epoch + self.index
+
+    def _start(self) -> Iterator:
+        Pipeline, fn, types, DALIGenericIterator = _import_dali()
+        self._pool = ThreadPoolExecutor(self.read_threads, thread_name_prefix="epg-dali-read")
+        feeder = _Feeder(self.folder, self.schedule, self._batch_number(), set(self._bad),
+                         self._pool)  # fmt: skip
+        pipe = Pipeline(
+            batch_size=self.local_batch_size,
+            num_threads=self.num_threads,
+            device_id=self.device.index if self.decoder == "mixed" else None,
+            prefetch_queue_depth=self.prefetch_queue_depth,
+            seed=self.seed,  # nothing in the graph is random; the schedule drew the flips
+        )
+        with pipe:
+            encoded, labels, flips = fn.external_source(
+                source=feeder, num_outputs=3, batch=True, batch_info=True,
+                dtype=[types.UINT8, types.INT64, types.INT32], ndim=[1, 0, 0],
+            )  # fmt: skip
+            images = fn.decoders.image(
+                encoded, device=self.decoder, output_type=types.RGB, adjust_orientation=False
+            )
+            images = fn.crop_mirror_normalize(
+                images,
+                crop=(self.resolution, self.resolution),
+                crop_pos_x=0.5,
+                crop_pos_y=0.5,
+                rounding="truncate",  # floor((W − crop)/2), as center_crop_box
+                mirror=flips,
+                dtype=types.UINT8,
+                output_layout="CHW",
+                out_of_bounds_policy="error",  # too small: a bad file, never padded silently
+            )
+            pipe.set_outputs(images, labels)
+        pipe.build()
+        self._pipe = pipe
+        return DALIGenericIterator([pipe], ["image", "label"], size=-1)
+
+    def _fetch(self) -> tuple[Tensor, Tensor, list[tuple[str, str]], int]:
+        new_bad: list[tuple[str, str]] = []
+        while True:
+            try:
+                if self._iterator is None:
+                    self._iterator = self._start()
+                out = next(self._iterator)[0]
+                break
+            except Exception as exc:  # DALI's pipeline is dead after an error: rebuild it
+                self.close()
+                new_bad += self._diagnose(exc)
+        files = self.schedule.rows(self.epoch, self.index)[0].tolist()
+        substituted = sum(i in self._bad for i in files)
+        return out["image"], out["label"].view(-1), new_bad, substituted
+
+    def _diagnose(self, exc: Exception) -> list[tuple[str, str]]:
+        """Find, with Pillow, the bad files behind a DALI failure; raise or mark them bad."""
+        found: list[tuple[int, BadImageError]] = []
+        start = self._batch_number()
+        for batch in range(start, start + self.prefetch_queue_depth + 2):  # + the read-ahead
+            for i in _batch_files(self.folder, self.schedule, self._bad, batch)[0]:
+                try:
+                    decode_image(self.folder.path(i), self.resolution)
+                except BadImageError as bad:
+                    found.append((i, bad))
+            if found:
+                break
+        if not found:
+            raise RuntimeError(
+                f"DALI failed at epoch {self.epoch}, batch {self.index} and Pillow decodes every "
+                f"file of that batch; try loader='portable'. DALI said: {exc}"
+            ) from exc
+        if self.on_error == "raise":
+            raise BadImageError(f"{found[0][1]} (DALI failed on it)", found[0][1].path) from exc
+        self._bad.update(i for i, _ in found)
+        return [(self.folder.path(i), str(bad)) for i, bad in found]
+
+    def __del__(self):
+        if "_pool" in self.__dict__:  # not when __init__ failed early
+            self.close()
+
+    def close(self) -> None:
+        """Drop the pipeline; the next batch builds a fresh one at the current position."""
+        self._iterator = None
+        if self._pipe is not None:
+            # A DALI pipeline sits in reference cycles, so dropping it leaves it to the cyclic
+            # garbage collector — which may first run in a process forked from this one (a
+            # DataLoader worker) and tear down DALI's threads there: a crash. Stop it here.
+            shutdown = getattr(self._pipe, "_shutdown", None)
+            if shutdown is not None:
+                shutdown()
+            self._pipe = None
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool = None

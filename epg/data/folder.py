@@ -1,0 +1,485 @@
+"""Image folders: the index of an ImageNet-style tree, the batch schedule, and shared decoding.
+
+Layout (epg-method.md §2): ``root/<class>/<image>``, e.g. ``train/n01440764/n01440764_10026.png``.
+
+* Classes are the sub-folders of ``root`` in sorted (code point) order, labelled 0..K−1 — the
+  folder name, not the file-name prefix, so any naming inside a class folder works.
+* Files inside a class folder are sorted by name; the index is the concatenation over classes,
+  i.e. sorted by relative path. Hidden entries (names starting with ``.``) are ignored, and only
+  image extensions count (:data:`IMAGE_EXTENSIONS`, any case: ``.JPEG`` is ImageNet's).
+* A file list (:meth:`FolderIndex.from_file_list`) gives the files, and optionally labels, in its
+  own order instead.
+
+The schedule (:class:`BatchSchedule`) is the contract every loader here keeps, the same as
+:class:`epg.data.loader.InMemoryLoader`: epoch e visits the samples in the order of
+``randperm(N)`` from a generator seeded with ``seed·1_000_003 + e`` (the same permutation the
+in-memory loader draws), and the horizontal flips of the epoch are ``rand(N) < flip_p`` drawn
+next from that generator, one per position. Global batch i of the epoch is positions
+[i·G, (i+1)·G) (the last partial batch is dropped), and rank r takes positions
+[r·B, (r+1)·B) of it, B = G / world_size. The position (epoch, batch index) is all the state there
+is, so a resumed run sees the same images, flips included, on any number of ranks that keeps G.
+
+Bad files: a file that Pillow cannot decode, or that is smaller than the crop, is "bad".
+Loaders raise :class:`BadImageError` naming it by default; with ``on_error="skip"`` the slot is
+filled by the next good file in index order (wrapping; deterministic, so every path and every
+resume picks the same substitute, with its own label) and counted.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from .augment import CONVENTIONS, from_unit
+
+IMAGE_EXTENSIONS = (".bmp", ".jpeg", ".jpg", ".png", ".webp")
+ON_ERROR = ("raise", "skip")
+
+log = logging.getLogger("epg.data")
+
+
+class BadImageError(RuntimeError):
+    """An image file that cannot be decoded or cropped; the message names the file."""
+
+    def __init__(self, message: str, path: str | None = None):
+        super().__init__(message)
+        self.path = path
+
+
+# ---------------------------------------------------------------------------------------------
+# The index
+# ---------------------------------------------------------------------------------------------
+
+
+class FolderIndex:
+    """Files, integer labels and class names of an image folder tree or a file list.
+
+    Paths are stored as one fixed-width numpy byte array (not a list of Python strings), so
+    forked DataLoader workers share it without copy-on-write page copies at ImageNet scale.
+
+    Attributes:
+        root: the folder the relative paths hang from (None when the paths are absolute).
+        labels: (N,) int64 numpy array, values in 0..num_classes−1.
+        classes: class names; ``classes[label]`` is the folder name (or ``str(label)`` for a
+            file list with explicit labels).
+    """
+
+    def __init__(
+        self,
+        paths: Sequence[str],
+        labels: Sequence[int] | np.ndarray,
+        classes: Sequence[str],
+        root: str | os.PathLike | None = None,
+    ):
+        if len(paths) != len(labels):
+            raise ValueError(f"{len(paths)} paths but {len(labels)} labels")
+        if len(paths) == 0:
+            raise ValueError("an image index needs at least one file")
+        self.root = Path(root) if root is not None else None
+        self._paths = np.array([os.fsencode(p) for p in paths], dtype=np.bytes_)
+        self.labels = np.asarray(labels, dtype=np.int64)
+        self.classes = tuple(classes)
+        lo, hi = int(self.labels.min()), int(self.labels.max())
+        if lo < 0 or hi >= len(self.classes):
+            raise ValueError(f"labels must lie in 0..{len(self.classes) - 1}, got {lo}..{hi}")
+
+    def __len__(self) -> int:
+        return len(self._paths)
+
+    def __repr__(self) -> str:
+        return f"FolderIndex({len(self)} files, {self.num_classes} classes, root={self.root})"
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    def relpath(self, i: int) -> str:
+        """Path of file ``i`` as stored: relative to ``root``, or absolute."""
+        return os.fsdecode(self._paths[i])
+
+    def path(self, i: int) -> str:
+        """Full path of file ``i``."""
+        rel = self.relpath(i)
+        return rel if self.root is None else os.path.join(self.root, rel)
+
+    def paths(self) -> list[str]:
+        return [self.path(i) for i in range(len(self))]
+
+    # --- constructors ---------------------------------------------------------------------------
+
+    @classmethod
+    def scan(
+        cls,
+        root: str | os.PathLike,
+        extensions: Sequence[str] = IMAGE_EXTENSIONS,
+        allow_empty_classes: bool = False,
+    ) -> FolderIndex:
+        """Index ``root/<class>/<image>``: classes = sorted sub-folders, files sorted by name.
+
+        Raises:
+            FileNotFoundError / NotADirectoryError: ``root`` is missing or not a folder.
+            ValueError: no class folders, no images at all, or (unless ``allow_empty_classes``)
+                a class folder without images — which would otherwise shift no labels but train
+                a class that never appears.
+        """
+        root = Path(root)
+        if not root.exists():
+            raise FileNotFoundError(f"image folder {root} does not exist")
+        if not root.is_dir():
+            raise NotADirectoryError(f"image folder {root} is not a folder")
+        exts = tuple(e.lower() for e in extensions)
+
+        def is_image(entry: os.DirEntry) -> bool:
+            return (
+                not entry.name.startswith(".")
+                and entry.name.lower().endswith(exts)
+                and entry.is_file()
+            )
+
+        with os.scandir(root) as it:
+            entries = list(it)
+        classes = sorted(e.name for e in entries if e.is_dir() and not e.name.startswith("."))
+        if not classes:
+            loose = sum(is_image(e) for e in entries)
+            hint = f" ({loose} images lie directly in it)" if loose else ""
+            raise ValueError(
+                f"no class folders in {root}{hint}: expected the layout {root}/<class>/<image>"
+            )
+        paths, labels, empty = [], [], []
+        for label, name in enumerate(classes):
+            with os.scandir(root / name) as it:
+                files = sorted(e.name for e in it if is_image(e))
+            if not files:
+                empty.append(name)
+            paths.extend(f"{name}/{f}" for f in files)
+            labels.extend([label] * len(files))
+        if not paths:
+            raise ValueError(
+                f"no images ({', '.join(exts)}) in the {len(classes)} class folders of {root}"
+            )
+        if empty and not allow_empty_classes:
+            shown = ", ".join(empty[:5]) + (", …" if len(empty) > 5 else "")
+            raise ValueError(f"{len(empty)} class folder(s) of {root} hold no images: {shown}")
+        return cls(paths, labels, classes, root)
+
+    @classmethod
+    def from_files(
+        cls,
+        paths: Sequence[str | os.PathLike],
+        labels: Sequence[int] | None = None,
+        root: str | os.PathLike | None = None,
+    ) -> FolderIndex:
+        """Index given files, in the given order.
+
+        Without ``labels`` the class of a file is its parent folder's name, classes sorted →
+        0..K−1 (as :meth:`scan`). With ``labels``, classes are ``"0" … str(max label)``.
+        Relative paths are taken relative to ``root`` (the current folder when None).
+        """
+        paths = [os.fspath(p) for p in paths]
+        if labels is None:
+            names = [os.path.basename(os.path.dirname(os.path.normpath(p))) for p in paths]
+            if any(not n for n in names):
+                bad = next(p for p, n in zip(paths, names) if not n)
+                raise ValueError(f"{bad!r} has no parent folder to take the class from")
+            classes = sorted(set(names))
+            lookup = {name: i for i, name in enumerate(classes)}
+            labels = [lookup[n] for n in names]
+        else:
+            labels = [int(v) for v in labels]
+            if labels and min(labels) < 0:
+                raise ValueError(f"labels must be >= 0, got {min(labels)}")
+            classes = [str(i) for i in range(max(labels, default=-1) + 1)]
+        if root is None and any(not os.path.isabs(p) for p in paths):
+            root = os.getcwd()
+        return cls(paths, labels, classes, root)
+
+    @classmethod
+    def from_file_list(
+        cls, list_file: str | os.PathLike, root: str | os.PathLike | None = None
+    ) -> FolderIndex:
+        """Index a text file with one ``path`` or ``path label`` per line (all lines alike).
+
+        Relative paths are relative to ``root``, by default the list file's folder. Blank lines
+        and lines starting with ``#`` are skipped. Existence is not checked here (at ImageNet
+        scale that is a million stats); a missing file fails when loaded, naming it.
+        """
+        list_file = Path(list_file)
+        if not list_file.is_file():
+            raise FileNotFoundError(f"file list {list_file} does not exist")
+        paths, labels, kinds = [], [], set()
+        for number, line in enumerate(list_file.read_text().splitlines(), 1):
+            line = line.strip()
+            if not line or line.startswith("#"):
+                continue
+            parts = line.rsplit(None, 1)
+            if len(parts) == 2 and parts[1].lstrip("-").isdigit():
+                paths.append(parts[0])
+                labels.append(int(parts[1]))
+                kinds.add("labelled")
+            else:
+                paths.append(line)
+                kinds.add("bare")
+            if len(kinds) > 1:
+                raise ValueError(
+                    f"{list_file}:{number}: some lines carry a label and some do not; "
+                    "give every file a label or none"
+                )
+        if not paths:
+            raise ValueError(f"file list {list_file} names no files")
+        root = Path(root) if root is not None else list_file.parent.resolve()
+        return cls.from_files(paths, labels if kinds == {"labelled"} else None, root)
+
+
+def open_index(source: FolderIndex | str | os.PathLike, **scan_options) -> FolderIndex:
+    """An index from an index, a folder (scanned) or a file list (a regular file)."""
+    if isinstance(source, FolderIndex):
+        return source
+    source = Path(source)
+    if source.is_file():
+        return FolderIndex.from_file_list(source)
+    return FolderIndex.scan(source, **scan_options)
+
+
+# ---------------------------------------------------------------------------------------------
+# Decoding (Pillow) shared by the portable loader and the DALI loader's error diagnosis
+# ---------------------------------------------------------------------------------------------
+
+
+def center_crop_box(height: int, width: int, size: int) -> tuple[int, int]:
+    """(top, left) of the centred size×size window: floor((H − size)/2), floor((W − size)/2).
+
+    Floor as ADM's ``center_crop_arr``; DALI's crop gives the same with ``rounding="truncate"``.
+    """
+    return (height - size) // 2, (width - size) // 2
+
+
+def decode_image(path: str, resolution: int) -> np.ndarray:
+    """Decode with Pillow to RGB, centre-crop resolution² → uint8 (H, W, 3).
+
+    EXIF orientation is ignored (as ADM's preparation and DALI with ``adjust_orientation=False``).
+    Raises :class:`BadImageError` naming the file if it cannot be read or decoded, or if it is
+    smaller than the crop (run ``epg prepare`` on such a tree first).
+    """
+    from PIL import Image
+
+    try:
+        with Image.open(path) as image:
+            rgb = image.convert("RGB")
+    except Exception as exc:  # Pillow raises OSError, SyntaxError, ValueError, … on bad data
+        raise BadImageError(f"cannot read image {path}: {exc}", path) from exc
+    width, height = rgb.size
+    if width < resolution or height < resolution:
+        raise BadImageError(
+            f"image {path} is {width}×{height}, smaller than the {resolution}² crop "
+            "(prepare the folder with `epg prepare`)",
+            path,
+        )
+    top, left = center_crop_box(height, width, resolution)
+    return np.asarray(rgb.crop((left, top, left + resolution, top + resolution)))
+
+
+def normalize_uint8(images: Tensor, convention: str | None) -> Tensor:
+    """uint8 (B, C, H, W) → float32 in the convention (``None``: the uint8 images unchanged).
+
+    x01 = u / 255, then ``"imagenet"``: (x01 − mean)/(2·std), ``"simple"``: 2·x01 − 1. Both
+    loaders call this on the device batch, so their outputs agree bit for bit.
+    """
+    if convention is None:
+        return images
+    return from_unit(images.to(torch.float32).div_(255.0), convention)
+
+
+# ---------------------------------------------------------------------------------------------
+# The schedule and the position both loaders keep
+# ---------------------------------------------------------------------------------------------
+
+
+class BatchSchedule:
+    """Which files, with which flips, a rank loads at each (epoch, batch index)."""
+
+    def __init__(
+        self,
+        num_samples: int,
+        global_batch_size: int,
+        rank: int = 0,
+        world_size: int = 1,
+        seed: int = 0,
+        flip_p: float = 0.5,
+    ):
+        if world_size < 1 or not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is not in 0..{world_size - 1}")
+        if global_batch_size < 1 or global_batch_size % world_size:
+            raise ValueError(
+                f"global batch size {global_batch_size} is not divisible by {world_size} ranks"
+            )
+        if global_batch_size > num_samples:
+            raise ValueError(
+                f"global batch size {global_batch_size} exceeds the dataset ({num_samples} samples)"
+            )
+        if not 0 <= flip_p <= 1:
+            raise ValueError(f"flip_p must be in [0, 1], got {flip_p}")
+        self.num_samples = num_samples
+        self.global_batch_size = global_batch_size
+        self.local_batch_size = global_batch_size // world_size
+        self.rank, self.world_size, self.flip_p = rank, world_size, flip_p
+        self.batches_per_epoch = num_samples // global_batch_size
+        self.seed = seed
+
+    @property
+    def seed(self) -> int:
+        return self._seed
+
+    @seed.setter
+    def seed(self, value: int) -> None:
+        self._seed = value
+        self._cached: tuple[int, np.ndarray, np.ndarray] | None = None
+
+    def epoch_order(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
+        """(file index per position (N,) int64, flip per position (N,) bool) of an epoch."""
+        if self._cached is None or self._cached[0] != epoch:
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            order = torch.randperm(self.num_samples, generator=g)
+            flips = torch.rand(self.num_samples, generator=g) < self.flip_p
+            self._cached = (epoch, order.numpy(), flips.numpy())
+        return self._cached[1], self._cached[2]
+
+    def normalize(self, epoch: int, index: int) -> tuple[int, int]:
+        """The position with the batch index folded into 0..batches_per_epoch−1."""
+        return epoch + index // self.batches_per_epoch, index % self.batches_per_epoch
+
+    def rows(self, epoch: int, index: int) -> tuple[np.ndarray, np.ndarray]:
+        """(file indices (B,), flips (B,)) of this rank's share of global batch ``index``."""
+        epoch, index = self.normalize(epoch, index)
+        order, flips = self.epoch_order(epoch)
+        start = index * self.global_batch_size + self.rank * self.local_batch_size
+        stop = start + self.local_batch_size
+        return order[start:stop], flips[start:stop]
+
+
+class FolderLoaderBase:
+    """Position, state and bad-file bookkeeping shared by the folder loaders.
+
+    Subclasses implement ``_fetch()`` → (uint8 (B, 3, H, W), int64 labels (B,), the bad files met
+    in this batch as (path, message), number of substituted slots) for the current position, and
+    ``close()``.
+    """
+
+    def __init__(
+        self,
+        source: FolderIndex | str | os.PathLike,
+        resolution: int,
+        global_batch_size: int,
+        rank: int = 0,
+        world_size: int = 1,
+        seed: int = 0,
+        device: torch.device | str = "cpu",
+        convention: str | None = "imagenet",
+        flip_p: float = 0.5,
+        on_error: str = "raise",
+    ):
+        if convention is not None and convention not in CONVENTIONS:
+            raise ValueError(f"convention must be one of {CONVENTIONS} or None, got {convention!r}")
+        if on_error not in ON_ERROR:
+            raise ValueError(f"on_error must be one of {ON_ERROR}, got {on_error!r}")
+        if resolution < 1:
+            raise ValueError(f"resolution must be positive, got {resolution}")
+        self.folder = open_index(source)
+        self.schedule = BatchSchedule(
+            len(self.folder), global_batch_size, rank, world_size, seed, flip_p
+        )
+        self.resolution = resolution
+        self.convention = convention
+        self.on_error = on_error
+        self.device = torch.device(device)
+        self.epoch, self.index = 0, 0
+        self.skipped = 0  # slots filled by a substitute, over the consumed batches
+        self.bad_files: set[str] = set()
+
+    # The InMemoryLoader attributes the trainer reads.
+    @property
+    def num_samples(self) -> int:
+        return self.schedule.num_samples
+
+    @property
+    def batches_per_epoch(self) -> int:
+        return self.schedule.batches_per_epoch
+
+    @property
+    def global_batch_size(self) -> int:
+        return self.schedule.global_batch_size
+
+    @property
+    def local_batch_size(self) -> int:
+        return self.schedule.local_batch_size
+
+    @property
+    def seed(self) -> int:
+        return self.schedule.seed
+
+    @property
+    def num_classes(self) -> int:
+        return self.folder.num_classes
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict[str, Tensor]:
+        self.epoch, self.index = self.schedule.normalize(self.epoch, self.index)
+        images, labels, bad, substituted = self._fetch()
+        for path, message in bad:
+            if path not in self.bad_files:
+                self.bad_files.add(path)
+                log.warning("%s; using the next good file instead (on_error='skip')", message)
+        self.skipped += substituted
+        self.index += 1
+        images = images.to(self.device, non_blocking=True)
+        labels = labels.to(self.device, non_blocking=True)
+        return {"image": normalize_uint8(images, self.convention), "label": labels}
+
+    def _fetch(self) -> tuple[Tensor, Tensor, list[tuple[str, str]], int]:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def state_dict(self) -> dict[str, Any]:
+        epoch, index = self.schedule.normalize(self.epoch, self.index)
+        return {"epoch": epoch, "index": index, "seed": self.seed,
+                "global_batch_size": self.global_batch_size, "num_samples": self.num_samples,
+                "skipped": self.skipped}  # fmt: skip
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for key, mine in (("global_batch_size", self.global_batch_size),
+                          ("num_samples", self.num_samples)):  # fmt: skip
+            theirs = state.get(key, mine)
+            if theirs != mine:
+                raise ValueError(
+                    f"cannot resume the data position: the checkpoint used {key} {theirs}, "
+                    f"this run {mine}"
+                )
+        self.close()  # prefetched batches belong to the old position
+        self.schedule.seed = state["seed"]
+        self.epoch, self.index = self.schedule.normalize(state["epoch"], state["index"])
+        self.skipped = state.get("skipped", 0)
+
+
+def substitute(index: int, bad: set[int], num_samples: int) -> int:
+    """The first file at or after ``index`` (index order, wrapping) that is not known bad."""
+    for step in range(num_samples):
+        j = (index + step) % num_samples
+        if j not in bad:
+            return j
+    raise BadImageError("every image of the index failed to decode")

@@ -1,0 +1,177 @@
+"""The portable folder loader: a PyTorch DataLoader with Pillow decoding, on any machine.
+
+Each DataLoader item is one whole local batch: the sampler yields positions (epoch, batch index)
+from the current one on, forever, and a worker decodes that position's files (the
+:class:`~epg.data.folder.BatchSchedule` of epg/data/folder.py), centre-crops them to
+``resolution``², flips the scheduled ones and stacks them as uint8 (B, 3, H, W). The main
+process moves the batch to the device (from pinned memory on CUDA) and normalises it there.
+Workers run batches in parallel and the DataLoader returns them in order, so the output is the
+same for any ``num_workers``.
+
+Interface as :class:`epg.data.loader.InMemoryLoader`: ``next(loader)`` → {"image": float32
+(B, 3, H, W) normalised with ``convention`` (uint8 when ``convention=None``), "label": int64
+(B,)} on ``device``; ``state_dict()``/``load_state_dict()`` for exact resume;
+``batches_per_epoch``, ``num_samples``. Images are expected at least ``resolution`` on each side,
+normally already prepared to exactly that size (``epg prepare``); the centre crop is then a no-op
+as in the reference code.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+
+import numpy as np
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from .folder import (
+    BadImageError,
+    BatchSchedule,
+    FolderIndex,
+    FolderLoaderBase,
+    decode_image,
+    substitute,
+)
+
+
+class _Positions(Sampler):
+    """(epoch, index) from a start position on, without end."""
+
+    def __init__(self, epoch: int, index: int, batches_per_epoch: int):
+        self.epoch, self.index, self.batches_per_epoch = epoch, index, batches_per_epoch
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        epoch, index = self.epoch, self.index
+        while True:
+            yield epoch, index
+            index += 1
+            if index == self.batches_per_epoch:
+                epoch, index = epoch + 1, 0
+
+
+class _BatchReader(Dataset):
+    """dataset[(epoch, index)] → this rank's decoded batch at that position."""
+
+    def __init__(self, folder: FolderIndex, schedule: BatchSchedule, resolution: int, skip: bool):
+        self.folder, self.schedule, self.resolution, self.skip = folder, schedule, resolution, skip
+        self.bad: set[int] = set()  # per worker; the substitution rule does not depend on it
+
+    def _load(self, i: int) -> tuple[np.ndarray, int, list[tuple[str, str]]]:
+        """(image, file index used, bad files met as (path, message)) for slot file ``i``."""
+        met = []
+        while True:
+            j = substitute(i, self.bad, len(self.folder)) if self.skip else i
+            try:
+                return decode_image(self.folder.path(j), self.resolution), j, met
+            except BadImageError as exc:
+                if not self.skip:
+                    raise
+                self.bad.add(j)
+                met.append((self.folder.path(j), str(exc)))
+
+    def __getitem__(self, position: tuple[int, int]) -> dict:
+        epoch, index = position
+        files, flips = self.schedule.rows(epoch, index)
+        images = np.empty((len(files), self.resolution, self.resolution, 3), np.uint8)
+        labels = np.empty(len(files), np.int64)
+        bad, substituted = [], 0
+        for k, (i, flip) in enumerate(zip(files.tolist(), flips.tolist())):
+            image, j, met = self._load(i)
+            images[k] = image[:, ::-1] if flip else image
+            labels[k] = self.folder.labels[j]
+            substituted += j != i
+            bad.extend(met)
+        return {
+            "image": torch.from_numpy(images).permute(0, 3, 1, 2).contiguous(),  # (B, 3, H, W)
+            "label": torch.from_numpy(labels),
+            "position": position,
+            "bad": bad,
+            "substituted": substituted,
+        }
+
+
+class PortableLoader(FolderLoaderBase):
+    """Batches of an image folder through a PyTorch DataLoader and Pillow.
+
+    Args:
+        source: a :class:`FolderIndex`, a folder ``root/<class>/<image>`` or a file list.
+        resolution: output side; images are centre-cropped to resolution².
+        global_batch_size: G, split over ``world_size`` ranks (G / world_size rows each).
+        rank, world_size, seed: the schedule of epg/data/folder.py.
+        device: where batches go; pinned host memory is used when it is a CUDA device.
+        convention: ``"imagenet"`` (x01 − mean)/(2·std), ``"simple"`` 2·x01 − 1, or None for
+            uint8 images.
+        flip_p: probability of the (seeded) horizontal flip; 0.5 as the reference.
+        on_error: ``"raise"`` (a :class:`BadImageError` naming the file) or ``"skip"`` (use the
+            next good file in index order, log it once, count it in ``skipped``).
+        num_workers: DataLoader worker processes (0: decode in the calling process).
+        prefetch_factor: batches each worker keeps ready (with workers only).
+    """
+
+    def __init__(
+        self,
+        source: FolderIndex | str | os.PathLike,
+        resolution: int,
+        global_batch_size: int,
+        rank: int = 0,
+        world_size: int = 1,
+        seed: int = 0,
+        device: torch.device | str = "cpu",
+        convention: str | None = "imagenet",
+        flip_p: float = 0.5,
+        on_error: str = "raise",
+        num_workers: int = 4,
+        prefetch_factor: int = 2,
+    ):
+        super().__init__(source, resolution, global_batch_size, rank, world_size, seed, device,
+                         convention, flip_p, on_error)  # fmt: skip
+        if num_workers < 0:
+            raise ValueError(f"num_workers must be >= 0, got {num_workers}")
+        self.num_workers = num_workers
+        self.prefetch_factor = prefetch_factor
+        self._iterator: Iterator[dict] | None = None
+
+    def _start(self) -> Iterator[dict]:
+        reader = _BatchReader(self.folder, self.schedule, self.resolution, self.on_error == "skip")
+        sampler = _Positions(self.epoch, self.index, self.batches_per_epoch)
+        extra = {"prefetch_factor": self.prefetch_factor} if self.num_workers else {}
+        loader = DataLoader(
+            reader,
+            batch_size=None,  # each item already is a batch
+            sampler=sampler,
+            num_workers=self.num_workers,
+            pin_memory=self.device.type == "cuda",
+            **extra,
+        )
+        return iter(loader)
+
+    def _fetch(self) -> tuple[Tensor, Tensor, list[tuple[str, str]], int]:
+        if self._iterator is None:
+            self._iterator = self._start()
+        try:
+            batch = next(self._iterator)
+        except BaseException:
+            self.close()  # a failed DataLoader iterator cannot continue
+            raise
+        if tuple(batch["position"]) != (self.epoch, self.index):
+            raise RuntimeError(
+                f"internal error: got batch {batch['position']}, "
+                f"expected {(self.epoch, self.index)}"
+            )
+        return batch["image"], batch["label"], batch["bad"], batch["substituted"]
+
+    def close(self) -> None:
+        """Stop the workers; the next batch starts a fresh DataLoader at the current position."""
+        # Shut the workers down now rather than when the iterator is collected: after an error
+        # the traceback keeps it alive, and a later cyclic collection can clear its queues
+        # before its finaliser runs, which then waits out the join timeouts (5 s per worker).
+        shutdown = getattr(self._iterator, "_shutdown_workers", None)
+        if shutdown is not None:
+            shutdown()
+        self._iterator = None
+
+    def __del__(self):
+        if "_iterator" in self.__dict__:
+            self.close()

@@ -1,0 +1,355 @@
+"""Image folders: the index, `prepare`, the portable (Pillow) loader and the DALI loader."""
+
+import logging
+import os
+import shutil
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from epg.data.augment import from_unit
+from epg.data.embedded import sample_jpeg_paths
+from epg.data.folder import BadImageError, BatchSchedule, FolderIndex, decode_image
+from epg.data.loader import InMemoryLoader
+from epg.data.portable import PortableLoader
+from epg.data.prepare import center_crop_arr, prepare
+
+RES = 12
+
+
+def _write(path, array, **save):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    Image.fromarray(array).save(path, **save)
+
+
+@pytest.fixture(scope="module")
+def png_tree(tmp_path_factory):
+    """3 classes × 5 random RGB PNGs; every third one is larger than RES (odd margins)."""
+    root = tmp_path_factory.mktemp("pngs")
+    rng = np.random.default_rng(0)
+    for c in ("n03", "n01", "n02"):
+        for k in range(5):
+            shape = (RES + 3, RES + 2, 3) if k % 3 == 0 else (RES, RES, 3)
+            _write(str(root / c / f"{c}_{k}.png"), rng.integers(0, 256, shape, dtype=np.uint8))
+    return root
+
+
+def _decoded(folder):
+    """(N, 3, RES, RES) uint8 of every file in index order, and labels."""
+    images = np.stack([decode_image(folder.path(i), RES) for i in range(len(folder))])
+    return torch.from_numpy(images).permute(0, 3, 1, 2), torch.from_numpy(folder.labels)
+
+
+def _take(loader, n):
+    return [next(loader) for _ in range(n)]
+
+
+def _equal(batches_a, batches_b):
+    return all(
+        torch.equal(a["image"], b["image"]) and torch.equal(a["label"], b["label"])
+        for a, b in zip(batches_a, batches_b, strict=True)
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Index
+# ---------------------------------------------------------------------------------------------
+
+
+def test_scan_sorts_classes_and_files_and_ignores_others(tmp_path):
+    img = np.zeros((4, 4, 3), np.uint8)
+    for rel in ("n2/b.png", "n2/a.JPEG", "n10/z.jpg", "n1/c.png", "n1/.hidden.png"):
+        _write(str(tmp_path / rel), img)
+    (tmp_path / "n1" / "notes.txt").write_text("not an image")
+    (tmp_path / "skipped.txt").write_text("")  # loose files in the root are not classes
+    (tmp_path / ".cache").mkdir()
+
+    index = FolderIndex.scan(tmp_path)
+    assert index.classes == ("n1", "n10", "n2")  # code-point order, not numeric
+    files = [index.relpath(i) for i in range(len(index))]
+    assert files == ["n1/c.png", "n10/z.jpg", "n2/a.JPEG", "n2/b.png"]
+    assert index.labels.tolist() == [0, 1, 2, 2]
+    assert index.path(2) == os.path.join(tmp_path, "n2/a.JPEG")
+
+    # The same files as a list: classes from the parent folders; explicit labels win.
+    same = FolderIndex.from_files(index.paths())
+    assert same.classes == index.classes and same.labels.tolist() == index.labels.tolist()
+    listing = tmp_path / "list.txt"
+    listing.write_text("# comment\nn2/b.png 7\n\nn1/c.png 3\n")
+    labelled = FolderIndex.from_file_list(listing)
+    assert labelled.labels.tolist() == [7, 3] and labelled.num_classes == 8
+    assert labelled.path(0) == os.path.join(tmp_path, "n2/b.png")
+    listing.write_text("n2/b.png\nn1/c.png\n")
+    assert FolderIndex.from_file_list(listing).labels.tolist() == [1, 0]
+    listing.write_text("n2/b.png 1\nn1/c.png\n")
+    with pytest.raises(ValueError, match="some lines carry a label"):
+        FolderIndex.from_file_list(listing)
+
+
+def test_scan_errors_are_clear(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        FolderIndex.scan(tmp_path / "missing")
+    (tmp_path / "file").write_text("")
+    with pytest.raises(NotADirectoryError):
+        FolderIndex.scan(tmp_path / "file")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(ValueError, match="no class folders"):
+        FolderIndex.scan(empty)
+    _write(str(empty / "loose.png"), np.zeros((2, 2, 3), np.uint8))
+    with pytest.raises(ValueError, match="1 images lie directly in it"):
+        FolderIndex.scan(empty)
+    (empty / "n1").mkdir()
+    with pytest.raises(ValueError, match="no images"):
+        FolderIndex.scan(empty)
+    _write(str(empty / "n2" / "a.png"), np.zeros((2, 2, 3), np.uint8))
+    with pytest.raises(ValueError, match="hold no images: n1"):
+        FolderIndex.scan(empty)
+    assert FolderIndex.scan(empty, allow_empty_classes=True).labels.tolist() == [1]
+
+
+# ---------------------------------------------------------------------------------------------
+# prepare
+# ---------------------------------------------------------------------------------------------
+
+
+def test_center_crop_arr_matches_hand_computed_steps():
+    china = Image.open(sample_jpeg_paths()[0]).convert("RGB")
+    assert china.size == (640, 427)
+    # 64 px: 427 ≥ 128 → 320×213 (BOX); 213 ≥ 128 → 160×106; 106 < 128 → bicubic to
+    # (round(160·64/106), 64) = (97, 64); crop left (97 − 64)//2 = 16, top 0.
+    step = china.resize((320, 213), Image.BOX).resize((160, 106), Image.BOX)
+    expected = np.asarray(step.resize((97, 64), Image.BICUBIC))[:, 16:80]
+    out = center_crop_arr(china, 64)
+    assert out.shape == (64, 64, 3) and out.dtype == np.uint8
+    np.testing.assert_array_equal(out, expected)
+    # No halving, upscale, rounding down: 75×100 (w×h) → (64, round(85.33) = 85), top (85−64)//2.
+    small = china.crop((0, 0, 75, 100))
+    expected = np.asarray(small.resize((64, 85), Image.BICUBIC))[10:74]
+    np.testing.assert_array_equal(center_crop_arr(small, 64), expected)
+
+
+def test_prepare_skips_bad_files_lists_them_and_resumes(tmp_path, caplog):
+    src, dst = tmp_path / "raw", tmp_path / "out"
+    china, flower = sample_jpeg_paths()
+    copies = {"n01/china.JPEG": china, "n01/flower.JPEG": flower, "n02/x.jpg": flower}
+    for rel, path in copies.items():
+        os.makedirs(src / os.path.dirname(rel), exist_ok=True)
+        shutil.copy(path, src / rel)
+    (src / "n02" / "broken.JPEG").write_bytes(open(china, "rb").read()[:2000])  # truncated
+    (src / "n03").mkdir()
+    (src / "n03" / "junk.png").write_bytes(b"not an image at all")
+
+    with caplog.at_level(logging.WARNING, logger="epg.data"):
+        report = prepare(src, dst, 32, workers=2, progress=False)
+    assert (report.total, report.written, report.existing) == (5, 3, 0)
+    assert [rel for rel, _ in report.failed] == ["n02/broken.JPEG", "n03/junk.png"]
+    assert "n03/junk.png" in caplog.text and "n02/broken.JPEG" in caplog.text
+    listed = (dst / "skipped.txt").read_text().splitlines()
+    assert [line.split("\t")[0] for line in listed] == ["n02/broken.JPEG", "n03/junk.png"]
+
+    out = dst / "n01" / "china.png"
+    with Image.open(out) as image:
+        assert image.format == "PNG" and image.size == (32, 32) and image.mode == "RGB"
+        expected = center_crop_arr(Image.open(china).convert("RGB"), 32)
+        np.testing.assert_array_equal(np.asarray(image), expected)
+    assert out.stat().st_size > 32 * 32 * 3  # compress_level 0: stored, not deflated
+    # Every source class folder exists, so the labels match the source's sorted classes.
+    assert sorted(p.name for p in dst.iterdir() if p.is_dir()) == ["n01", "n02", "n03"]
+    prepared = FolderIndex.scan(dst, allow_empty_classes=True)
+    assert prepared.classes == ("n01", "n02", "n03") and prepared.labels.tolist() == [0, 0, 1]
+
+    again = prepare(src, dst, 32, workers=0, progress=False)
+    assert (again.written, again.existing, len(again.failed)) == (0, 3, 2)
+    out.write_bytes(out.read_bytes()[:500])  # a damaged output is redone
+    assert prepare(src, dst, 32, workers=0, progress=False).written == 1
+    with Image.open(out) as image:
+        assert image.size == (32, 32)
+
+    with pytest.raises(ValueError, match="must not contain each other"):
+        prepare(src, src / "inside", 32, workers=0, progress=False)
+
+
+# ---------------------------------------------------------------------------------------------
+# Portable loader
+# ---------------------------------------------------------------------------------------------
+
+
+def test_portable_batches_follow_the_schedule(png_tree):
+    folder = FolderIndex.scan(png_tree)
+    images, labels = _decoded(folder)
+    loader = PortableLoader(folder, RES, 4, seed=3, convention=None, num_workers=0)
+    assert (loader.num_samples, loader.batches_per_epoch, loader.num_classes) == (15, 3, 3)
+    schedule = BatchSchedule(15, 4, seed=3)
+    seen = []
+    for step in range(7):  # over two epoch boundaries
+        batch = next(loader)
+        rows, flips = schedule.rows(*divmod(step, 3))
+        assert batch["image"].dtype == torch.uint8 and batch["image"].shape == (4, 3, RES, RES)
+        expected = images[rows].clone()
+        expected[flips] = expected[flips].flip(-1)
+        assert torch.equal(batch["image"], expected)
+        assert torch.equal(batch["label"], labels[rows])
+        seen.append(rows)
+    assert len(set(np.concatenate(seen[:3]).tolist())) == 12  # an epoch repeats no file
+    assert loader.state_dict() == {"epoch": 2, "index": 1, "seed": 3, "global_batch_size": 4,
+                                   "num_samples": 15, "skipped": 0}  # fmt: skip
+
+    # Without flips, the order is InMemoryLoader's over the same samples.
+    plain = PortableLoader(folder, RES, 4, seed=3, convention=None, flip_p=0.0, num_workers=0)
+    memory = InMemoryLoader({"image": images, "label": labels}, 4, seed=3)
+    assert _equal(_take(plain, 5), _take(memory, 5))
+
+    # Normalisation conventions, on the first batch.
+    u8 = next(PortableLoader(folder, RES, 4, seed=3, convention=None, num_workers=0))["image"]
+    x01 = u8.float() / 255
+    for convention in ("imagenet", "simple"):
+        loader = PortableLoader(folder, RES, 4, seed=3, convention=convention, num_workers=0)
+        x = next(loader)["image"]
+        assert x.dtype == torch.float32 and torch.equal(x, from_unit(x01, convention))
+    mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
+    std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+    assert torch.allclose(from_unit(x01, "imagenet"), (x01 - mean) / (2 * std), atol=1e-6)
+    assert torch.allclose(from_unit(x01, "simple"), 2 * x01 - 1, atol=1e-6)
+
+
+def test_portable_two_ranks_make_the_global_batch_and_resume_exactly(png_tree):
+    one = _take(PortableLoader(png_tree, RES, 6, seed=1, num_workers=0), 5)
+    ranks = [PortableLoader(png_tree, RES, 6, rank=r, world_size=2, seed=1, num_workers=w)
+             for r, w in ((0, 2), (1, 0))]  # fmt: skip
+    for step in range(5):
+        parts = [next(r) for r in ranks]
+        assert torch.equal(torch.cat([p["image"] for p in parts]), one[step]["image"])
+        assert torch.equal(torch.cat([p["label"] for p in parts]), one[step]["label"])
+
+    # Resume mid-epoch: the state after 3 batches continues with batches 3, 4.
+    first = PortableLoader(png_tree, RES, 6, seed=1, num_workers=2)
+    _take(first, 3)
+    state = first.state_dict()
+    resumed = PortableLoader(png_tree, RES, 6, seed=1, num_workers=0)
+    resumed.load_state_dict(state)
+    assert _equal(_take(resumed, 2), one[3:5])
+    first.load_state_dict({**state, "index": 0})  # rewinding a running loader works too
+    assert _equal(_take(first, 2), one[2:4])
+    with pytest.raises(ValueError, match="global_batch_size 6, this run 3"):
+        PortableLoader(png_tree, RES, 3, num_workers=0).load_state_dict(state)
+
+
+def test_flips_are_seeded(png_tree):
+    def flips(seed):
+        schedule = BatchSchedule(15, 5, seed=seed)
+        return np.concatenate([schedule.rows(e, i)[1] for e in range(20) for i in range(3)])
+
+    assert np.array_equal(flips(0), flips(0)) and not np.array_equal(flips(0), flips(1))
+    assert abs(flips(0).mean() - 0.5) < 0.1  # 300 draws, p = 0.5 (σ ≈ 0.03)
+    always = next(PortableLoader(png_tree, RES, 3, flip_p=1.0, convention=None, num_workers=0))
+    never = next(PortableLoader(png_tree, RES, 3, flip_p=0.0, convention=None, num_workers=0))
+    assert torch.equal(always["image"], never["image"].flip(-1))
+
+
+@pytest.fixture()
+def bad_tree(tmp_path, png_tree):
+    """The PNG tree with n02_1.png truncated and n03_4.png too small for the crop."""
+    root = tmp_path / "bad"
+    shutil.copytree(png_tree, root)
+    victim = root / "n02" / "n02_1.png"
+    victim.write_bytes(victim.read_bytes()[:200])
+    _write(str(root / "n03" / "n03_4.png"), np.zeros((RES - 1, RES + 4, 3), np.uint8))
+    return root
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_portable_bad_file_raises_naming_it(bad_tree, workers):
+    loader = PortableLoader(bad_tree, RES, 15, num_workers=workers)  # one batch holds every file
+    with pytest.raises(BadImageError, match="n02_1.png|n03_4.png"):
+        next(loader)
+
+
+def test_portable_skip_mode_substitutes_and_counts(bad_tree, caplog):
+    folder = FolderIndex.scan(bad_tree)
+    bad = {folder.relpath(i): i for i in range(15)}
+    bad = {bad["n02/n02_1.png"], bad["n03/n03_4.png"]}
+    options = dict(convention=None, flip_p=0.0, on_error="skip", num_workers=0)
+    loader = PortableLoader(folder, RES, 15, **options)
+    with caplog.at_level(logging.WARNING, logger="epg.data"):
+        batches = _take(loader, 2)
+    # The slot of a bad file holds the next good file in index order (n03_4 wraps to n01_0).
+    substitute = {i: (i + 1) % 15 for i in bad}
+    rows = BatchSchedule(15, 15).rows(0, 0)[0]
+    used = np.array([substitute.get(int(i), int(i)) for i in rows])
+    assert torch.equal(batches[0]["label"], torch.from_numpy(folder.labels[used]))
+    assert loader.skipped == 4 and loader.state_dict()["skipped"] == 4  # 2 files × 2 epochs
+    assert caplog.text.count("n02_1.png") == 1 and caplog.text.count("smaller than") == 1
+    assert loader.bad_files == {folder.path(i) for i in bad}
+
+
+# ---------------------------------------------------------------------------------------------
+# DALI (CPU mode here; the "mixed" GPU decoder under the cuda marker)
+# ---------------------------------------------------------------------------------------------
+
+
+def test_dali_missing_names_the_install_command(monkeypatch, png_tree):
+    from epg.data.dali import DaliLoader
+
+    monkeypatch.setitem(sys.modules, "nvidia.dali", None)  # makes the import fail
+    with pytest.raises(ImportError, match=r"pip install 'epg\[dali\]'"):
+        DaliLoader(png_tree, RES, 4)
+
+
+def _dali_loader():
+    pytest.importorskip("nvidia.dali", reason="NVIDIA DALI is not installed (epg[dali])")
+    from epg.data.dali import DaliLoader
+
+    return DaliLoader
+
+
+def test_dali_cpu_gives_the_portable_images_and_resumes(png_tree):
+    DaliLoader = _dali_loader()
+    for convention, rank, world in ((None, 0, 1), ("imagenet", 1, 2)):
+        options = dict(rank=rank, world_size=world, seed=5, convention=convention)
+        portable = _take(PortableLoader(png_tree, RES, 4, num_workers=0, **options), 8)
+        with DaliLoader(png_tree, RES, 4, num_threads=1, **options) as loader:
+            assert loader.decoder == "cpu"
+            assert _equal(_take(loader, 5), portable[:5])
+            state = loader.state_dict()
+        with DaliLoader(png_tree, RES, 4, num_threads=1, **options) as resumed:
+            resumed.load_state_dict(state)
+            assert _equal(_take(resumed, 3), portable[5:8])
+
+
+def test_dali_bad_files_raise_or_are_skipped_like_the_portable_loader(bad_tree):
+    DaliLoader = _dali_loader()
+    with DaliLoader(bad_tree, RES, 15, num_threads=1) as loader:
+        with pytest.raises(BadImageError, match="n02_1.png|n03_4.png"):
+            next(loader)
+    options = dict(convention=None, on_error="skip")
+    portable = PortableLoader(bad_tree, RES, 5, num_workers=0, **options)
+    expected = _take(portable, 6)
+    with DaliLoader(bad_tree, RES, 5, num_threads=1, **options) as loader:
+        assert _equal(_take(loader, 6), expected)
+        assert loader.skipped == portable.skipped == 4
+        assert loader.bad_files == portable.bad_files
+
+
+@pytest.mark.cuda
+def test_dali_mixed_decoder_matches_portable_on_gpu(png_tree, tmp_path):
+    DaliLoader = _dali_loader()
+    expected = _take(PortableLoader(png_tree, RES, 4, device="cuda", num_workers=2), 4)
+    assert expected[0]["image"].is_cuda and expected[0]["label"].is_cuda
+    with DaliLoader(png_tree, RES, 4, device="cuda") as loader:
+        assert loader.decoder == "mixed"
+        assert _equal(_take(loader, 4), expected)  # PNG is lossless: exact
+    # JPEG: nvJPEG and libjpeg-turbo may round differently; the images must still agree closely.
+    jpegs = tmp_path / "jpegs"
+    for k, path in enumerate(sample_jpeg_paths() * 2):
+        array = center_crop_arr(Image.open(path).convert("RGB"), 64)
+        _write(str(jpegs / f"n{k % 2}" / f"{k}.jpg"), array, quality=95)
+    options = dict(convention=None, device="cuda")
+    portable = next(PortableLoader(jpegs, 64, 4, num_workers=0, **options))["image"]
+    with DaliLoader(jpegs, 64, 4, **options) as loader:
+        gpu = next(loader)["image"]
+    diff = (gpu.int() - portable.int()).abs()
+    assert diff.float().mean() < 1.0 and diff.max() <= 16
