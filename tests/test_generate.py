@@ -181,6 +181,18 @@ def test_cli_sampler_names_match_the_library():
     assert set(_SAMPLERS) == set(sampling.SAMPLERS)
 
 
+@pytest.mark.slow
+def test_compiled_sampling_matches_eager_on_cpu():
+    net = _tiny()
+    labels = torch.arange(3) % 10
+    # 8 points: with only 2–3 the last Heun step divides by a tiny σ and magnifies float noise.
+    kw = dict(steps=8, guidance=2.0, null_class=net.null_class, progress=False,
+              guidance_interval=(0.0, float("inf")))  # fmt: skip
+    eager = sampling.sample(make_denoiser(net, "diffusion"), labels, 32, 3, **kw)
+    compiled = sampling.sample(make_denoiser(net, "diffusion", compile=True), labels, 32, 3, **kw)
+    torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-4)
+
+
 def test_cuda_graph_denoiser_refuses_cpu_tensors():
     graphed = sampling.CUDAGraphDenoiser(lambda x, s, y: x)
     with pytest.raises(RuntimeError, match="CUDA graphs need CUDA tensors"):
