@@ -77,6 +77,10 @@ class TrainConfig:
     objective: dict[str, Any] = field(default_factory=dict)  # objective constructor options
     augment: dict[str, Any] = field(default_factory=dict)  # stage-1 view augmentation options
     encoder: str | None = None  # stage 2: stage-1 checkpoint (epg folder or official .pth)
+    # stage 2: start from a whole stage-2 network (epg folder or official .pth of this config),
+    # e.g. consistency tuning from a diffusion model as ECT does; the encoder option then only
+    # supplies the consistency loss's perceptual network
+    init: str | None = None
     perceptual: str | None = None  # consistency: frozen stage-1 network (default: encoder)
     perceptual_config: str = "rcm-b-16"  # the config of an official perceptual .pth
     compile: bool = True
@@ -104,6 +108,8 @@ class TrainConfig:
             raise ValueError("lr_milestones and lr_factors must have the same length")
         if self.parallel not in ("ddp", "fsdp"):
             raise ValueError(f"parallel must be ddp or fsdp, got {self.parallel!r}")
+        if self.init and self.mode == "pretrain":
+            raise ValueError("init (a stage-2 network to start from) is for diffusion/consistency runs")
         if self.precision not in ("auto", "bf16", "fp32"):
             raise ValueError(f"precision must be auto, bf16 or fp32, got {self.precision!r}")
 
@@ -212,6 +218,18 @@ def load_encoder_weights(model: EPGViT, path: str | os.PathLike) -> list[str]:
     return encoder_keys
 
 
+def load_network_weights(model: EPGViT, path: str | os.PathLike, official_config: str) -> None:
+    """Copy every weight of a stage-2 network (epg checkpoint folder, or an official ``.pth``
+    read as ``official_config``) into ``model``; the architectures must match exactly."""
+    source = _load_network(path, official_config)
+    # Dropout has no weights: a diffusion model (drop 0) may start a consistency run (drop 0.5).
+    same = isinstance(source, EPGViT) and dataclasses.replace(source.config, drop=model.config.drop) == model.config
+    if not same:
+        got = source.config if isinstance(source, EPGViT) else type(source).__name__
+        raise ckpt.CheckpointError(f"{path} holds {got}; this run builds {model.config}")
+    ckpt.load_state_dict_strict(model, source.state_dict(), source=str(path))
+
+
 def _load_network(path: str | os.PathLike, official_config: str) -> nn.Module:
     path = Path(path)
     if ckpt.is_epg_checkpoint(path):
@@ -275,7 +293,9 @@ class Trainer:
                 distributed.convert_batchnorm(self.model)
             self.target = self._frozen_copy(self.model)
         else:
-            if cfg.encoder:
+            if cfg.init:
+                load_network_weights(self.model, cfg.init, cfg.model)
+            elif cfg.encoder:
                 load_encoder_weights(self.model, cfg.encoder)
             self.ema = self._frozen_copy(self.model)
             if cfg.mode == "consistency" and (cfg.perceptual or cfg.encoder):

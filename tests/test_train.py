@@ -245,3 +245,20 @@ def test_cuda_compiled_consistency_target_shares_dropout_masks(tmp_path):
     draws["r"] = draws["t"].clone()
     _, terms = trainer.loss_fn(batch, draws)
     assert terms["consistency"].item() == 0.0
+
+
+def test_init_starts_from_a_whole_stage2_network(tmp_path):
+    dm = Trainer(_cfg(tmp_path / "dm", "diffusion", steps=1))
+    dm.fit()
+    exported = dm.export()
+    # A consistency run (decoder dropout 0.5) from the diffusion network, as ECT starts.
+    cm = Trainer(_cfg(tmp_path / "cm", "consistency", steps=1, init=str(exported)))
+    for a, b in zip(cm.model.state_dict().values(), dm.ema.state_dict().values()):
+        assert torch.equal(a, b)
+    for a, b in zip(cm.ema.parameters(), cm.model.parameters()):
+        assert torch.equal(a, b)
+    cm.fit()
+    with pytest.raises(ValueError, match="holds EPGConfig"):
+        Trainer(_cfg(tmp_path / "x", "diffusion", init=str(exported), model_overrides={**TINY, "depth": 3}))
+    with pytest.raises(ValueError, match="init"):
+        TrainConfig(mode="pretrain", init=str(exported)).validate()
