@@ -6,12 +6,15 @@ Backends:
              tensors under ``TRITON_INTERPRET=1`` when forced (that is how the CPU tests run them).
   cuda       the compiled extension ``epg._C``: CUDA kernels for CUDA tensors and their C++ twins
              (same arithmetic) for CPU tensors; the CPU twins run only when forced.
+  sdpa       attention only: PyTorch's scaled_dot_product_attention (``EPG_SDPA_KERNEL`` pins
+             one of its kernels); see ``epg._attention_providers``.
+  flash_attn attention only: the flash-attn package (FA3 or FA2) when installed; CUDA fp16/bf16.
 
 Automatic choice (the default, ``EPG_BACKEND=auto``): on a CUDA tensor the first backend in
 ``AUTO_ORDER`` that implements the op, else the reference; on any other device the reference.
 Automatic choice never raises.
 
-Forcing: ``EPG_BACKEND=reference|triton|cuda`` for every op, ``EPG_BACKEND_<OP>`` (for example
+Forcing: ``EPG_BACKEND=reference|triton|cuda|sdpa|flash_attn`` for every op, ``EPG_BACKEND_<OP>`` (for example
 ``EPG_BACKEND_LAYER_NORM``) for one op, or :func:`use_backend` in code (it wins over both
 variables). A forced backend that cannot run the op raises :class:`BackendUnavailableError` saying
 why. A backward (``<op>_backward``) follows its forward's forced backend when that backend has a
@@ -32,7 +35,7 @@ import torch
 
 from . import reference
 
-BACKENDS = ("reference", "triton", "cuda")
+BACKENDS = ("reference", "triton", "cuda", "sdpa", "flash_attn")
 AUTO_ORDER = ("cuda", "triton")
 ENV_VAR = "EPG_BACKEND"
 
@@ -104,7 +107,33 @@ def _cuda_info() -> BackendInfo:
     return BackendInfo("cuda", True, f"epg._C: {built}", impls, runs_on_cuda=with_cuda)
 
 
-_INFO = {"reference": _reference_info, "triton": _triton_info, "cuda": _cuda_info}
+@functools.cache
+def _sdpa_info() -> BackendInfo:
+    from . import _attention_providers as providers
+
+    return BackendInfo("sdpa", True, f"PyTorch SDPA (torch {torch.__version__}); attention only",
+                       dict(providers.SDPA_IMPLEMENTATIONS), runs_on_cuda=True)  # fmt: skip
+
+
+@functools.cache
+def _flash_info() -> BackendInfo:
+    from . import _attention_providers as providers
+
+    module, what = providers._flash_module()
+    if module is None:
+        return BackendInfo("flash_attn", False, what, {})
+    return BackendInfo("flash_attn", True, f"{what}; attention only, CUDA fp16/bf16",
+                       dict(providers.FLASH_IMPLEMENTATIONS), runs_on_cuda=torch.cuda.is_available(),
+                       supports=dict(providers.FLASH_SUPPORTS))  # fmt: skip
+
+
+_INFO = {
+    "reference": _reference_info,
+    "triton": _triton_info,
+    "cuda": _cuda_info,
+    "sdpa": _sdpa_info,
+    "flash_attn": _flash_info,
+}
 
 
 def info(name: str) -> BackendInfo:
@@ -141,7 +170,9 @@ def _why_not(backend: BackendInfo, op: str, device: torch.device) -> str | None:
     if device.type != "cuda" and backend.name == "triton":
         if os.environ.get("TRITON_INTERPRET") != "1":
             return "Triton runs CPU tensors only under TRITON_INTERPRET=1 (set before import)"
-    if device.type not in ("cpu", "cuda") and backend.name != "reference":
+    if device.type != "cuda" and backend.name == "flash_attn":
+        return "flash-attn runs CUDA tensors only"
+    if device.type not in ("cpu", "cuda") and backend.name not in ("reference", "sdpa"):
         return f"{backend.name} does not support device {device.type}"
     return None
 
