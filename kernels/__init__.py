@@ -1,10 +1,11 @@
 """Triton kernels behind ``epg.ops``; this folder installs as the package ``epg_kernels``.
 
 Plain launchers over tensors, one op family per module (``layer_norm``: LayerNorm and LayerNorm +
-adaLN modulation, forward and backward; ``attention``: flash attention on packed qkv, forward and
-backward). Each launcher has the signature and return convention of the function of the same
-name in ``epg.reference``, which defines the math. The package knows nothing of EPG models,
-autograd or ``torch.library``: the op layer wires these in.
+adaLN modulation; ``attention``: flash attention on packed qkv; ``patch_embed``: image → tokens
+with the patch gather folded into the matrix product; ``residual``: the gated residual add
+x + gate·y; each forward and backward). Each launcher has the signature and return convention of
+the function of the same name in ``epg.reference``, which defines the math. The package knows
+nothing of EPG models, autograd or ``torch.library``: the op layer wires these in.
 
 The op layer reads these names:
 
@@ -33,6 +34,9 @@ else:
     UNAVAILABLE_REASON = None
     from .attention import MAX_HEAD_DIM, SUPPORTED_DTYPES, attention, attention_backward
     from .layer_norm import layer_norm, layer_norm_backward, ln_modulate, ln_modulate_backward
+    from .patch_embed import declines as _patch_embed_declines
+    from .patch_embed import patch_embed, patch_embed_backward
+    from .residual import gated_residual, gated_residual_backward
 
     IMPLEMENTATIONS.update(
         {
@@ -42,6 +46,10 @@ else:
             "layer_norm_backward": layer_norm_backward,
             "ln_modulate": ln_modulate,
             "ln_modulate_backward": ln_modulate_backward,
+            "patch_embed": patch_embed,
+            "patch_embed_backward": patch_embed_backward,
+            "gated_residual": gated_residual,
+            "gated_residual_backward": gated_residual_backward,
         }
     )
 
@@ -60,6 +68,9 @@ else:
         {
             "attention": _attention_supports,
             "attention_backward": lambda grad, qkv, num_heads: _attention_supports(qkv, num_heads),
+            # float64 (no tl.dot path) and channel-less images: the reference runs them.
+            "patch_embed": _patch_embed_declines,
+            "patch_embed_backward": _patch_embed_declines,
         }
     )
 
