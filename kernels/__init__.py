@@ -3,7 +3,8 @@
 Plain launchers over tensors, one op family per module (``layer_norm``: LayerNorm and LayerNorm +
 adaLN modulation; ``attention``: flash attention on packed qkv; ``patch_embed``: image → tokens
 with the patch gather folded into the matrix product; ``residual``: the gated residual add
-x + gate·y; each forward and backward). Each launcher has the signature and return convention of
+x + gate·y; ``infonce``: InfoNCE over L2-normalised queries and gathered keys, without storing the
+(B, M) logits; each forward and backward). Each launcher has the signature and return convention of
 the function of the same name in ``epg.reference``, which defines the math. The package knows
 nothing of EPG models, autograd or ``torch.library``: the op layer wires these in.
 
@@ -33,6 +34,8 @@ except Exception as exc:  # ImportError, or a broken install raising something e
 else:
     UNAVAILABLE_REASON = None
     from .attention import MAX_HEAD_DIM, SUPPORTED_DTYPES, attention, attention_backward
+    from .infonce import declines as _info_nce_declines
+    from .infonce import info_nce, info_nce_backward
     from .layer_norm import layer_norm, layer_norm_backward, ln_modulate, ln_modulate_backward
     from .patch_embed import declines as _patch_embed_declines
     from .patch_embed import patch_embed, patch_embed_backward
@@ -50,6 +53,8 @@ else:
             "patch_embed_backward": patch_embed_backward,
             "gated_residual": gated_residual,
             "gated_residual_backward": gated_residual_backward,
+            "info_nce": info_nce,
+            "info_nce_backward": info_nce_backward,
         }
     )
 
@@ -71,6 +76,9 @@ else:
             # float64 (no tl.dot path) and channel-less images: the reference runs them.
             "patch_embed": _patch_embed_declines,
             "patch_embed_backward": _patch_embed_declines,
+            # float64, or q and k of different dtypes: the reference runs them.
+            "info_nce": _info_nce_declines,
+            "info_nce_backward": lambda grad, q, k, tau: _info_nce_declines(q, k),
         }
     )
 
