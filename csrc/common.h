@@ -7,6 +7,8 @@
 
 #include <ATen/core/Tensor.h>
 #include <c10/core/ScalarType.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
 #include <c10/util/Exception.h>
 
 #include <cstdint>
@@ -56,6 +58,46 @@ inline void check_dim(const at::Tensor& t, int64_t dim, const char* op,
               "-D tensor of shape ", t.sym_sizes());
 }
 
+// `t` must be float32, float64, bfloat16 or float16 (the dtypes of image-sized
+// tensors: data in float32/64, network outputs in bf16/fp16 under autocast).
+inline bool is_kernel_float(at::ScalarType st) {
+  return st == at::kFloat || st == at::kDouble || st == at::kBFloat16 || st == at::kHalf;
+}
+
+inline void check_kernel_float(const at::Tensor& t, const char* op, const char* arg) {
+  TORCH_CHECK(is_kernel_float(t.scalar_type()), op, ": expected `", arg,
+              "` to have dtype torch.float32, torch.float64, torch.bfloat16 or "
+              "torch.float16, but got ", dtype_name(t.scalar_type()));
+}
+
+// `t` must live on `device` (the device of the op's first tensor argument).
+inline void check_same_device(const at::Tensor& t, const at::Device& device, const char* op,
+                              const char* arg, const char* first) {
+  TORCH_CHECK(t.device() == device, op, ": expected `", arg, "` on the device of `", first,
+              "` (", device, "), but got ", t.device());
+}
+
+// Backend entry points: every tensor argument must be on the kernel's device type.
+inline void check_backend_device(const at::Tensor& t, bool cuda, const char* op,
+                                 const char* arg) {
+  if (cuda) {
+    TORCH_CHECK(t.device().is_cuda(), op, " (CUDA kernel): expected `", arg,
+                "` on a CUDA device, but got ", t.device());
+  } else {
+    TORCH_CHECK(t.device().is_cpu(), op, " (CPU kernel): expected `", arg,
+                "` on the CPU, but got ", t.device());
+  }
+}
+
+// Whether `a` and `b` have the same (possibly symbolic) shape.
+inline bool same_shape(const at::Tensor& a, const at::Tensor& b) {
+  if (a.dim() != b.dim()) return false;
+  for (int64_t i = 0; i < a.dim(); ++i) {
+    if (!(a.sym_size(i) == b.sym_size(i))) return false;
+  }
+  return true;
+}
+
 // Calls f(scalar_t{}) for float32 / float64 tensors. Both the CPU and CUDA
 // kernels use this instead of AT_DISPATCH_* to keep the .cu includes light.
 template <typename F>
@@ -66,6 +108,35 @@ inline void dispatch_float_double(at::ScalarType st, const char* op, F&& f) {
     default:
       TORCH_CHECK(false, op, ": expected dtype torch.float32 or torch.float64, but got ",
                   dtype_name(st));
+  }
+}
+
+// Calls f(scalar_t{}) for float32 / float64 / bfloat16 / float16 tensors.
+template <typename F>
+inline void dispatch_kernel_float(at::ScalarType st, const char* op, F&& f) {
+  switch (st) {
+    case at::kFloat: f(float{}); break;
+    case at::kDouble: f(double{}); break;
+    case at::kBFloat16: f(c10::BFloat16{}); break;
+    case at::kHalf: f(c10::Half{}); break;
+    default:
+      TORCH_CHECK(false, op, ": expected dtype torch.float32, torch.float64, torch.bfloat16 or "
+                  "torch.float16, but got ", dtype_name(st));
+  }
+}
+
+// Calls f(word_t{}) with the unsigned integer type of the element size (1, 2, 4 or 8 bytes);
+// layout-only kernels move elements as raw words, whatever their dtype.
+template <typename F>
+inline void dispatch_element_size(int64_t size, const char* op, F&& f) {
+  switch (size) {
+    case 1: f(uint8_t{}); break;
+    case 2: f(uint16_t{}); break;
+    case 4: f(uint32_t{}); break;
+    case 8: f(uint64_t{}); break;
+    default:
+      TORCH_CHECK(false, op, ": expected a dtype of 1, 2, 4 or 8 bytes per element, but got ",
+                  size, " bytes");
   }
 }
 

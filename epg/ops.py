@@ -5,7 +5,8 @@ Every op ``epg::<op>`` has
   * a fake kernel, which is the reference itself run on fake tensors, so output shapes, dtypes and
     strides are those of the reference by construction (every backend must match them);
   * a registered autograd formula whose backward is the custom op ``epg::<op>_backward``, chosen
-    the same way.
+    the same way (patchify_hwc / unpatchify_hwc use each other; normalize_images and to_uint8
+    are not differentiable).
 So ``torch.compile(fullgraph=True)`` traces through them without graph breaks, and
 ``torch.library.opcheck`` passes. The public functions below validate shapes (raising
 ``ValueError`` with the expected form) and call the custom ops; models call only these.
@@ -15,6 +16,7 @@ Shapes: B batch, T tokens, D width, H heads, Dh head dim, C channels, p patch si
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
@@ -34,10 +36,19 @@ __all__ = [
     "output_head",
     "timestep_embedding",
     "edm_scalings",
+    "noise_precondition",
+    "weighted_mse_loss",
+    "pseudo_huber_loss",
+    "normalize_images",
+    "to_uint8",
+    "patchify_hwc",
+    "unpatchify_hwc",
     "OPS",
 ]
 
-#: The fused ops, by name (each also has a ``<name>_backward``).
+#: The fused ops, by name. Each differentiable op has a ``<name>_backward`` op, except the
+#: patch layout pair (each is the other's gradient); normalize_images and to_uint8 have no
+#: gradient (integer input / output).
 OPS = (
     "layer_norm",
     "ln_modulate",
@@ -47,6 +58,13 @@ OPS = (
     "output_head",
     "timestep_embedding",
     "edm_scalings",
+    "noise_precondition",
+    "weighted_mse_loss",
+    "pseudo_huber_loss",
+    "normalize_images",
+    "to_uint8",
+    "patchify_hwc",
+    "unpatchify_hwc",
 )
 
 
@@ -472,3 +490,410 @@ def edm_scalings(
         lambda: f"edm_scalings: mode must be one of {reference.EDM_MODES}, got {mode!r}",
     )
     return _edm_scalings_op(sigma, float(sigma_data), float(sigma_min), mode)
+
+
+# --- stage-2 ops: preconditioning, losses, image conversion, patch layout -------------------------
+#
+# On CUDA tensors these run the epg._C kernels (csrc/<op>_cuda.cu), on CPU tensors the reference
+# (their C++ twins when the cuda backend is forced). Only a GPU can confirm the CUDA kernels'
+# values on the device and their bandwidth: tests/test_extension_ops.py -m cuda.
+
+# --- shared validation of the image-sized ops ------------------------------------------------------
+
+#: dtypes of image-sized tensors every backend takes (data in float32/64, network outputs in
+#: bf16/fp16 under autocast).
+FLOAT_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+MAX_IMAGE_CHANNELS = 16
+
+
+def _check_float(name: str, arg: str, t: Tensor) -> None:
+    _check(
+        t.dtype in FLOAT_DTYPES,
+        lambda: f"{name}: {arg} must be float32, float64, bfloat16 or float16, got {t.dtype}",
+    )
+
+
+def _check_per_sample(name: str, arg: str, t: Tensor, like: Tensor) -> None:
+    B = like.shape[0]
+    _check(
+        t.dim() == 1 and t.shape[0] == B,
+        lambda: f"{name}: {arg} must be ({B},) for a batch of {B}, got {tuple(t.shape)}",
+    )
+    _check(
+        t.device == like.device,
+        lambda: f"{name}: {arg} must be on {like.device} like the images, got {t.device}",
+    )
+
+
+# --- noise preconditioning ------------------------------------------------------------------------
+
+
+@_custom_op("noise_precondition")
+def _noise_precondition_op(
+    x0: Tensor, eps: Tensor, sigma: Tensor, sigma_data: float, sigma_min: float, mode: str
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    return _run("noise_precondition", x0, x0, eps, sigma, sigma_data, sigma_min, mode)
+
+
+@_custom_op("noise_precondition_backward")
+def _noise_precondition_backward_op(
+    grad_x_in: Tensor,
+    grad_c_in: Tensor,
+    grad_c_skip: Tensor,
+    grad_c_out: Tensor,
+    grad_t_cond: Tensor,
+    x0: Tensor,
+    eps: Tensor,
+    sigma: Tensor,
+    sigma_data: float,
+    sigma_min: float,
+    mode: str,
+) -> tuple[Tensor, Tensor, Tensor]:
+    return _run(
+        "noise_precondition_backward", x0,
+        grad_x_in, grad_c_in, grad_c_skip, grad_c_out, grad_t_cond,
+        x0, eps, sigma, sigma_data, sigma_min, mode,
+    )  # fmt: skip
+
+
+def _noise_precondition_setup(ctx, inputs, output):
+    x0, eps, sigma, ctx.sigma_data, ctx.sigma_min, ctx.mode = inputs
+    ctx.save_for_backward(x0, eps, sigma)
+
+
+def _noise_precondition_grad(ctx, grad_x_in, *grad_scalings):
+    x0, eps, sigma = ctx.saved_tensors
+    grad_x_in = torch.zeros_like(x0) if grad_x_in is None else grad_x_in
+    grad_scalings = [torch.zeros_like(sigma) if g is None else g for g in grad_scalings]
+    grads = _noise_precondition_backward_op(
+        grad_x_in, *grad_scalings, x0, eps, sigma, ctx.sigma_data, ctx.sigma_min, ctx.mode
+    )
+    return (*grads, None, None, None)
+
+
+_noise_precondition_op.register_autograd(
+    _noise_precondition_grad, setup_context=_noise_precondition_setup
+)
+
+
+def noise_precondition(
+    x0: Tensor,
+    eps: Tensor,
+    sigma: Tensor,
+    sigma_data: float = 0.5,
+    sigma_min: float = 0.002,
+    mode: str = "x0",
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """The network input of a training step and its scalings, in one pass over the images.
+
+    x_in = c_in(σ)·(x0 + σ·ε) per sample (§3, §6.2, §7.3), plus (c_in, c_skip, c_out, t_cond) of
+    :func:`edm_scalings` for the same σ and mode. Pass the *shifted* σ and σ̃_min (σ_min·H/64).
+
+    Args: x0, eps (B, …) of one dtype (float32/64, bfloat16, float16); sigma (B,) float32 or
+    float64. Returns (x_in (B, …) in x0's dtype, then four (B,) tensors in sigma's dtype).
+    Differentiable in x0, eps and sigma.
+    """
+    name = "noise_precondition"
+    _check(x0.dim() >= 1, lambda: f"{name}: x0 must be (B, ...), got a 0-d tensor")
+    _check_float(name, "x0", x0)
+    _check(
+        eps.shape == x0.shape and eps.dtype == x0.dtype and eps.device == x0.device,
+        lambda: f"{name}: eps must match x0 {tuple(x0.shape)} {x0.dtype} on {x0.device}, "
+        f"got {tuple(eps.shape)} {eps.dtype} on {eps.device}",
+    )
+    _check_per_sample(name, "sigma", sigma, x0)
+    _check(
+        sigma.dtype in (torch.float32, torch.float64),
+        lambda: f"{name}: sigma must be float32 or float64, got {sigma.dtype}",
+    )
+    _check(
+        mode in reference.EDM_MODES,
+        lambda: f"{name}: mode must be one of {reference.EDM_MODES}, got {mode!r}",
+    )
+    return _noise_precondition_op(x0, eps, sigma, float(sigma_data), float(sigma_min), mode)
+
+
+# --- per-sample losses -----------------------------------------------------------------------------
+
+
+def _check_loss_args(name: str, pred: Tensor, target: Tensor, weight: Tensor) -> None:
+    _check(pred.dim() >= 1, lambda: f"{name}: pred must be (B, ...), got a 0-d tensor")
+    _check_float(name, "pred", pred)
+    low = (torch.bfloat16, torch.float16)
+    _check(
+        target.shape == pred.shape and target.device == pred.device,
+        lambda: f"{name}: target must have pred's shape {tuple(pred.shape)} on {pred.device}, "
+        f"got {tuple(target.shape)} on {target.device}",
+    )
+    _check(
+        target.dtype == pred.dtype or (pred.dtype in low and target.dtype == torch.float32),
+        lambda: f"{name}: target must have pred's dtype {pred.dtype} (or float32 for a "
+        f"bfloat16/float16 pred), got {target.dtype}",
+    )
+    _check_per_sample(name, "weight", weight, pred)
+    _check_float(name, "weight", weight)
+
+
+@_custom_op("weighted_mse_loss")
+def _weighted_mse_loss_op(pred: Tensor, target: Tensor, weight: Tensor) -> tuple[Tensor, Tensor]:
+    return _run("weighted_mse_loss", pred, pred, target, weight)
+
+
+@_custom_op("weighted_mse_loss_backward")
+def _weighted_mse_loss_backward_op(
+    grad: Tensor, pred: Tensor, target: Tensor, weight: Tensor
+) -> Tensor:
+    return _run("weighted_mse_loss_backward", pred, grad, pred, target, weight)
+
+
+def _loss_setup(ctx, inputs, output):
+    pred, target, weight, *rest = inputs
+    ctx.c = rest[0] if rest else None
+    _, stat = output
+    ctx.mark_non_differentiable(stat)  # the statistic is returned for logging and the weight grad
+    ctx.save_for_backward(pred, target, weight, stat)
+
+
+def _loss_grads(ctx, grad_pred: Tensor | None, grad: Tensor, weight_factor: Tensor):
+    """(grad_pred, grad_target, grad_weight) from d loss / d pred and d loss / d weight."""
+    _, target, weight, _ = ctx.saved_tensors
+    grad_target = None
+    if grad_pred is not None and ctx.needs_input_grad[1]:
+        grad_target = grad_pred.neg().to(target.dtype)
+    grad_weight = None
+    if ctx.needs_input_grad[2]:
+        grad_weight = (grad.to(weight_factor.dtype) * weight_factor).to(weight.dtype)
+    return grad_pred if ctx.needs_input_grad[0] else None, grad_target, grad_weight
+
+
+def _weighted_mse_loss_grad(ctx, grad, _grad_mse):
+    pred, target, weight, mse = ctx.saved_tensors
+    grad_pred = None
+    if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:
+        grad_pred = _weighted_mse_loss_backward_op(grad, pred, target, weight)
+    return _loss_grads(ctx, grad_pred, grad, mse)
+
+
+_weighted_mse_loss_op.register_autograd(_weighted_mse_loss_grad, setup_context=_loss_setup)
+
+
+def weighted_mse_loss(pred: Tensor, target: Tensor, weight: Tensor) -> Tensor:
+    """Per-sample weighted MSE: loss_b = weight_b · mean over sample b of (pred − target)².
+
+    The stage-2a diffusion loss (§6.2) is ``weighted_mse_loss(x̂0, x0, w).mean()``, equal to
+    mean_{B,C,H,W}[w·(x̂0 − x0)²]. One read of pred and target forward, one backward.
+
+    Args: pred (B, …) float32/64, bfloat16 or float16; target of pred's shape and dtype, or
+    float32 for a bfloat16/float16 pred; weight (B,). Returns (B,) float32 (float64 for a
+    float64 pred). Differentiable in pred, target and weight.
+    """
+    _check_loss_args("weighted_mse_loss", pred, target, weight)
+    return _weighted_mse_loss_op(pred, target, weight)[0]
+
+
+@_custom_op("pseudo_huber_loss")
+def _pseudo_huber_loss_op(
+    pred: Tensor, target: Tensor, weight: Tensor, c: float
+) -> tuple[Tensor, Tensor]:
+    return _run("pseudo_huber_loss", pred, pred, target, weight, c)
+
+
+@_custom_op("pseudo_huber_loss_backward")
+def _pseudo_huber_loss_backward_op(
+    grad: Tensor, pred: Tensor, target: Tensor, weight: Tensor, sqsum: Tensor, c: float
+) -> Tensor:
+    return _run("pseudo_huber_loss_backward", pred, grad, pred, target, weight, sqsum, c)
+
+
+def _pseudo_huber_loss_grad(ctx, grad, _grad_sqsum):
+    pred, target, weight, sqsum = ctx.saved_tensors
+    grad_pred = None
+    if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:
+        grad_pred = _pseudo_huber_loss_backward_op(grad, pred, target, weight, sqsum, ctx.c)
+    grads = _loss_grads(ctx, grad_pred, grad, sqsum / torch.sqrt(sqsum + ctx.c * ctx.c))
+    return (*grads, None)
+
+
+_pseudo_huber_loss_op.register_autograd(_pseudo_huber_loss_grad, setup_context=_loss_setup)
+
+
+def pseudo_huber_loss(pred: Tensor, target: Tensor, weight: Tensor, c: float = 0.06) -> Tensor:
+    """The consistency loss of stage 2b (§7.3) per sample: with S_b = Σ over sample b of
+    (pred − target)², loss_b = weight_b · S_b / sqrt(sg(S_b) + c²).
+
+    pred = D_θ(x_t, t) and target = D_sgθ(x_r, r) are the two EDM-parameterised outputs,
+    weight = 1/(t − r) on shifted t, r (0 where t = r), c = 0.06 (not scaled with the image
+    size). The normaliser is under stop-gradient as in the official code, so the gradient is
+    d loss_b / d pred = weight_b·2·(pred − target)/sqrt(S_b + c²), twice that of
+    weight·(sqrt(S + c²) − c); the value is S/sqrt(S + c²), not the pseudo-Huber distance.
+
+    Args: as :func:`weighted_mse_loss`, plus c > 0. Returns (B,) float32 (float64 for a
+    float64 pred). Differentiable in pred, target and weight.
+    """
+    _check_loss_args("pseudo_huber_loss", pred, target, weight)
+    _check(
+        math.isfinite(c) and c > 0, lambda: f"pseudo_huber_loss: c must be a finite number > 0, got {c}"
+    )
+    return _pseudo_huber_loss_op(pred, target, weight, float(c))[0]
+
+
+# --- image conversion -----------------------------------------------------------------------------
+
+
+@_custom_op("normalize_images")
+def _normalize_images_op(
+    images: Tensor, flip: Tensor | None, mean: list[float], std: list[float], dtype: torch.dtype
+) -> Tensor:
+    return _run("normalize_images", images, images, flip, mean, std, dtype)
+
+
+def normalize_images(
+    images: Tensor, convention: str, flip: Tensor | None = None, dtype: torch.dtype = torch.float32
+) -> Tensor:
+    """A decoded uint8 batch → normalised network images, with per-sample horizontal flips.
+
+    x = (u/255 − mean)/std per channel in the data convention of §2: ``"imagenet"``
+    (x01 − mean)/(2·std) with the ImageNet statistics (3 channels), ``"simple"`` 2·x01 − 1.
+    One pass: reads the uint8 NHWC batch once, writes the NCHW result once.
+
+    Args: images uint8 (B, H, W, C) as a decoder delivers it, 1 ≤ C ≤ 16; convention;
+    flip None or bool (B,) (True: mirror that sample left-right); dtype of the result
+    (float32/64, bfloat16, float16; computed in float32, float64 for float64).
+    Returns (B, C, H, W). Not differentiable.
+    """
+    name = "normalize_images"
+    _check(
+        images.dim() == 4 and images.dtype == torch.uint8,
+        lambda: f"{name}: images must be uint8 (B, H, W, C), got {images.dtype} {tuple(images.shape)}",
+    )
+    C = images.shape[3]
+    _check(
+        1 <= C <= MAX_IMAGE_CHANNELS,
+        lambda: f"{name}: images must be (B, H, W, C) with 1 <= C <= {MAX_IMAGE_CHANNELS}, "
+        f"got {tuple(images.shape)}",
+    )
+    if flip is not None:
+        _check_per_sample(name, "flip", flip, images)
+        _check(flip.dtype == torch.bool, lambda: f"{name}: flip must be bool, got {flip.dtype}")
+    _check(
+        dtype in FLOAT_DTYPES,
+        lambda: f"{name}: dtype must be float32, float64, bfloat16 or float16, got {dtype}",
+    )
+    mean, std = reference.normalization_stats(convention, C)
+    return _normalize_images_op(images, flip, mean, std, dtype)
+
+
+@_custom_op("to_uint8")
+def _to_uint8_op(images: Tensor, mean: list[float], std: list[float]) -> Tensor:
+    return _run("to_uint8", images, images, mean, std)
+
+
+def to_uint8(images: Tensor, convention: str) -> Tensor:
+    """Normalised images → uint8 for saving: the inverse of :func:`normalize_images`.
+
+    u = floor(clamp(x01, 0, 1)·255 + 0.5) with x01 = x·std + mean per channel of the
+    convention (NaN → 0): round half up, as the official PNG writer and
+    :func:`epg.data.embedded.to_uint8`. Computed in float32 (float64 for float64 images).
+
+    Args: images (B, C, H, W) float32/64, bfloat16 or float16, 1 ≤ C ≤ 16; convention
+    ("imagenet" or "simple"). Returns uint8 (B, H, W, C) on the images' device.
+    """
+    name = "to_uint8"
+    _check(images.dim() == 4, lambda: f"{name}: images must be (B, C, H, W), got {tuple(images.shape)}")
+    _check_float(name, "images", images)
+    C = images.shape[1]
+    _check(
+        1 <= C <= MAX_IMAGE_CHANNELS,
+        lambda: f"{name}: images must be (B, C, H, W) with 1 <= C <= {MAX_IMAGE_CHANNELS}, "
+        f"got {tuple(images.shape)}",
+    )
+    mean, std = reference.normalization_stats(convention, C)
+    return _to_uint8_op(images.detach(), mean, std)
+
+
+# --- patch layout of the tokens -------------------------------------------------------------------
+
+
+@_custom_op("patchify_hwc")
+def _patchify_hwc_op(img: Tensor, patch_size: int) -> Tensor:
+    return _run("patchify_hwc", img, img, patch_size)
+
+
+@_custom_op("unpatchify_hwc")
+def _unpatchify_hwc_op(tokens: Tensor, patch_size: int, height: int) -> Tensor:
+    return _run("unpatchify_hwc", tokens, tokens, patch_size, height)
+
+
+def _patchify_hwc_setup(ctx, inputs, output):
+    img, ctx.patch_size = inputs
+    ctx.height = img.shape[2]
+
+
+def _patchify_hwc_grad(ctx, grad):
+    return _unpatchify_hwc_op(grad, ctx.patch_size, ctx.height), None
+
+
+def _unpatchify_hwc_setup(ctx, inputs, output):
+    _, ctx.patch_size, _ = inputs
+
+
+def _unpatchify_hwc_grad(ctx, grad):
+    return _patchify_hwc_op(grad, ctx.patch_size), None, None
+
+
+_patchify_hwc_op.register_autograd(_patchify_hwc_grad, setup_context=_patchify_hwc_setup)
+_unpatchify_hwc_op.register_autograd(_unpatchify_hwc_grad, setup_context=_unpatchify_hwc_setup)
+
+
+def _check_element_size(name: str, arg: str, t: Tensor) -> None:
+    _check(
+        t.element_size() in (1, 2, 4, 8),
+        lambda: f"{name}: {arg} must have 1, 2, 4 or 8 bytes per element, got {t.dtype}",
+    )
+
+
+def patchify_hwc(img: Tensor, patch_size: int) -> Tensor:
+    """Image → patch tokens in the model's output layout: features in (p1, p2, c) order.
+
+    Args: img (B, C, H, W), H and W multiples of p, any dtype of 1/2/4/8 bytes.
+    Returns (B, N, p·p·C), N = (H/p)·(W/p) patches row-major. The inverse (and gradient) of
+    :func:`unpatchify_hwc`. (:func:`patch_embed` gathers in Conv2d's (c, p1, p2) order instead.)
+    """
+    name = "patchify_hwc"
+    _check(patch_size >= 1, lambda: f"{name}: patch_size must be >= 1, got {patch_size}")
+    _check(
+        img.dim() == 4 and img.shape[2] % patch_size == 0 and img.shape[3] % patch_size == 0,
+        lambda: f"{name}: img must be (B, C, H, W) with H and W multiples of {patch_size}, "
+        f"got {tuple(img.shape)}",
+    )
+    _check_element_size(name, "img", img)
+    return _patchify_hwc_op(img, int(patch_size))
+
+
+def unpatchify_hwc(tokens: Tensor, patch_size: int, height: int | None = None) -> Tensor:
+    """Patch tokens with (p1, p2, c) features → image, as the EPG output head does.
+
+    Args: tokens (B, N, p·p·C), any dtype of 1/2/4/8 bytes; height of the image in pixels
+    (None: a square image, N must be a square number). Returns (B, C, height, N·p²/height).
+    The inverse (and gradient) of :func:`patchify_hwc`.
+    """
+    name = "unpatchify_hwc"
+    p = patch_size
+    _check(p >= 1, lambda: f"{name}: patch_size must be >= 1, got {p}")
+    _check(
+        tokens.dim() == 3 and tokens.shape[2] >= p * p and tokens.shape[2] % (p * p) == 0,
+        lambda: f"{name}: tokens must be (B, N, p·p·C) with p·p = {p * p} dividing the last dim, "
+        f"got {tuple(tokens.shape)}",
+    )
+    _check_element_size(name, "tokens", tokens)
+    n = tokens.shape[1]
+    if height is None:
+        side = math.isqrt(n)
+        _check(side * side == n, lambda: f"{name}: token count {n} is not a square; pass height")
+        height = side * p
+    _check(
+        height >= p and height % p == 0 and n % (height // p) == 0,
+        lambda: f"{name}: height must be a multiple of {p} with height/{p} dividing N = {n}, "
+        f"got {height}",
+    )
+    return _unpatchify_hwc_op(tokens, int(p), int(height))

@@ -3,8 +3,11 @@
 Each op ``<op>`` has a forward ``<op>(...)`` and a backward ``<op>_backward(grad(s), inputs...)``
 that returns the gradients of the tensor inputs. The backward recomputes what it needs from the
 inputs (nothing is saved between the two), so any backend's forward can pair with any backend's
-backward. Every function depends on torch alone, works for float64, and returns fresh contiguous
-tensors that never alias an input (a requirement of ``torch.library`` custom ops).
+backward. Exceptions: the per-sample loss backwards also take the forward's per-sample statistic
+(a value every backend's forward returns alike); patchify_hwc / unpatchify_hwc are each other's
+gradient; normalize_images / to_uint8 (integer input / output) have none. Every function
+depends on torch alone, works for float64, and returns fresh contiguous tensors that never alias
+an input (a requirement of ``torch.library`` custom ops).
 
 Normalisation statistics and modulation are computed in float32 (or float64 when the input is
 float64) and cast back once, as the official EPG LayerNorm does.
@@ -352,3 +355,194 @@ def edm_scalings_backward(
         grad = grad + grad_c_skip * (-2.0 * sd2 * d / (d * d + sd2) ** 2)
         grad = grad + grad_c_out * sigma_data * (c_in - d * s * c_in**3)
     return grad.to(sigma.dtype).contiguous()
+
+
+# --- noise preconditioning (network input and scalings in one op) -----------------------------
+
+
+def _per_sample(v: Tensor, like: Tensor) -> Tensor:
+    """(B,) → (B, 1, …, 1) broadcasting over the non-batch dims of ``like``."""
+    return v.reshape((v.shape[0],) + (1,) * (like.dim() - 1))
+
+
+def noise_precondition(
+    x0: Tensor, eps: Tensor, sigma: Tensor, sigma_data: float, sigma_min: float, mode: str
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Network input and per-sample scalings of a training step, (x_in, c_in, c_skip, c_out, t_cond).
+
+    x_in = c_in(σ)·(x0 + σ·ε) per sample, in x0's dtype (arithmetic in float32, float64 for
+    float64 x0; σ and c_in are taken in sigma's dtype first, as in :func:`edm_scalings`, which
+    gives the four (B,) scalings). x0, eps (B, …) of one dtype; sigma (B,), shifted noise levels.
+    """
+    c_in, c_skip, c_out, t_cond = edm_scalings(sigma, sigma_data, sigma_min, mode)
+    ct = _compute_dtype(x0)
+    s, ci = _per_sample(sigma.to(ct), x0), _per_sample(c_in.to(ct), x0)
+    x_in = ((x0.to(ct) + s * eps.to(ct)) * ci).to(x0.dtype)
+    return x_in.contiguous(), c_in, c_skip, c_out, t_cond
+
+
+def noise_precondition_backward(
+    grad_x_in: Tensor,
+    grad_c_in: Tensor,
+    grad_c_skip: Tensor,
+    grad_c_out: Tensor,
+    grad_t_cond: Tensor,
+    x0: Tensor,
+    eps: Tensor,
+    sigma: Tensor,
+    sigma_data: float,
+    sigma_min: float,
+    mode: str,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Returns (grad_x0, grad_eps, grad_sigma)."""
+    ct = _compute_dtype(x0)
+    c_in = edm_scalings(sigma, sigma_data, sigma_min, mode)[0]
+    s, ci = _per_sample(sigma.to(ct), x0), _per_sample(c_in.to(ct), x0)
+    g = grad_x_in.to(ct)
+    grad_x0 = g * ci
+    grad_eps = grad_x0 * s
+    dims = tuple(range(1, x0.dim()))
+    x_sigma = x0.to(ct) + s * eps.to(ct)
+    # x_in depends on σ directly (σ·ε) and through c_in(σ).
+    grad_sigma_direct = _reduce_to(grad_x0 * eps.to(ct), dims).to(sigma.dtype)
+    grad_c_in_total = grad_c_in + _reduce_to(g * x_sigma, dims).to(sigma.dtype)
+    grad_sigma = edm_scalings_backward(
+        grad_c_in_total, grad_c_skip, grad_c_out, grad_t_cond, sigma, sigma_data, sigma_min, mode
+    )
+    return (
+        grad_x0.to(x0.dtype).contiguous(),
+        grad_eps.to(eps.dtype).contiguous(),
+        (grad_sigma + grad_sigma_direct).contiguous(),
+    )
+
+
+# --- per-sample losses of stage 2 --------------------------------------------------------------
+
+
+def _squared_sum(pred: Tensor, target: Tensor) -> tuple[Tensor, Tensor, int]:
+    """(pred − target in the compute dtype, S = Σ over each sample of its square (B,), M)."""
+    ct = _compute_dtype(pred)
+    d = pred.to(ct) - target.to(ct)
+    M = math.prod(pred.shape[1:])
+    return d, d.square().reshape(pred.shape[0], M).sum(dim=1), M
+
+
+def weighted_mse_loss(pred: Tensor, target: Tensor, weight: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-sample weighted MSE, (loss, mse): mse_b = mean over sample b of (pred − target)²,
+    loss_b = weight_b·mse_b. The diffusion loss (§6.2) is ``loss.mean()``.
+
+    pred, target (B, …); weight (B,). Results (B,) in float32 (float64 for a float64 pred).
+    """
+    ct = _compute_dtype(pred)
+    _, S, M = _squared_sum(pred, target)
+    mse = S / M
+    return (weight.to(ct) * mse).contiguous(), mse.contiguous()
+
+
+def weighted_mse_loss_backward(grad: Tensor, pred: Tensor, target: Tensor, weight: Tensor) -> Tensor:
+    """Returns grad_pred = grad_b·weight_b·2·(pred − target)/M in pred's dtype (the gradients of
+    target and weight follow from it and from the forward's mse, see epg.ops)."""
+    ct = _compute_dtype(pred)
+    d, M = pred.to(ct) - target.to(ct), math.prod(pred.shape[1:])
+    factor = grad.to(ct) * weight.to(ct) * 2 / M
+    return (_per_sample(factor, pred) * d).to(pred.dtype).contiguous()
+
+
+def pseudo_huber_loss(
+    pred: Tensor, target: Tensor, weight: Tensor, c: float
+) -> tuple[Tensor, Tensor]:
+    """The consistency loss of §7.3 per sample, (loss, sqsum): S_b = Σ over sample b of
+    (pred − target)², loss_b = weight_b·S_b/sqrt(S_b + c²).
+
+    pred, target (B, …) (the online and target EDM outputs); weight (B,) = 1/(t − r).
+    Results (B,) in float32 (float64 for a float64 pred).
+    """
+    ct = _compute_dtype(pred)
+    _, S, _ = _squared_sum(pred, target)
+    return (weight.to(ct) * S / torch.sqrt(S + c * c)).contiguous(), S.contiguous()
+
+
+def pseudo_huber_loss_backward(
+    grad: Tensor, pred: Tensor, target: Tensor, weight: Tensor, sqsum: Tensor, c: float
+) -> Tensor:
+    """Returns grad_pred = grad_b·weight_b·2·(pred − target)/sqrt(S_b + c²): the normaliser is
+    under stop-gradient, as in the official code (the gradient is twice that of
+    weight·(sqrt(S + c²) − c)). ``sqsum`` is the forward's S."""
+    ct = _compute_dtype(pred)
+    d = pred.to(ct) - target.to(ct)
+    factor = grad.to(ct) * weight.to(ct) * 2 / torch.sqrt(sqsum.to(ct) + c * c)
+    return (_per_sample(factor, pred) * d).to(pred.dtype).contiguous()
+
+
+# --- image conversion: decoder uint8 ↔ normalised network images ----------------------------------
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+NORMALIZATIONS = ("simple", "imagenet")
+
+
+def normalization_stats(convention: str, channels: int) -> tuple[list[float], list[float]]:
+    """(mean, std) per channel with x = (x01 − mean)/std for an EPG convention (§2).
+
+    "simple": x = 2·x01 − 1 (mean 0.5, std 0.5, any channel count); "imagenet": ImageNet
+    statistics rescaled to std 0.5, x = (x01 − mean)/(2·std_imagenet) (3 channels).
+    """
+    if convention == "simple":
+        return [0.5] * channels, [0.5] * channels
+    if convention == "imagenet":
+        if channels != 3:
+            raise ValueError(f"the 'imagenet' convention needs 3 channels, got {channels}")
+        return list(IMAGENET_MEAN), [2.0 * s for s in IMAGENET_STD]
+    raise ValueError(f"convention must be one of {NORMALIZATIONS}, got {convention!r}")
+
+
+def normalize_images(
+    images: Tensor, flip: Tensor | None, mean: list[float], std: list[float], dtype: torch.dtype
+) -> Tensor:
+    """uint8 (B, H, W, C) → (B, C, H, W) of ``dtype``: x = (u/255 − mean[c])/std[c], each sample
+    mirrored left-right where ``flip`` (bool (B,), or None) is set. Arithmetic in float32
+    (float64 for a float64 result), rounded to ``dtype`` once."""
+    ct = torch.float64 if dtype == torch.float64 else torch.float32
+    x = images.permute(0, 3, 1, 2).to(ct)
+    if flip is not None:
+        x = torch.where(flip.reshape(-1, 1, 1, 1), x.flip(-1), x)
+    m = x.new_tensor(mean).reshape(1, -1, 1, 1)
+    s = x.new_tensor(std).reshape(1, -1, 1, 1)
+    return ((x / 255 - m) / s).to(dtype).contiguous()
+
+
+def to_uint8(images: Tensor, mean: list[float], std: list[float]) -> Tensor:
+    """Inverse of :func:`normalize_images` for saving: (B, C, H, W) → uint8 (B, H, W, C),
+    u = floor(clamp(x·std[c] + mean[c], 0, 1)·255 + 0.5) with NaN → 0 (round half up, as
+    the official PNG writer). Arithmetic in float32 (float64 for float64 images)."""
+    ct = _compute_dtype(images)
+    m = images.new_tensor(mean, dtype=ct).reshape(1, -1, 1, 1)
+    s = images.new_tensor(std, dtype=ct).reshape(1, -1, 1, 1)
+    x01 = torch.nan_to_num(images.to(ct) * s + m, nan=0.0).clamp(0.0, 1.0)
+    return torch.floor(x01 * 255 + 0.5).to(torch.uint8).permute(0, 2, 3, 1).contiguous()
+
+
+# --- patch layout of the model's tokens: features in (p1, p2, c) order ----------------------------
+
+
+def patchify_hwc(img: Tensor, patch_size: int) -> Tensor:
+    """(B, C, H, W) → (B, N, p·p·C), N = (H/p)·(W/p) row-major patches, features in (p1, p2, c)
+    order: the token layout of the EPG output head (unlike :func:`patchify`, Conv2d's order).
+    Always a fresh tensor."""
+    B, C, H, W = img.shape
+    p = patch_size
+    h, w = H // p, W // p
+    out = img.new_empty((B, h * w, p * p * C))
+    out.view(B, h, w, p, p, C).copy_(img.reshape(B, C, h, p, w, p).permute(0, 2, 4, 3, 5, 1))
+    return out
+
+
+def unpatchify_hwc(tokens: Tensor, patch_size: int, height: int) -> Tensor:
+    """Inverse of :func:`patchify_hwc`: (B, N, p·p·C) → (B, C, height, N·p²/height)."""
+    B, N, D = tokens.shape
+    p = patch_size
+    C, h = D // (p * p), height // p
+    w = N // h
+    out = tokens.new_empty((B, C, h * p, w * p))
+    out.view(B, C, h, p, w, p).copy_(tokens.reshape(B, h, w, p, p, C).permute(0, 5, 1, 3, 2, 4))
+    return out

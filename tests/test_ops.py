@@ -32,7 +32,30 @@ def _make_inputs(requires_grad=True):
         "output_head": (r(B, 9, D), r(D), r(D), r(p * p * C, D), r(p * p * C), p, 1e-5),
         "timestep_embedding": (r(B) * 50, 10),
         "edm_scalings": (torch.rand(5, **f64).mul(3).add(0.01).requires_grad_(requires_grad), 0.5, 0.008, "edm"),
+        "noise_precondition": (r(B, C, 5, 3), r(B, C, 5, 3), _sigma(B, requires_grad), 0.5, 0.008, "edm"),
+        "weighted_mse_loss": (r(3, C, 5), r(3, C, 5), torch.rand(3, **f64).requires_grad_(requires_grad)),
+        "pseudo_huber_loss": (r(3, C, 5), r(3, C, 5), torch.rand(3, **f64).requires_grad_(requires_grad), 0.06),
+        "patchify_hwc": (r(B, C, 2 * p, 3 * p), p),
+        "unpatchify_hwc": (r(B, 6, p * p * C), p, 3 * p),
+        # Not differentiable; the arguments of the custom ops (the public ones take a convention).
+        "normalize_images": (
+            torch.randint(0, 256, (B, 5, 7, C), dtype=torch.uint8), torch.tensor([True, False]),
+            list(reference.IMAGENET_MEAN), [2 * s for s in reference.IMAGENET_STD], torch.float32,
+        ),
+        "to_uint8": (torch.randn(B, C, 5, 7, **f64), [0.5] * C, [0.5] * C),
     }
+
+
+def _sigma(n, requires_grad):
+    return torch.rand(n, **f64).mul(3).add(0.01).requires_grad_(requires_grad)
+
+
+#: Ops whose public function takes other arguments than the custom op (a convention name).
+CONVENTION_OPS = ("normalize_images", "to_uint8")
+#: The stop-gradient inside the consistency loss makes its gradient differ from the numerical
+#: derivative of its value by design (tested on its own below).
+STOP_GRADIENT_OPS = ("pseudo_huber_loss",)
+GRADCHECK_OPS = tuple(n for n in ops.OPS if n not in CONVENTION_OPS + STOP_GRADIENT_OPS)
 
 
 # --- layer 1: the references against independent formulations -----------------------------------
@@ -138,7 +161,7 @@ def test_edm_scalings_t_cond_finite_at_zero_sigma_in_float32():
 # --- through epg.ops: gradients, registration, fakes ----------------------------------------------
 
 
-@pytest.mark.parametrize("name", ops.OPS)
+@pytest.mark.parametrize("name", GRADCHECK_OPS)
 def test_gradcheck(name):
     args = _make_inputs()[name]
     public = getattr(ops, name)
@@ -256,7 +279,7 @@ def _cpu_backend_cases():
     for name in ("cuda", "triton"):
         info = _backend.info(name)
         for op in ops.OPS:
-            if info.available and op in info.implementations:
+            if info.available and op in info.implementations and op not in CONVENTION_OPS:
                 cases.append(pytest.param(name, op, id=f"{name}-{op}"))
     return cases
 
@@ -288,3 +311,196 @@ def test_forced_backend_matches_reference_forward_and_backward(backend, op):
         assert_close(o, e, atol=2e-5, rtol=2e-5, what=f"{op} forward")
     for g, e in zip(grads, grads_ref):
         assert_close(g, e, atol=1e-4, rtol=1e-4, what=f"{op} backward")
+
+
+# --- stage-2 ops: the references against the formulas the objectives and the data code use ----------
+
+
+@pytest.mark.parametrize("mode", ["x0", "edm"])
+def test_noise_precondition_reference_is_the_objectives_network_input(mode):
+    x0, eps = torch.randn(3, 2, 4, 5, **f64), torch.randn(3, 2, 4, 5, **f64)
+    sigma = torch.tensor([0.008, 0.7, 320.0], **f64)
+    x_in, *scalings = reference.noise_precondition(x0, eps, sigma, 0.5, 0.008, mode)
+    for got, expected in zip(scalings, reference.edm_scalings(sigma, 0.5, 0.008, mode)):
+        assert torch.equal(got, expected)
+    for i, s in enumerate(sigma.tolist()):  # c_in·(x0 + σ·ε), as DiffusionObjective.loss builds it
+        assert_close(x_in[i], (x0[i] + s * eps[i]) / math.sqrt(s * s + 0.25), what=f"sample {i}")
+
+
+def test_weighted_mse_reference_mean_is_the_diffusion_loss():
+    x0_hat, x0 = torch.randn(4, 3, 6, 6).bfloat16(), torch.randn(4, 3, 6, 6)
+    weight = torch.rand(4) * 100
+    loss, mse = reference.weighted_mse_loss(x0_hat, x0, weight)
+    # DiffusionObjective.loss: mean over (B, C, H, W) of w·(x̂0 − x0)² in float32.
+    expected = (weight.view(4, 1, 1, 1) * (x0_hat.float() - x0.float()).square()).mean()
+    assert_close(loss.mean(), expected, atol=1e-6, rtol=1e-6)
+    assert_close(mse, (x0_hat.float() - x0).square().flatten(1).mean(dim=1), atol=1e-6, rtol=1e-6)
+    assert loss.dtype == torch.float32
+
+
+def test_pseudo_huber_loss_is_the_consistency_loss_with_its_stop_gradient():
+    c = 0.06
+    d_online = torch.randn(3, 2, 5, 5, **f64, requires_grad=True)
+    d_target = torch.randn(3, 2, 5, 5, **f64, requires_grad=True)
+    weight = torch.rand(3, **f64, requires_grad=True)
+    # ConsistencyObjective.loss
+    delta2 = (d_online - d_target).square().flatten(1).sum(dim=1)
+    expected = weight * delta2 / torch.sqrt(delta2.detach() + c**2)
+    got = ops.pseudo_huber_loss(d_online, d_target, weight, c)
+    assert_close(got, expected)
+    probe = torch.randn(3, **f64)
+    inputs = (d_online, d_target, weight)
+    grads = torch.autograd.grad((got * probe).sum(), inputs)
+    for g, e in zip(grads, torch.autograd.grad((expected * probe).sum(), inputs, retain_graph=True)):
+        assert_close(g, e)
+    # ... which is twice the gradient of w·(sqrt(Δ² + c²) − c) with respect to the outputs.
+    huber = weight * (torch.sqrt(delta2 + c**2) - c)
+    assert_close(grads[0], 2 * torch.autograd.grad((huber * probe).sum(), d_online)[0])
+
+
+@pytest.mark.parametrize("convention", ["simple", "imagenet"])
+def test_normalize_images_reference_equals_the_loaders_normalisation(convention):
+    from epg.data.augment import from_unit
+
+    u = torch.randint(0, 256, (3, 6, 7, 3), dtype=torch.uint8)
+    flip = torch.tensor([True, False, True])
+    nchw = torch.where(flip.view(3, 1, 1, 1), u.flip(2), u).permute(0, 3, 1, 2)
+    expected = from_unit(nchw.to(torch.float32).div_(255.0), convention)  # what the loaders do
+    mean, std = reference.normalization_stats(convention, 3)
+    assert torch.equal(reference.normalize_images(u, flip, mean, std, torch.float32), expected)
+    assert torch.equal(ops.normalize_images(u, convention, flip), expected)
+    bf16 = ops.normalize_images(u, convention, flip, torch.bfloat16)
+    assert torch.equal(bf16, expected.bfloat16())  # float32 math rounded once
+
+
+@pytest.mark.parametrize("convention", ["simple", "imagenet"])
+def test_to_uint8_reference_equals_the_png_writer(convention):
+    import numpy as np
+
+    from epg.data.embedded import to_uint8 as png_pixels
+
+    x = torch.randn(2, 3, 5, 6) * 1.5
+    mean, std = reference.normalization_stats(convention, 3)
+    got = reference.to_uint8(x, mean, std)
+    assert np.array_equal(got.numpy(), png_pixels(x, convention))
+    assert torch.equal(ops.to_uint8(x, convention), got)
+    gray = torch.randn(2, 1, 4, 4)
+    assert np.array_equal(ops.to_uint8(gray, "simple").numpy(), png_pixels(gray, "simple"))
+
+
+def test_normalization_stats():
+    assert reference.normalization_stats("simple", 1) == ([0.5], [0.5])
+    mean, std = reference.normalization_stats("imagenet", 3)
+    assert mean == [0.485, 0.456, 0.406] and std == pytest.approx([0.458, 0.448, 0.45], abs=1e-15)
+    with pytest.raises(ValueError, match="'imagenet' convention needs 3 channels, got 1"):
+        reference.normalization_stats("imagenet", 1)
+    with pytest.raises(ValueError, match="convention must be one of"):
+        reference.normalization_stats("[-1, 1]", 3)
+
+
+def test_patchify_hwc_reference_is_the_output_head_layout():
+    B, C, p, gh, gw = 2, 3, 4, 2, 3
+    img = torch.randn(B, C, gh * p, gw * p, **f64)
+    tokens = reference.patchify_hwc(img, p)
+    assert tokens.shape == (B, gh * gw, p * p * C)
+    for i in range(gh):
+        for j in range(gw):
+            for p1 in range(p):
+                for p2 in range(p):
+                    for c in range(C):  # features (p1, p2, c)
+                        assert torch.equal(tokens[:, i * gw + j, (p1 * p + p2) * C + c], img[:, c, i * p + p1, j * p + p2])
+    assert torch.equal(tokens, reference.patchify_output_order(img, p))
+    assert torch.equal(reference.unpatchify_hwc(tokens, p, gh * p), img)
+    square = torch.randn(B, 9, p * p * C, **f64)
+    assert torch.equal(reference.unpatchify_hwc(square, p, 3 * p), reference.unpatchify(square, p, C))
+    assert torch.equal(ops.unpatchify_hwc(square, p), reference.unpatchify(square, p, C))
+
+
+def test_stage2_ops_reject_bad_arguments_with_value_errors():
+    x = torch.randn(2, 3, 4, 4)
+    with pytest.raises(ValueError, match=r"eps must match x0 \(2, 3, 4, 4\) torch.float32 on cpu"):
+        ops.noise_precondition(x, x.double(), torch.rand(2))
+    with pytest.raises(ValueError, match=r"eps must match x0"):
+        ops.noise_precondition(x, x.to("meta"), torch.rand(2))
+    with pytest.raises(ValueError, match=r"sigma must be \(2,\) for a batch of 2"):
+        ops.noise_precondition(x, x, torch.rand(3))
+    with pytest.raises(ValueError, match=r"sigma must be on cpu like the images"):
+        ops.noise_precondition(x, x, torch.rand(2, device="meta"))
+    with pytest.raises(ValueError, match="sigma must be float32 or float64"):
+        ops.noise_precondition(x, x, torch.rand(2).half())
+    with pytest.raises(ValueError, match="x0 must be float32, float64, bfloat16 or float16"):
+        ops.noise_precondition(x.int(), x.int(), torch.rand(2))
+    with pytest.raises(ValueError, match="mode must be one of"):
+        ops.noise_precondition(x, x, torch.rand(2), mode="v")
+    with pytest.raises(ValueError, match=r"target must have pred's dtype torch.float32 \(or float32"):
+        ops.weighted_mse_loss(x, x.double(), torch.rand(2))
+    with pytest.raises(ValueError, match=r"target must have pred's shape \(2, 3, 4, 4\)"):
+        ops.weighted_mse_loss(x, x[:, :2], torch.rand(2))
+    with pytest.raises(ValueError, match=r"weight must be \(2,\)"):
+        ops.pseudo_huber_loss(x, x, torch.rand(2, 1))
+    with pytest.raises(ValueError, match="c must be a finite number > 0"):
+        ops.pseudo_huber_loss(x, x, torch.rand(2), c=0.0)
+    u = torch.zeros(2, 4, 4, 3, dtype=torch.uint8)
+    with pytest.raises(ValueError, match=r"images must be uint8 \(B, H, W, C\), got torch.float32"):
+        ops.normalize_images(u.float(), "imagenet")
+    with pytest.raises(ValueError, match="convention must be one of"):
+        ops.normalize_images(u, "imagenet2")
+    with pytest.raises(ValueError, match="'imagenet' convention needs 3 channels"):
+        ops.normalize_images(u[..., :1], "imagenet")
+    with pytest.raises(ValueError, match=r"flip must be \(2,\)"):
+        ops.normalize_images(u, "simple", torch.ones(3, dtype=torch.bool))
+    with pytest.raises(ValueError, match="flip must be bool"):
+        ops.normalize_images(u, "simple", torch.ones(2))
+    with pytest.raises(ValueError, match="dtype must be float32, float64, bfloat16 or float16"):
+        ops.normalize_images(u, "simple", dtype=torch.int64)
+    with pytest.raises(ValueError, match=r"\(B, C, H, W\) with 1 <= C <= 16"):
+        ops.to_uint8(torch.randn(1, 17, 2, 2), "simple")
+    with pytest.raises(ValueError, match="images must be float32, float64, bfloat16 or float16"):
+        ops.to_uint8(u.permute(0, 3, 1, 2), "simple")
+    with pytest.raises(ValueError, match=r"H and W multiples of 4"):
+        ops.patchify_hwc(torch.randn(1, 3, 8, 10), 4)
+    with pytest.raises(ValueError, match="token count 6 is not a square; pass height"):
+        ops.unpatchify_hwc(torch.randn(1, 6, 48), 4)
+    with pytest.raises(ValueError, match=r"height must be a multiple of 4"):
+        ops.unpatchify_hwc(torch.randn(1, 6, 48), 4, 10)
+    with pytest.raises(ValueError, match=r"p·p = 16 dividing the last dim"):
+        ops.unpatchify_hwc(torch.randn(1, 4, 40), 4)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_forced_cuda_backend_converts_images_like_the_reference(dtype):
+    if "normalize_images" not in _backend.info("cuda").implementations:
+        pytest.skip("needs the extension epg._C")
+    u = torch.randint(0, 256, (3, 5, 9, 3), dtype=torch.uint8)
+    flip = torch.tensor([False, True, True])
+    expected = ops.normalize_images(u, "imagenet", flip, dtype)
+    with ops.use_backend("cuda"):
+        assert _backend.choose("normalize_images", torch.device("cpu")) == "cuda"
+        got = ops.normalize_images(u, "imagenet", flip, dtype)
+        pixels = ops.to_uint8(got, "imagenet")
+    assert torch.equal(got, expected)
+    assert torch.equal(pixels, ops.to_uint8(expected, "imagenet"))
+
+
+def test_stage2_ops_under_torch_compile_fullgraph_equal_eager():
+    u = torch.randint(0, 256, (2, 8, 8, 3), dtype=torch.uint8)
+    flip = torch.tensor([True, False])
+    eps, sigma, weight = torch.randn(2, 3, 8, 8), torch.tensor([0.3, 5.0]), torch.tensor([2.0, 0.5])
+    lin = torch.randn(48, 48, requires_grad=True)
+
+    def step(u, flip, eps, sigma, weight, lin):
+        x0 = ops.normalize_images(u, "imagenet", flip)
+        x_in, _, c_skip, c_out, _ = ops.noise_precondition(x0, eps, sigma, 0.5, 0.008, "edm")
+        out = ops.unpatchify_hwc(ops.patchify_hwc(x_in, 4) @ lin, 4)
+        s = sigma.view(-1, 1, 1, 1)
+        d = c_skip.view(-1, 1, 1, 1) * (x0 + s * eps) + c_out.view(-1, 1, 1, 1) * out
+        loss = ops.weighted_mse_loss(out, x0, weight).mean() + ops.pseudo_huber_loss(d, x0, weight).mean()
+        return loss, ops.to_uint8(d, "imagenet")
+
+    eager, pixels = step(u, flip, eps, sigma, weight, lin)
+    (grad_eager,) = torch.autograd.grad(eager, lin)
+    compiled, pixels_c = torch.compile(step, fullgraph=True, backend="aot_eager")(u, flip, eps, sigma, weight, lin)
+    (grad_compiled,) = torch.autograd.grad(compiled, lin)
+    assert_close(compiled.detach(), eager.detach(), atol=1e-5, rtol=1e-5)
+    assert_close(grad_compiled, grad_eager, atol=1e-5, rtol=1e-5)
+    assert torch.equal(pixels_c, pixels)
