@@ -43,6 +43,7 @@ __all__ = [
     "to_uint8",
     "patchify_hwc",
     "unpatchify_hwc",
+    "info_nce",
     "OPS",
 ]
 
@@ -65,6 +66,7 @@ OPS = (
     "to_uint8",
     "patchify_hwc",
     "unpatchify_hwc",
+    "info_nce",
 )
 
 
@@ -897,3 +899,48 @@ def unpatchify_hwc(tokens: Tensor, patch_size: int, height: int | None = None) -
         f"got {height}",
     )
     return _unpatchify_hwc_op(tokens, int(p), int(height))
+
+
+# --- InfoNCE -------------------------------------------------------------------------------------
+
+
+@_custom_op("info_nce")
+def _info_nce_op(q: Tensor, k: Tensor, tau: float) -> Tensor:
+    return _run("info_nce", q, q, k, tau)
+
+
+@_custom_op("info_nce_backward")
+def _info_nce_backward_op(grad: Tensor, q: Tensor, k: Tensor, tau: float) -> Tensor:
+    return _run("info_nce_backward", q, grad, q, k, tau)
+
+
+def _info_nce_setup(ctx, inputs, output):
+    q, k, ctx.tau = inputs
+    ctx.save_for_backward(q, k)
+
+
+def _info_nce_grad(ctx, grad):
+    q, k = ctx.saved_tensors
+    return _info_nce_backward_op(grad, q, k, ctx.tau), None, None
+
+
+_info_nce_op.register_autograd(_info_nce_grad, setup_context=_info_nce_setup)
+
+
+def info_nce(q: Tensor, k: Tensor, tau: float | Tensor) -> Tensor:
+    """InfoNCE of L2-normalised queries q (B, D) against keys k (M ≥ B, D), key i being query i's
+    positive (§5.3): loss_i = logsumexp_j(q_i·k_j/τ) − q_i·k_i/τ, (B,) float32.
+
+    No gradient reaches k (the keys are a stop-gradient target). The Triton kernel never holds
+    more than a tile of the (B, M) logits. A tensor τ (a per-step schedule value kept on the
+    device, so compiled steps do not recompile) is folded into q as q/τ with τ = 1 for the op.
+    """
+    _check(
+        q.dim() == 2 and k.dim() == 2 and k.shape[1] == q.shape[1] and k.shape[0] >= q.shape[0],
+        lambda: f"info_nce: q must be (B, D) and k (M >= B, D), got {tuple(q.shape)}, {tuple(k.shape)}",
+    )
+    _check(q.dtype == k.dtype, lambda: f"info_nce: q and k must share a dtype, got {q.dtype}, {k.dtype}")
+    if isinstance(tau, Tensor):
+        q, tau = q / tau.to(q.dtype), 1.0
+    _check(tau > 0, lambda: f"info_nce: tau must be positive, got {tau}")
+    return _info_nce_op(q, k.detach(), float(tau))

@@ -474,6 +474,27 @@ def pseudo_huber_loss_backward(
     return (_per_sample(factor, pred) * d).to(pred.dtype).contiguous()
 
 
+# --- InfoNCE over normalised queries and gathered keys ---------------------------------------------
+
+
+def info_nce(q: Tensor, k: Tensor, tau: float) -> Tensor:
+    """Per-query InfoNCE on L2-normalised q (B, D) and keys k (M ≥ B, D), key i the positive of
+    query i (the local block first): loss_i = logsumexp_j(q_i·k_j/τ) − q_i·k_i/τ, (B,) float32
+    (float64 for float64 q). Keys carry no gradient."""
+    ct = _compute_dtype(q)
+    logits = q.to(ct) @ k.to(ct).T / tau  # (B, M)
+    return (torch.logsumexp(logits, dim=1) - logits.diagonal()).contiguous()
+
+
+def info_nce_backward(grad: Tensor, q: Tensor, k: Tensor, tau: float) -> Tensor:
+    """grad_q = grad_i/τ·(Σ_j p_ij·k_j − k_i), p = softmax_j(q_i·k_j/τ); in q's dtype."""
+    ct = _compute_dtype(q)
+    kc = k.to(ct)
+    p = torch.softmax(q.to(ct) @ kc.T / tau, dim=1)
+    grad_q = grad.to(ct)[:, None] / tau * (p @ kc - kc[: q.shape[0]])
+    return grad_q.to(q.dtype).contiguous()
+
+
 # --- image conversion: decoder uint8 ↔ normalised network images ----------------------------------
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)

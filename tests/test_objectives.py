@@ -439,11 +439,10 @@ def test_consistency_target_pass_reuses_dropout_masks():
     draws["r"] = draws["t"].clone()
     draws["weight"] = torch.ones(B)  # so that the term is zero only if D_online == D_target
     # control: two plain passes draw different dropout masks, so they differ
-    sigma = draws["t"]
-    x_t = x0 + sigma.view(B, 1, 1, 1) * draws["eps"]
+    sigma, eps = draws["t"], draws["eps"]
     with torch.no_grad():
-        assert not torch.equal(obj.denoise(x_t, sigma, batch["label"]),
-                               obj.denoise(x_t, sigma, batch["label"]))  # fmt: skip
+        assert not torch.equal(obj.denoise(x0, eps, sigma, batch["label"]),
+                               obj.denoise(x0, eps, sigma, batch["label"]))  # fmt: skip
     loss, terms = obj.loss(batch, draws)
     assert terms["consistency"].item() == 0.0 and terms["aux"].item() == 0.0
     assert loss.item() == 0.0

@@ -43,6 +43,9 @@ def _make_inputs(requires_grad=True):
             list(reference.IMAGENET_MEAN), [2 * s for s in reference.IMAGENET_STD], torch.float32,
         ),
         "to_uint8": (torch.randn(B, C, 5, 7, **f64), [0.5] * C, [0.5] * C),
+        # Keys are a stop-gradient target: no gradient is asked of them.
+        "info_nce": (F.normalize(r(3, D), dim=1).detach().requires_grad_(requires_grad),
+                     F.normalize(torch.randn(6, D, **f64), dim=1), 0.2),  # fmt: skip
     }
 
 
@@ -292,8 +295,10 @@ def test_forced_backend_matches_reference_forward_and_backward(backend, op):
         if os.environ.get("TRITON_INTERPRET") != "1":
             pytest.skip("Triton on CPU needs TRITON_INTERPRET=1 set before import")
     args64 = _make_inputs()[op]
-    args = [a.detach().float().requires_grad_() if isinstance(a, torch.Tensor) else a for a in args64]
+    args = [a.detach().float().requires_grad_(a.requires_grad) if isinstance(a, torch.Tensor) else a
+            for a in args64]  # fmt: skip
     tensors = [a for a in args if isinstance(a, torch.Tensor)]
+    differentiable = [t for t in tensors if t.requires_grad]
     public = getattr(ops, op)
     rest = args[len(tensors):]
 
@@ -301,7 +306,7 @@ def test_forced_backend_matches_reference_forward_and_backward(backend, op):
         out = public(*tensors, *rest)
         out = out if isinstance(out, tuple) else (out,)
         loss = sum((o * torch.linspace(-1, 1, o.numel()).view(o.shape)).sum() for o in out)
-        return out, torch.autograd.grad(loss, tensors)
+        return out, torch.autograd.grad(loss, differentiable)
 
     out_ref, grads_ref = run()
     with ops.use_backend(backend, op):
@@ -504,3 +509,17 @@ def test_stage2_ops_under_torch_compile_fullgraph_equal_eager():
     assert_close(compiled.detach(), eager.detach(), atol=1e-5, rtol=1e-5)
     assert_close(grad_compiled, grad_eager, atol=1e-5, rtol=1e-5)
     assert torch.equal(pixels_c, pixels)
+
+
+def test_info_nce_reference_matches_cross_entropy_and_objective_form():
+    q = F.normalize(torch.randn(4, 16, **f64), dim=1)
+    k = F.normalize(torch.randn(8, 16, **f64), dim=1)
+    expected = F.cross_entropy(q @ k.T / 0.1, torch.arange(4), reduction="none")
+    assert_close(reference.info_nce(q, k, 0.1), expected)
+    # A tensor temperature (the schedule's per-step value) gives the same loss and gradient.
+    qa, qb = q.clone().requires_grad_(), q.clone().requires_grad_()
+    la, lb = ops.info_nce(qa, k, 0.1), ops.info_nce(qb, k, torch.tensor(0.1, **f64))
+    assert_close(la, lb)
+    la.sum().backward()
+    lb.sum().backward()
+    assert_close(qa.grad, qb.grad)

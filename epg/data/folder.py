@@ -37,7 +37,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .augment import CONVENTIONS, from_unit
+from .augment import CONVENTIONS
 
 IMAGE_EXTENSIONS = (".bmp", ".jpeg", ".jpg", ".png", ".webp")
 ON_ERROR = ("raise", "skip")
@@ -293,7 +293,9 @@ def normalize_uint8(images: Tensor, convention: str | None) -> Tensor:
     """
     if convention is None:
         return images
-    return from_unit(images.to(torch.float32).div_(255.0), convention)
+    from .. import ops  # the fused op: one read of the uint8 batch, one write (CUDA kernel on GPU)
+
+    return ops.normalize_images(images.permute(0, 2, 3, 1), convention)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -147,13 +147,14 @@ class ConsistencyObjective:
             "drop": drop.to(device),
         }
 
-    def denoise(self, x: Tensor, sigma: Tensor, y: Tensor | None) -> Tensor:
-        """D_θ(x, σ) = c_skip·x + c_out·F_θ(c_in·x, 250·ln σ, y) for shifted σ (B,)."""
-        B = x.shape[0]
-        c_in, c_skip, c_out, t_cond = ops.edm_scalings(
-            sigma, self.sigma_data, self.sigma_min_shifted, "edm"
+    def denoise(self, x0: Tensor, eps: Tensor, sigma: Tensor, y: Tensor | None) -> Tensor:
+        """D_θ(x, σ) = c_skip·x + c_out·F_θ(c_in·x, 250·ln σ, y) at x = x0 + σ·ε, shifted σ (B,)."""
+        B = x0.shape[0]
+        x_in, _, c_skip, c_out, t_cond = ops.noise_precondition(
+            x0, eps, sigma, self.sigma_data, self.sigma_min_shifted, "edm"
         )
-        F = self.net(x * c_in.view(B, 1, 1, 1).to(x.dtype), t_cond, y)
+        F = self.net(x_in, t_cond, y)
+        x = x0 + sigma.view(B, 1, 1, 1).to(x0.dtype) * eps
         return c_skip.view(B, 1, 1, 1) * x + c_out.view(B, 1, 1, 1) * F.float()
 
     def perceptual_features(self, x: Tensor) -> Tensor:
@@ -168,30 +169,26 @@ class ConsistencyObjective:
         self, batch: dict[str, Tensor], draws: dict[str, Tensor]
     ) -> tuple[Tensor, dict[str, Tensor]]:
         x0 = batch["image"]
-        B = x0.shape[0]
         t, r, weight = draws["t"], draws["r"], draws["weight"]
         eps = draws["eps"].to(x0.dtype)
         y = None
         if self.num_classes > 0:
             y = batch["label"]
             y = torch.where(draws["drop"], torch.full_like(y, self.num_classes), y)
-        x_t = x0 + t.view(B, 1, 1, 1).to(x0.dtype) * eps
-        x_r = x0 + r.view(B, 1, 1, 1).to(x0.dtype) * eps
-
         # Same dropout masks in both passes: rewind the RNG to where the online pass started.
         if self.match_dropout:
             cpu_state = torch.get_rng_state()
             cuda_state = torch.cuda.get_rng_state(x0.device) if x0.is_cuda else None
-        d_online = self.denoise(x_t, t, y)  # (B, C, H, W) float32
+        d_online = self.denoise(x0, eps, t, y)  # (B, C, H, W) float32
         if self.match_dropout:
             torch.set_rng_state(cpu_state)
             if cuda_state is not None:
                 torch.cuda.set_rng_state(cuda_state, x0.device)
         with torch.no_grad():
-            d_target = self.denoise(x_r, r, y)
+            d_target = self.denoise(x0, eps, r, y)
 
-        delta2 = (d_online - d_target).square().flatten(1).sum(dim=1)  # (B,)
-        consistency = weight * delta2 / torch.sqrt(delta2.detach() + self.c**2)  # (B,)
+        # w·Δ²/sqrt(sg(Δ²) + c²), Δ² the per-sample squared distance (§7.3).
+        consistency = ops.pseudo_huber_loss(d_online, d_target, weight, self.c)  # (B,)
 
         if self.perceptual is not None:
             q = self.perceptual_features(d_online.to(x0.dtype))

@@ -135,12 +135,11 @@ class DiffusionObjective:
         self, batch: dict[str, Tensor], draws: dict[str, Tensor]
     ) -> tuple[Tensor, dict[str, Tensor]]:
         x0 = batch["image"]
-        B = x0.shape[0]
         sigma, weight = draws["sigma"], draws["weight"]
-        c_in, _, _, t_cond = ops.edm_scalings(sigma, self.sigma_data, self.sigma_min_shifted)
-        x_sigma = x0 + sigma.view(B, 1, 1, 1).to(x0.dtype) * draws["eps"].to(x0.dtype)
-        x0_hat = self.net(x_sigma * c_in.view(B, 1, 1, 1).to(x0.dtype), t_cond,
-                          self.labels(batch, draws["drop"]))  # fmt: skip
-        squared = (x0_hat.float() - x0.float()).square()  # (B, C, H, W)
-        loss = (weight.view(B, 1, 1, 1) * squared).mean()
+        # One pass each: c_in·(x0 + σ·ε) with the scalings, then the per-sample weighted MSE.
+        x_in, _, _, _, t_cond = ops.noise_precondition(
+            x0, draws["eps"].to(x0.dtype), sigma, self.sigma_data, self.sigma_min_shifted, "x0"
+        )
+        x0_hat = self.net(x_in, t_cond, self.labels(batch, draws["drop"]))
+        loss = ops.weighted_mse_loss(x0_hat, x0, weight).mean()  # = mean over B, C, H, W of w·(x̂0 − x0)²
         return loss, {"diffusion": loss}

@@ -16,6 +16,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor
 
+from .. import ops
+
 __all__ = ["info_nce", "gather_keys"]
 
 
@@ -62,10 +64,9 @@ def info_nce(q: Tensor, k: Tensor, tau: float | Tensor) -> Tensor:
         raise ValueError(
             f"info_nce: q and k must be the same (B, D), got {tuple(q.shape)}, {tuple(k.shape)}"
         )
-    keys = gather_keys(k)  # (W·B, D), local block first
+    keys = gather_keys(k)  # (W·B, D), local block first: key i is query i's positive
     with torch.autocast(device_type=q.device.type, enabled=False):
         q_hat = F.normalize(q.float(), dim=1)
         k_hat = F.normalize(keys.float(), dim=1)
-        logits = q_hat @ k_hat.T / tau  # (B, W·B)
-        positive = logits.diagonal()  # key i of the local block is query i's positive
-        return torch.logsumexp(logits, dim=1) - positive
+        # The fused op never materialises more than a tile of the (B, W·B) logits.
+        return ops.info_nce(q_hat, k_hat, tau)
