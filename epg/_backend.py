@@ -225,3 +225,21 @@ def use_backend(name: str, op: str | None = None) -> Iterator[None]:
         yield
     finally:
         _forced.reset(token)
+
+
+def forced_state() -> dict[str | None, str]:
+    """The backends forced by :func:`use_backend` in this context (to hand to another thread)."""
+    return _forced.get()
+
+
+@contextlib.contextmanager
+def forced_as(state: dict[str | None, str]) -> Iterator[None]:
+    """Run the block with the forced backends of another context (see :func:`forced_state`).
+
+    The autograd engine runs CUDA backwards on its own threads, where the context variable of
+    the forward's thread is not visible; the op layer carries it over with these two."""
+    token = _forced.set(state)
+    try:
+        yield
+    finally:
+        _forced.reset(token)

@@ -81,6 +81,21 @@ def _custom_op(name: str) -> Callable:
     return register
 
 
+def _register_autograd(op, grad: Callable, setup: Callable) -> None:
+    """``op.register_autograd(grad, setup_context=setup)``, with the backward running under the
+    backends forced when the forward ran (autograd may run it on another thread)."""
+
+    def setup_context(ctx, inputs, output):
+        ctx.epg_forced = _backend.forced_state()
+        setup(ctx, inputs, output)
+
+    def backward(ctx, *grads):
+        with _backend.forced_as(ctx.epg_forced):
+            return grad(ctx, *grads)
+
+    op.register_autograd(backward, setup_context=setup_context)
+
+
 def _run(op: str, device_tensor: Tensor, *args):
     return _backend.pick(op, device_tensor.device, args)(*args)
 
@@ -115,7 +130,7 @@ def _layer_norm_grad(ctx, grad):
     return (*_layer_norm_backward_op(grad, x, weight, ctx.eps), None)
 
 
-_layer_norm_op.register_autograd(_layer_norm_grad, setup_context=_layer_norm_setup)
+_register_autograd(_layer_norm_op, _layer_norm_grad, _layer_norm_setup)
 
 
 def layer_norm(x: Tensor, weight: Tensor, bias: Tensor, eps: float = 1e-5) -> Tensor:
@@ -157,7 +172,7 @@ def _ln_modulate_grad(ctx, grad):
     return (*_ln_modulate_backward_op(grad, *ctx.saved_tensors, ctx.eps), None)
 
 
-_ln_modulate_op.register_autograd(_ln_modulate_grad, setup_context=_ln_modulate_setup)
+_register_autograd(_ln_modulate_op, _ln_modulate_grad, _ln_modulate_setup)
 
 
 def ln_modulate(
@@ -204,7 +219,7 @@ def _gated_residual_grad(ctx, grad):
     return (grad, *_gated_residual_backward_op(grad, gate, y))
 
 
-_gated_residual_op.register_autograd(_gated_residual_grad, setup_context=_gated_residual_setup)
+_register_autograd(_gated_residual_op, _gated_residual_grad, _gated_residual_setup)
 
 
 def gated_residual(x: Tensor, gate: Tensor, y: Tensor) -> Tensor:
@@ -246,7 +261,7 @@ def _attention_grad(ctx, grad):
     return _attention_backward_op(grad, qkv, ctx.num_heads), None
 
 
-_attention_op.register_autograd(_attention_grad, setup_context=_attention_setup)
+_register_autograd(_attention_op, _attention_grad, _attention_setup)
 
 
 def attention(qkv: Tensor, num_heads: int) -> Tensor:
@@ -290,7 +305,7 @@ def _patch_embed_grad(ctx, grad):
     return (grad_img if need_img_grad else None, *rest)
 
 
-_patch_embed_op.register_autograd(_patch_embed_grad, setup_context=_patch_embed_setup)
+_register_autograd(_patch_embed_op, _patch_embed_grad, _patch_embed_setup)
 
 
 def patch_embed(img: Tensor, weight: Tensor, bias: Tensor, pos_embed: Tensor) -> Tensor:
@@ -357,7 +372,7 @@ def _output_head_grad(ctx, grad):
     return (*grads, None, None)
 
 
-_output_head_op.register_autograd(_output_head_grad, setup_context=_output_head_setup)
+_register_autograd(_output_head_op, _output_head_grad, _output_head_setup)
 
 
 def output_head(
@@ -412,9 +427,7 @@ def _timestep_embedding_grad(ctx, grad):
     return _timestep_embedding_backward_op(grad, t, ctx.dim), None
 
 
-_timestep_embedding_op.register_autograd(
-    _timestep_embedding_grad, setup_context=_timestep_embedding_setup
-)
+_register_autograd(_timestep_embedding_op, _timestep_embedding_grad, _timestep_embedding_setup)
 
 
 def timestep_embedding(t: Tensor, dim: int) -> Tensor:
@@ -468,7 +481,7 @@ def _edm_scalings_grad(ctx, *grads):
     return grad_sigma, None, None, None
 
 
-_edm_scalings_op.register_autograd(_edm_scalings_grad, setup_context=_edm_scalings_setup)
+_register_autograd(_edm_scalings_op, _edm_scalings_grad, _edm_scalings_setup)
 
 
 def edm_scalings(
@@ -573,9 +586,7 @@ def _noise_precondition_grad(ctx, grad_x_in, *grad_scalings):
     return (*grads, None, None, None)
 
 
-_noise_precondition_op.register_autograd(
-    _noise_precondition_grad, setup_context=_noise_precondition_setup
-)
+_register_autograd(_noise_precondition_op, _noise_precondition_grad, _noise_precondition_setup)
 
 
 def noise_precondition(
@@ -676,7 +687,7 @@ def _weighted_mse_loss_grad(ctx, grad, _grad_mse):
     return _loss_grads(ctx, grad_pred, grad, mse)
 
 
-_weighted_mse_loss_op.register_autograd(_weighted_mse_loss_grad, setup_context=_loss_setup)
+_register_autograd(_weighted_mse_loss_op, _weighted_mse_loss_grad, _loss_setup)
 
 
 def weighted_mse_loss(pred: Tensor, target: Tensor, weight: Tensor) -> Tensor:
@@ -716,7 +727,7 @@ def _pseudo_huber_loss_grad(ctx, grad, _grad_sqsum):
     return (*grads, None)
 
 
-_pseudo_huber_loss_op.register_autograd(_pseudo_huber_loss_grad, setup_context=_loss_setup)
+_register_autograd(_pseudo_huber_loss_op, _pseudo_huber_loss_grad, _loss_setup)
 
 
 def pseudo_huber_loss(pred: Tensor, target: Tensor, weight: Tensor, c: float = 0.06) -> Tensor:
@@ -843,8 +854,8 @@ def _unpatchify_hwc_grad(ctx, grad):
     return _patchify_hwc_op(grad, ctx.patch_size), None, None
 
 
-_patchify_hwc_op.register_autograd(_patchify_hwc_grad, setup_context=_patchify_hwc_setup)
-_unpatchify_hwc_op.register_autograd(_unpatchify_hwc_grad, setup_context=_unpatchify_hwc_setup)
+_register_autograd(_patchify_hwc_op, _patchify_hwc_grad, _patchify_hwc_setup)
+_register_autograd(_unpatchify_hwc_op, _unpatchify_hwc_grad, _unpatchify_hwc_setup)
 
 
 def _check_element_size(name: str, arg: str, t: Tensor) -> None:
@@ -924,7 +935,7 @@ def _info_nce_grad(ctx, grad):
     return _info_nce_backward_op(grad, q, k, ctx.tau), None, None
 
 
-_info_nce_op.register_autograd(_info_nce_grad, setup_context=_info_nce_setup)
+_register_autograd(_info_nce_op, _info_nce_grad, _info_nce_setup)
 
 
 def info_nce(q: Tensor, k: Tensor, tau: float | Tensor) -> Tensor:

@@ -523,3 +523,25 @@ def test_info_nce_reference_matches_cross_entropy_and_objective_form():
     la.sum().backward()
     lb.sum().backward()
     assert_close(qa.grad, qb.grad)
+
+
+def test_a_forced_backend_reaches_a_backward_run_on_another_thread(monkeypatch):
+    """The autograd engine runs CUDA backwards on worker threads; use_backend must reach them."""
+    import threading
+
+    x = torch.randn(2, 3, 8, requires_grad=True)
+    with ops.use_backend("reference", "layer_norm"):
+        y = ops.layer_norm(x, torch.ones(8), torch.zeros(8))
+    seen = {}
+    original = _backend.choose
+
+    def spy(op, device, args=()):
+        seen[op] = _backend.forced_state()
+        return original(op, device, args)
+
+    monkeypatch.setattr(_backend, "choose", spy)
+    thread = threading.Thread(target=lambda: y.sum().backward())  # a fresh context: nothing forced
+    thread.start()
+    thread.join()
+    assert seen["layer_norm_backward"] == {"layer_norm": "reference"}
+    assert x.grad is not None
