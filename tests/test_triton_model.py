@@ -29,7 +29,10 @@ from helpers import assert_close  # noqa: E402
 import_epg_kernels()
 DEVICE = "cuda" if CUDA else "cpu"
 # The public ops the Triton backend runs (forward and backward), e.g. attention, patch_embed.
-TRITON_OPS = sorted(op for op in ops.OPS if op in _backend.info("triton").implementations)
+# The ops the networks call (losses such as info_nce belong to the objectives, not the model).
+NETWORK_OPS = ("layer_norm", "ln_modulate", "gated_residual", "attention", "patch_embed",
+               "output_head", "timestep_embedding")  # fmt: skip
+TRITON_OPS = sorted(op for op in NETWORK_OPS if op in _backend.info("triton").implementations)
 
 
 def _randomised(model):
