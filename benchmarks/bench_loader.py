@@ -1,7 +1,7 @@
 """Data loading: images/s of the loaders and of stage 1's view augmentation.
 
-What ``epg.data`` has today (the DALI pipeline and the JPEG folder loader are not written yet,
-so JPEG decoding is not benchmarked):
+In-memory and embedded data (the folder loaders, decoding PNG and JPEG with Pillow or DALI, are
+in bench_folder_loader.py):
 
   in_memory       ``epg.data.loader.InMemoryLoader``, the Trainer's loader: a shuffled batch
                   gathered from host tensors and moved to the device. GPU: 256-px RGB float32

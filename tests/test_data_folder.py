@@ -353,3 +353,151 @@ def test_dali_mixed_decoder_matches_portable_on_gpu(png_tree, tmp_path):
         gpu = next(loader)["image"]
     diff = (gpu.int() - portable.int()).abs()
     assert diff.float().mean() < 1.0 and diff.max() <= 16
+
+
+# ---------------------------------------------------------------------------------------------
+# prepare: formats and the index list
+# ---------------------------------------------------------------------------------------------
+
+
+def _raw_tree(root):
+    """The two sample JPEGs under n01/, the flower also under n00/ (three 427×640 images)."""
+    china, flower = sample_jpeg_paths()
+    for rel, path in (("n01/china.JPEG", china), ("n01/flower.JPEG", flower),
+                      ("n00/flower.jpg", flower)):  # fmt: skip
+        os.makedirs(root / os.path.dirname(rel), exist_ok=True)
+        shutil.copy(path, root / rel)
+    return root
+
+
+@pytest.mark.parametrize("fmt,ext", [("png", ".png"), ("jpeg", ".jpg")])
+def test_prepare_formats_write_an_index_list_and_resume(tmp_path, fmt, ext):
+    src, dst = _raw_tree(tmp_path / "raw"), tmp_path / "out"
+    report = prepare(src, dst, 64, format=fmt, quality=90, workers=0, progress=False)
+    assert (report.written, report.index_list) == (3, dst / "index.txt")
+    out = dst / "n01" / f"china{ext}"
+    expected = center_crop_arr(Image.open(sample_jpeg_paths()[0]).convert("RGB"), 64)
+    with Image.open(out) as image:
+        assert image.format == fmt.upper() and image.size == (64, 64) and image.mode == "RGB"
+        diff = np.abs(np.asarray(image).astype(int) - expected.astype(int))
+    if fmt == "png":
+        assert diff.max() == 0 and out.stat().st_size > 64 * 64 * 3
+    else:  # lossy, and several times smaller than the stored PNG
+        assert 0 < diff.mean() < 8 and out.stat().st_size < 64 * 64 * 3 / 4
+
+    # The index list: "<class>/<file> <label>" in scan order, read back by from_file_list.
+    lines = (dst / "index.txt").read_text().splitlines()
+    assert lines[0].startswith(f"# epg prepare: format={fmt}")
+    assert [line for line in lines if not line.startswith("#")] == [
+        f"n00/flower{ext} 0", f"n01/china{ext} 1", f"n01/flower{ext} 1"
+    ]
+    listed, scanned = FolderIndex.from_file_list(dst / "index.txt"), FolderIndex.scan(dst)
+    assert listed.paths() == scanned.paths() and listed.labels.tolist() == [0, 1, 1]
+    loader = PortableLoader(dst / "index.txt", 64, 3, convention=None, flip_p=0.0, num_workers=0)
+    assert torch.equal(next(loader)["label"].sort().values, torch.tensor([0, 1, 1]))
+
+    # Resume: valid outputs are kept, a damaged one is redone; other settings are refused.
+    assert prepare(src, dst, 64, format=fmt, quality=90, workers=0, progress=False).existing == 3
+    out.write_bytes(out.read_bytes()[: out.stat().st_size // 2])
+    again = prepare(src, dst, 64, format=fmt, quality=90, workers=0, progress=False)
+    assert (again.written, again.existing) == (1, 2)
+    other = "png" if fmt == "jpeg" else "jpeg"
+    with pytest.raises(ValueError, match="prepared with other settings"):
+        prepare(src, dst, 64, format=other, workers=0, progress=False)
+    if fmt == "jpeg":
+        with pytest.raises(ValueError, match="prepared with other settings"):
+            prepare(src, dst, 64, format=fmt, quality=80, workers=0, progress=False)
+    else:  # the quality does not apply to PNG
+        assert prepare(src, dst, 64, quality=80, workers=0, progress=False).existing == 3
+    with pytest.raises(ValueError, match="format must be one of"):
+        prepare(src, tmp_path / "o", 64, format="webp", progress=False)
+    with pytest.raises(ValueError, match="quality must be in 1..95"):
+        prepare(src, tmp_path / "o", 64, format="jpeg", quality=100, progress=False)
+
+
+# ---------------------------------------------------------------------------------------------
+# Sharding
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("world_size", [1, 2, 3])
+def test_ranks_cover_an_epoch_disjointly_and_completely(png_tree, world_size):
+    # 12 of the 15 files, global batch 6: two batches cover every file once per epoch.
+    full = FolderIndex.scan(png_tree)
+    folder = FolderIndex.from_files(full.paths()[:12])
+    decoded = {i: decode_image(folder.path(i), RES) for i in range(12)}
+    G = 6
+    for epoch in range(2):
+        files = []
+        for rank in range(world_size):
+            schedule = BatchSchedule(12, G, rank, world_size, seed=4)
+            for index in range(schedule.batches_per_epoch):
+                rows = schedule.rows(epoch, index)[0]
+                assert len(rows) == G // world_size
+                files.extend(rows.tolist())
+        assert sorted(files) == list(range(12))  # disjoint (no repeats) and complete
+
+    # The portable loader of each rank loads exactly its schedule rows over two epochs.
+    seen = []
+    for rank in range(world_size):
+        loader = PortableLoader(folder, RES, G, rank=rank, world_size=world_size, seed=4,
+                                convention=None, flip_p=0.0, num_workers=0)  # fmt: skip
+        for step in range(4):
+            batch = next(loader)
+            rows = BatchSchedule(12, G, rank, world_size, seed=4).rows(*divmod(step, 2))[0]
+            expected = np.stack([decoded[i] for i in rows.tolist()])
+            assert np.array_equal(batch["image"].permute(0, 2, 3, 1).numpy(), expected)
+            assert batch["label"].tolist() == folder.labels[rows].tolist()
+            seen.append((step // 2, rows.tolist()))
+    for epoch in range(2):
+        assert sorted(i for e, rows in seen if e == epoch for i in rows) == list(range(12))
+
+
+def test_schedule_drops_a_different_remainder_each_epoch():
+    schedule = BatchSchedule(15, 6, seed=0)
+    used = [set(np.concatenate([schedule.rows(e, i)[0] for i in range(2)]).tolist())
+            for e in range(6)]  # fmt: skip
+    assert all(len(u) == 12 for u in used)
+    assert set().union(*used) == set(range(15))  # no file is left out for good
+    with pytest.raises(ValueError, match="not divisible by 4 ranks"):
+        BatchSchedule(15, 6, rank=0, world_size=4)
+
+
+# ---------------------------------------------------------------------------------------------
+# DALI CPU against Pillow on real JPEGs
+# ---------------------------------------------------------------------------------------------
+
+# Measured: DALI's CPU decoder and Pillow decode the same JPEG bytes to the same uint8 levels
+# (both use libjpeg-turbo with the same IDCT and upsampling), so the tolerance is 0. The
+# DaliLoader docstring states the same figure.
+JPEG_TOLERANCE = 0
+
+
+@pytest.fixture(scope="module")
+def jpeg_tree(tmp_path_factory):
+    """The two sample JPEGs as shipped (427×640, 4:2:0) and re-encoded at other sizes, chroma
+    subsamplings and qualities, progressive included; every image at least 256 on a side."""
+    root = tmp_path_factory.mktemp("jpegs")
+    for k, path in enumerate(sample_jpeg_paths()):
+        photo = Image.open(path).convert("RGB")
+        os.makedirs(root / f"n{k}")
+        shutil.copy(path, root / f"n{k}" / os.path.basename(path))
+        variants = (((300, 256), dict(quality=75)), ((256, 256), dict(quality=95, subsampling=0)),
+                    ((411, 333), dict(quality=50, progressive=True)),
+                    ((257, 290), dict(quality=90, subsampling=1)))  # fmt: skip
+        for j, (size, options) in enumerate(variants):
+            photo.resize(size, Image.BICUBIC).save(root / f"n{k}" / f"v{j}.jpg", **options)
+        photo.convert("L").resize((320, 260)).save(root / f"n{k}" / "gray.jpg", quality=85)
+    return root
+
+
+def test_dali_cpu_decodes_real_jpegs_like_pillow(jpeg_tree):
+    DaliLoader = _dali_loader()
+    n = len(FolderIndex.scan(jpeg_tree))
+    options = dict(convention=None, flip_p=0.0)
+    portable = next(PortableLoader(jpeg_tree, 256, n, num_workers=0, **options))
+    with DaliLoader(jpeg_tree, 256, n, num_threads=2, **options) as loader:
+        dali = next(loader)
+    assert torch.equal(dali["label"], portable["label"])
+    diff = (dali["image"].int() - portable["image"].int()).abs()
+    assert int(diff.max()) <= JPEG_TOLERANCE, f"max |DALI − Pillow| = {int(diff.max())} levels"

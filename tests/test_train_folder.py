@@ -96,5 +96,9 @@ def test_prepare_command_crops_the_bundled_jpegs(tmp_path, capsys):
     assert out == ["n00/china.png", "n01/flower.png"]
     assert Image.open(tmp_path / "out" / "n00" / "china.png").size == (32, 32)
     assert "broken.jpg" in (tmp_path / "out" / "skipped.txt").read_text()
+    assert main(["prepare", str(src), str(tmp_path / "jpeg"), "--resolution", "32", "--workers", "0",
+                 "--no-progress", "--format", "jpeg", "--quality", "90"]) == 0  # fmt: skip
+    assert sorted(p.name for p in (tmp_path / "jpeg").rglob("*.jp*g")) == ["china.jpg", "flower.jpg"]
+    assert "index:" in capsys.readouterr().out
     assert main(["prepare", str(tmp_path / "missing"), str(tmp_path / "o2")]) == 2
     assert "epg prepare: error:" in capsys.readouterr().err

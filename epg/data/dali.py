@@ -1,7 +1,12 @@
 """The DALI folder loader: NVIDIA DALI decodes (on the GPU with ``"mixed"``), crops and flips.
 
-Same schedule, same interface and the same images as :class:`epg.data.portable.PortableLoader`
-(bit for bit on PNG input, whose decoding is lossless; JPEG decoders may differ by rounding).
+Same schedule, same interface and the same images as :class:`epg.data.portable.PortableLoader`:
+bit for bit on 8-bit PNG input (lossless); on JPEG input within ``JPEG_TOLERANCE`` uint8 levels
+(measured: 0 for DALI's ``"cpu"`` decoder, libjpeg-turbo like Pillow; nvJPEG on the GPU is only
+held to a loose bound until measured there). Files DALI decodes differently from Pillow, or that
+are unverified — 16-bit PNGs, CMYK JPEGs, truncated files, other formats — are decoded by Pillow
+instead and handed to DALI as an uncompressed PNG (:func:`pillow_route`, :func:`read_for_dali`),
+so they match too, at Pillow's speed (see :func:`pillow_route` for what was measured).
 
 How the order is kept: DALI's own file reader shuffles with a buffer and cannot reproduce a seeded
 permutation or resume mid-epoch, so the pipeline starts from ``fn.external_source`` instead. Its
@@ -51,6 +56,9 @@ from .folder import (
 )
 
 INSTALL_HINT = "pip install 'epg[dali]'  (the wheel nvidia-dali-cuda130)"
+# Max |DALI − Pillow| in uint8 levels on the same JPEG bytes with the "cpu" decoder, measured on
+# scikit-learn's sample photos and re-encodings of them (tests/test_data_folder.py).
+JPEG_TOLERANCE = 0
 
 
 def dali_available() -> bool:
@@ -74,6 +82,82 @@ def _import_dali():
     return Pipeline, fn, types, DALIGenericIterator
 
 
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+_PNG_END = b"IEND\xaeB`\x82"  # the IEND chunk with its CRC: the last 8 bytes of a whole PNG
+# Start-of-frame markers (baseline, extended, progressive, lossless, arithmetic); C4, C8 and CC
+# are other segments.
+_JPEG_SOF = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
+
+
+def _jpeg_components(data: bytes) -> int | None:
+    """Number of colour components in a JPEG's frame header (None if none is found)."""
+    pos = 2
+    while pos + 4 <= len(data):
+        if data[pos] != 0xFF:
+            return None
+        marker = data[pos + 1]
+        if marker == 0xFF:  # fill byte
+            pos += 1
+            continue
+        if marker in _JPEG_SOF:
+            return data[pos + 9] if pos + 9 < len(data) else None
+        if marker == 0xDA:  # start of scan before any frame header: malformed
+            return None
+        pos += 2 + int.from_bytes(data[pos + 2 : pos + 4], "big")
+    return None
+
+
+def pillow_route(data: bytes) -> str | None:
+    """Why a file should be decoded by Pillow rather than DALI (None: DALI decodes it alike).
+
+    Measured with the ``"cpu"`` decoder: DALI gives Pillow's RGB (:func:`epg.data.folder.to_rgb`)
+    exactly for 8-bit PNGs of every colour type (gray, gray + alpha, palette with or without
+    transparency, RGB, RGBA) and for RGB, gray and (Pillow-written, Adobe) CMYK JPEGs. Pillow
+    decodes instead:
+
+    * 16-bit PNGs: DALI reduces a level v to round(v / 257), Pillow (and ``to_rgb``) to v >> 8,
+      up to 1 level apart;
+    * 4-component (CMYK/YCCK) JPEGs: they match on the CPU, but nvJPEG's handling (``"mixed"``)
+      and YCCK are unverified, and such files are rare (ImageNet's training set has a few dozen);
+    * files that do not end like a whole PNG or JPEG (truncated): DALI failed on the ones tried,
+      but libjpeg-turbo can finish a JPEG cut short with only a warning; through Pillow such a
+      file is bad for both loaders alike;
+    * other formats (BMP, WebP): not compared.
+    """
+    if data.startswith(_PNG_SIGNATURE):
+        if not data.endswith(_PNG_END):
+            return "incomplete PNG"
+        if len(data) > 24 and data[24] == 16:  # IHDR bit depth
+            return "16-bit PNG"
+        return None
+    if data.startswith(b"\xff\xd8"):
+        if not data.rstrip(b"\x00").endswith(b"\xff\xd9"):
+            return "JPEG without its end marker"
+        components = _jpeg_components(data)
+        if components not in (1, 3):
+            return f"JPEG with {components} components"
+        return None
+    return "neither PNG nor JPEG"
+
+
+def read_for_dali(path: str, resolution: int) -> np.ndarray:
+    """The bytes DALI decodes for ``path``: the file itself, or — for the files
+    :func:`pillow_route` names — Pillow's decoded, centre-cropped RGB image as an uncompressed
+    PNG (so DALI's output is Pillow's, bit for bit). Raises :class:`BadImageError` for a file
+    Pillow cannot decode; DALI then fails and the loader's diagnosis handles it.
+    """
+    data = np.fromfile(path, np.uint8)
+    if pillow_route(data.tobytes()) is None:
+        return data
+    import io
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.fromarray(decode_image(path, resolution)).save(buffer, format="PNG", compress_level=0)
+    return np.frombuffer(buffer.getvalue(), np.uint8)
+
+
 def _batch_files(
     folder: FolderIndex, schedule: BatchSchedule, bad: set[int], batch: int
 ) -> tuple[list[int], np.ndarray]:
@@ -91,18 +175,20 @@ class _Feeder:
         self,
         folder: FolderIndex,
         schedule: BatchSchedule,
+        resolution: int,
         start: int,
         bad: set[int],
         pool: ThreadPoolExecutor,
     ):
-        self.folder, self.schedule, self.start, self.bad, self.pool = (
-            folder, schedule, start, bad, pool,
+        self.folder, self.schedule, self.resolution, self.start, self.bad, self.pool = (
+            folder, schedule, resolution, start, bad, pool,
         )  # fmt: skip
         self._ahead: dict[int, tuple[list[Future], np.ndarray, np.ndarray]] = {}
 
     def _submit(self, batch: int):
         files, flips = _batch_files(self.folder, self.schedule, self.bad, batch)
-        reads = [self.pool.submit(np.fromfile, self.folder.path(i), np.uint8) for i in files]
+        reads = [self.pool.submit(read_for_dali, self.folder.path(i), self.resolution)
+                 for i in files]  # fmt: skip
         return reads, self.folder.labels[files], flips.astype(np.int32)
 
     def __call__(self, info) -> tuple[list[np.ndarray], np.ndarray, np.ndarray]:
@@ -115,6 +201,10 @@ class _Feeder:
 
 class DaliLoader(FolderLoaderBase):
     """Batches of an image folder decoded by NVIDIA DALI.
+
+    The images equal the portable loader's: exactly for PNG, within :data:`JPEG_TOLERANCE`
+    (0 levels, measured with ``decoder="cpu"``) for JPEG; 16-bit PNGs, CMYK JPEGs, truncated
+    files and other formats are decoded by Pillow (:func:`pillow_route`).
 
     Args as :class:`~epg.data.portable.PortableLoader` (source, resolution, global_batch_size,
     rank, world_size, seed, device, convention, flip_p, on_error), and:
@@ -168,8 +258,8 @@ class DaliLoader(FolderLoaderBase):
     def _start(self) -> Iterator:
         Pipeline, fn, types, DALIGenericIterator = _import_dali()
         self._pool = ThreadPoolExecutor(self.read_threads, thread_name_prefix="epg-dali-read")
-        feeder = _Feeder(self.folder, self.schedule, self._batch_number(), set(self._bad),
-                         self._pool)  # fmt: skip
+        feeder = _Feeder(self.folder, self.schedule, self.resolution, self._batch_number(),
+                         set(self._bad), self._pool)  # fmt: skip
         pipe = Pipeline(
             batch_size=self.local_batch_size,
             num_threads=self.num_threads,

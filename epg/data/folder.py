@@ -19,7 +19,11 @@ next from that generator, one per position. Global batch i of the epoch is posit
 [r·B, (r+1)·B) of it, B = G / world_size. The position (epoch, batch index) is all the state there
 is, so a resumed run sees the same images, flips included, on any number of ranks that keeps G.
 
-Bad files: a file that Pillow cannot decode, or that is smaller than the crop, is "bad".
+Image modes: every decoder here yields 8-bit RGB through :func:`to_rgb` — gray and palette images
+expanded, alpha dropped, CMYK converted, 16-bit samples scaled (not clipped) to 8 bits.
+
+Bad files: a file that Pillow cannot decode (truncated, corrupt, not an image), or that is smaller
+than the crop, is "bad".
 Loaders raise :class:`BadImageError` naming it by default; with ``on_error="skip"`` the slot is
 filled by the next good file in index order (wrapping; deterministic, so every path and every
 resume picks the same substitute, with its own label) and counted.
@@ -162,7 +166,8 @@ class FolderIndex:
             labels.extend([label] * len(files))
         if not paths:
             raise ValueError(
-                f"no images ({', '.join(exts)}) in the {len(classes)} class folders of {root}"
+                f"no images ({', '.join(exts)}) in the {len(classes)} class folders of {root}: "
+                f"expected the layout {root}/<class>/<image>"
             )
         if empty and not allow_empty_classes:
             shown = ", ".join(empty[:5]) + (", …" if len(empty) > 5 else "")
@@ -237,6 +242,35 @@ class FolderIndex:
         return cls.from_files(paths, labels if kinds == {"labelled"} else None, root)
 
 
+def listable(relpath: str) -> bool:
+    """Whether a path survives a file list: no line break, no blank at an end, no leading ``#``."""
+    return (bool(relpath) and relpath == relpath.strip() and not relpath.startswith("#")
+            and "\n" not in relpath and "\r" not in relpath)  # fmt: skip
+
+
+def write_file_list(
+    path: str | os.PathLike,
+    relpaths: Sequence[str],
+    labels: Sequence[int],
+    header: Sequence[str] = (),
+) -> None:
+    """Write the labelled form :meth:`FolderIndex.from_file_list` reads: ``path label`` lines.
+
+    ``relpaths`` should be relative to the list file's folder (the reader's default root);
+    ``header`` lines are written first as ``# `` comments. Written to a hidden temporary file
+    and renamed, so a reader never sees half a list.
+    """
+    path = Path(path)
+    lines = [f"# {line}\n" for line in header]
+    for rel, label in zip(relpaths, labels, strict=True):
+        if not listable(rel):
+            raise ValueError(f"{rel!r} cannot be written to a file list")
+        lines.append(f"{rel} {int(label)}\n")
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text("".join(lines))
+    os.replace(tmp, path)
+
+
 def open_index(source: FolderIndex | str | os.PathLike, **scan_options) -> FolderIndex:
     """An index from an index, a folder (scanned) or a file list (a regular file)."""
     if isinstance(source, FolderIndex):
@@ -260,18 +294,39 @@ def center_crop_box(height: int, width: int, size: int) -> tuple[int, int]:
     return (height - size) // 2, (width - size) // 2
 
 
+def to_rgb(image) -> Any:
+    """A Pillow image of any mode → 8-bit RGB (loads the pixels; errors propagate).
+
+    * 8-bit modes: Pillow's ``convert("RGB")``: gray (``L``, ``1``) replicated, palettes (``P``)
+      expanded, alpha (``LA``, ``PA``, ``RGBA``) dropped, not composited — as ADM's
+      ``convert("RGB")`` and DALI's RGB output — and CMYK turned into RGB as
+      (255 − C)·(255 − K)/255 (Pillow ≥ 10; inverted Adobe CMYK JPEGs are un-inverted on decode).
+    * 16-bit gray (``I;16``, ``I;16B``, ``I;16L``, and ``I``, which Pillow uses for 16-bit
+      PNGs too): Pillow's convert would clip every level above 255 to white, so the level v is
+      scaled to ``v >> 8`` instead (the top byte, as libpng's strip-16 and Pillow's reading of
+      16-bit RGB PNGs), then replicated. ``I`` values outside 0..65535 are clipped first.
+    """
+    from PIL import Image
+
+    if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
+        gray = (np.clip(np.asarray(image, dtype=np.int64), 0, 65535) >> 8).astype(np.uint8)
+        return Image.fromarray(np.repeat(gray[..., None], 3, axis=2))  # (H, W, 3) uint8: RGB
+    return image.convert("RGB")
+
+
 def decode_image(path: str, resolution: int) -> np.ndarray:
-    """Decode with Pillow to RGB, centre-crop resolution² → uint8 (H, W, 3).
+    """Decode with Pillow to RGB (:func:`to_rgb`), centre-crop resolution² → uint8 (H, W, 3).
 
     EXIF orientation is ignored (as ADM's preparation and DALI with ``adjust_orientation=False``).
-    Raises :class:`BadImageError` naming the file if it cannot be read or decoded, or if it is
-    smaller than the crop (run ``epg prepare`` on such a tree first).
+    Raises :class:`BadImageError` naming the file if it cannot be read or decoded (truncated or
+    corrupt data, not an image), or if it is smaller than the crop (run ``epg prepare`` on such
+    a tree first).
     """
     from PIL import Image
 
     try:
         with Image.open(path) as image:
-            rgb = image.convert("RGB")
+            rgb = to_rgb(image)
     except Exception as exc:  # Pillow raises OSError, SyntaxError, ValueError, … on bad data
         raise BadImageError(f"cannot read image {path}: {exc}", path) from exc
     width, height = rgb.size

@@ -1,20 +1,35 @@
-"""``epg prepare``: centre-crop a raw ImageNet-style tree to resolution² PNGs (epg-method.md §2).
+"""``epg prepare``: centre-crop a raw ImageNet-style tree to resolution² images (epg-method.md §2).
 
 Per image (ADM's ``center_crop_arr``, :func:`center_crop_arr`): decode with Pillow and convert to
-RGB; while the short side is ≥ 2·resolution, halve both sides (integer division) with the BOX
+RGB (:func:`epg.data.folder.to_rgb`: gray, palette, alpha, CMYK and 16-bit inputs all become 8-bit
+RGB); while the short side is ≥ 2·resolution, halve both sides (integer division) with the BOX
 filter; resize so the short side is ``resolution`` with BICUBIC, each side rounded
 (``round(side · resolution / short)``, Python's round); crop the centre resolution² window at
-floor((H − res)/2), floor((W − res)/2). Saved as PNG with ``compress_level=0`` at
-``DST/<class>/<stem>.png``, the class folders and file stems of ``SRC`` kept.
+floor((H − res)/2), floor((W − res)/2). Saved at ``DST/<class>/<stem>.png`` (``.jpg``), the class
+folders and file stems of ``SRC`` kept, in one of two formats:
+
+* ``"png"`` (the default): lossless, ``compress_level=0`` — what the official runs trained on;
+  about res²·3 bytes per image (197 kB at 256 px), decoded on host threads (also by DALI).
+* ``"jpeg"`` at ``quality`` (default 95, Pillow's 4:2:0 chroma subsampling): lossy, about 5–10×
+  smaller, and the format DALI's ``"mixed"`` decoder decodes on the GPU (nvJPEG), the fastest
+  input for GPU training; the images differ from the PNGs by the compression error.
+
+``DST/index.txt`` lists the prepared images as ``<class>/<file> <label>`` (label = the class
+folder's position among the sorted source classes; the source index's labels when ``src`` is a
+:class:`FolderIndex`), in index order, after a ``#`` header with the settings:
+:meth:`FolderIndex.from_file_list` reads it back (the loaders accept its path as their source).
 
 A long run must survive a bad file and an interruption:
 
 * an image that cannot be decoded is logged (logger ``epg.data``), skipped, and listed in
   ``DST/skipped.txt`` (``<path relative to SRC><TAB><reason>``; written on every run, empty when
   nothing was skipped);
+* the settings (format, quality, resolution) are recorded in the header of ``DST/index.txt`` at
+  the start of a run; a later run into the same ``DST`` with other settings is refused (it would
+  mix formats or sizes) instead of silently keeping outputs made differently;
 * outputs are written to a hidden temporary name and renamed, so a killed run leaves no partial
-  PNG under a real name; a rerun keeps every output that is a readable PNG of the right size and
-  redoes the rest (and retries the skipped files);
+  PNG under a real name; a rerun keeps every output that is a readable image of the right format and
+  size and redoes the rest (and retries the skipped files);
 * every class folder of ``SRC`` is created in ``DST``, even if all its images fail, so the labels
   (sorted class folders) of the prepared tree are those of the source; a class left empty then
   stops the training loaders with an error naming it.
@@ -31,11 +46,13 @@ from pathlib import Path
 
 import numpy as np
 
-from .folder import FolderIndex
+from .folder import FolderIndex, listable, to_rgb, write_file_list
 
 log = logging.getLogger("epg.data")
 
 SKIPPED_LIST = "skipped.txt"
+INDEX_LIST = "index.txt"
+FORMATS = {"png": ".png", "jpeg": ".jpg"}  # format → output extension
 
 
 def center_crop_arr(image, resolution: int) -> np.ndarray:
@@ -64,11 +81,12 @@ class PrepareReport:
     """What a :func:`prepare` run did."""
 
     total: int  # images found in SRC
-    written: int  # PNGs written by this run
+    written: int  # images written by this run
     existing: int  # valid outputs kept from an earlier run
     failed: list[tuple[str, str]] = field(default_factory=list)  # (SRC-relative path, reason)
     skipped_list: Path | None = None
     seconds: float = 0.0
+    index_list: Path | None = None  # DST/index.txt
 
     def __str__(self) -> str:
         return (
@@ -77,38 +95,62 @@ class PrepareReport:
         )
 
 
-def _output_ok(path: str, resolution: int) -> bool:
-    """An existing output counts if it is a complete RGB PNG of resolution² (chunk CRCs pass)."""
+def _output_ok(path: str, resolution: int, fmt: str) -> bool:
+    """An existing output counts if it is a complete RGB image of resolution² in ``fmt``."""
     from PIL import Image
 
     try:
         with Image.open(path) as image:
-            ok = image.format == "PNG" and image.size == (resolution, resolution)
+            ok = image.format == fmt.upper() and image.size == (resolution, resolution)
             ok = ok and image.mode == "RGB"
-            image.verify()
+            if fmt == "png":
+                image.verify()  # chunk CRCs; cheap at compress_level 0
+            else:
+                image.load()  # JPEG has no checksums: decode it (a truncated file raises)
         return ok
     except Exception:
         return False
 
 
-def _prepare_one(task: tuple[str, str, str, int]) -> tuple[str, str, str]:
+def _prepare_one(task: tuple[str, str, str, int, str, int]) -> tuple[str, str, str]:
     """(status, relative source path, reason) for one image; status written|existing|failed."""
     from PIL import Image
 
-    src, rel, out, resolution = task
-    if os.path.exists(out) and _output_ok(out, resolution):
+    src, rel, out, resolution, fmt, quality = task
+    if os.path.exists(out) and _output_ok(out, resolution, fmt):
         return "existing", rel, ""
     try:
         with Image.open(src) as image:
-            array = center_crop_arr(image.convert("RGB"), resolution)
+            array = center_crop_arr(to_rgb(image), resolution)
     except Exception as exc:  # a bad input file, never a reason to stop the run
         return "failed", rel, f"{type(exc).__name__}: {exc}"
     # Write errors (disk full, permissions) are not the input's fault: they propagate.
     folder, name = os.path.split(out)
     tmp = os.path.join(folder, f".{name}.tmp")
-    Image.fromarray(array).save(tmp, format="PNG", compress_level=0)
+    if fmt == "png":
+        Image.fromarray(array).save(tmp, format="PNG", compress_level=0)
+    else:
+        Image.fromarray(array).save(tmp, format="JPEG", quality=quality)
     os.replace(tmp, out)
     return "written", rel, ""
+
+
+def _settings(fmt: str, quality: int, resolution: int) -> str:
+    shown = f"quality={quality}" if fmt == "jpeg" else "lossless"
+    return f"epg prepare: format={fmt} {shown} resolution={resolution}"
+
+
+def _check_settings(listing: Path, settings: str) -> None:
+    """Refuse to continue a DST prepared with other settings (its first line records them)."""
+    if not listing.is_file():
+        return
+    with open(listing) as f:
+        first = f.readline().strip()
+    if first.startswith("# epg prepare:") and first != f"# {settings}":
+        raise ValueError(
+            f"{listing.parent} was prepared with other settings ({first[2:]}); this run asks "
+            f"for {settings.removeprefix('epg prepare: ')}: use another output folder"
+        )
 
 
 def _nested(a: Path, b: Path) -> bool:
@@ -120,26 +162,40 @@ def prepare(
     dst: str | os.PathLike,
     resolution: int,
     *,
+    format: str = "png",
+    quality: int = 95,
     workers: int | None = None,
     progress: bool = True,
 ) -> PrepareReport:
-    """Centre-crop every image of ``src`` (``src/<class>/<image>``) into ``dst`` as PNG.
+    """Centre-crop every image of ``src`` (``src/<class>/<image>``) into ``dst``, PNG or JPEG.
 
     Args:
         src: the raw tree (or a :class:`FolderIndex` of it; outputs go to the parent folder's
             name under ``dst``).
         dst: output root; must not be inside ``src`` nor contain it.
         resolution: output side (256 or 512 in the paper).
+        format: ``"png"`` (lossless, what the paper trained on; the default) or ``"jpeg"``
+            (5–10× smaller and what DALI decodes fastest, on the GPU; lossy). See the module
+            docstring.
+        quality: JPEG quality, 1–95 (Pillow's scale; ignored for PNG).
         workers: processes (None: all CPUs; 0 or 1: this process).
         progress: show a tqdm progress bar.
     Returns:
-        a :class:`PrepareReport`; the skipped files are also in ``dst/skipped.txt``.
+        a :class:`PrepareReport`; the skipped files are also in ``dst/skipped.txt``, the
+        prepared ones in ``dst/index.txt``.
+    Raises:
+        ValueError: bad settings, ``dst`` inside ``src`` (or around it), ``dst`` prepared
+            earlier with other settings, or a source without the ``src/<class>/<image>`` layout.
     """
     from tqdm import tqdm
 
     start = time.perf_counter()
     if resolution < 1:
         raise ValueError(f"resolution must be positive, got {resolution}")
+    if format not in FORMATS:
+        raise ValueError(f"format must be one of {tuple(FORMATS)}, got {format!r}")
+    if format == "jpeg" and not 1 <= quality <= 95:  # above 95 Pillow's docs advise against
+        raise ValueError(f"JPEG quality must be in 1..95, got {quality}")
     scanned = not isinstance(src, FolderIndex)
     index = FolderIndex.scan(src, allow_empty_classes=True) if scanned else src
     dst = Path(dst)
@@ -148,24 +204,39 @@ def prepare(
             f"the output {dst} and the source {index.root} must not contain each other"
         )
 
-    tasks, outputs = [], {}
+    settings = _settings(format, quality, resolution)
+    index_list = dst / INDEX_LIST
+    _check_settings(index_list, settings)
+
+    tasks, outputs, entries, unlisted = [], {}, {}, []
     for i in range(len(index)):
         path = index.path(i)
         cls = os.path.basename(os.path.dirname(path))
         rel = index.relpath(i)
-        out = os.path.join(dst, cls, os.path.splitext(os.path.basename(path))[0] + ".png")
+        name = os.path.splitext(os.path.basename(path))[0] + FORMATS[format]
+        out = os.path.join(dst, cls, name)
         if out in outputs:
             raise ValueError(f"{outputs[out]} and {rel} would both be written to {out}")
         outputs[out] = rel
-        tasks.append((path, rel, out, resolution))
+        if not listable(f"{cls}/{name}"):
+            unlisted.append((rel, "its name cannot be written to index.txt (blanks at an end, "
+                                  "a line break, or a leading #)"))  # fmt: skip
+            continue
+        entries[rel] = (cls, name, int(index.labels[i]))
+        tasks.append((path, rel, out, resolution, format, quality))
     folders = {os.path.dirname(out) for out in outputs}
     if scanned:  # empty class folders too, so the prepared tree keeps the source's labels
         folders.update(os.path.join(dst, cls) for cls in index.classes)
     for folder in sorted(folders):
         os.makedirs(folder, exist_ok=True)
+    os.makedirs(dst, exist_ok=True)
+    write_file_list(index_list, [], [], header=[settings, "incomplete: the run has not finished"])
 
     counts = {"written": 0, "existing": 0}
     failed: list[tuple[str, str]] = []
+    for rel, reason in unlisted:
+        failed.append((rel, reason))
+        log.warning("prepare: skipping %s: %s", rel, reason)
     workers = (os.cpu_count() or 1) if workers is None else workers
     bar = tqdm(total=len(tasks), unit="img", desc=f"prepare {resolution}px", disable=not progress,
                mininterval=1.0, smoothing=0.05)  # fmt: skip
@@ -201,5 +272,11 @@ def prepare(
     tmp = dst / f".{SKIPPED_LIST}.tmp"
     tmp.write_text("".join(f"{rel}\t{reason}\n" for rel, reason in failed))
     os.replace(tmp, listing)
-    return PrepareReport(len(tasks), counts["written"], counts["existing"], failed, listing,
-                         time.perf_counter() - start)  # fmt: skip
+    failed_rels = {rel for rel, _ in failed}
+    # Sorted by (class folder, output file name): the order FolderIndex.scan(dst) gives.
+    done = sorted(v for rel, v in entries.items() if rel not in failed_rels)
+    header = [settings, "<class>/<file> <label>; labels: sorted source classes"]
+    write_file_list(index_list, [f"{cls}/{name}" for cls, name, _ in done],
+                    [label for _, _, label in done], header)  # fmt: skip
+    return PrepareReport(len(tasks) + len(unlisted), counts["written"], counts["existing"],
+                         failed, listing, time.perf_counter() - start, index_list)  # fmt: skip
