@@ -14,11 +14,15 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
-import importlib
 
 import pytest
 import torch
-from triton_support import import_epg_kernels, require_triton
+from triton_support import (
+    cast_keeping_layout,
+    check_against_baseline,
+    import_epg_kernels,
+    require_triton,
+)
 
 CUDA = torch.cuda.is_available()
 require_triton()
@@ -72,8 +76,7 @@ def _inputs(B, T, H, Dh, seed, layout="contiguous"):
 
 def _cast(t, dtype):
     """Casts keeping the strides."""
-    c = torch.empty_strided(t.size(), t.stride(), dtype=dtype, device=t.device)
-    return c.copy_(t)
+    return cast_keeping_layout(t, dtype)
 
 
 def _baseline(qkv, grad, H):
@@ -89,29 +92,9 @@ def _baseline(qkv, grad, H):
 
 
 def _check(name, out, truth, baseline, dtype, inputs=()):
-    assert out.dtype == dtype, f"{name}: dtype {out.dtype}, expected {dtype}"
-    assert out.shape == truth.shape, f"{name}: shape {tuple(out.shape)} vs {tuple(truth.shape)}"
-    assert out.is_contiguous(), f"{name}: output is not contiguous"
-    for t in inputs:
-        assert out.untyped_storage().data_ptr() != t.untyped_storage().data_ptr(), (
-            f"{name}: output aliases an input"
-        )
-    atol, rtol = TOL[dtype]
-    o, r, base = out.double().cpu(), truth.double().cpu(), baseline.double().cpu()
-    base_err = (base - r).abs().max().item() if r.numel() else 0.0
-    tol = 2.0 * base_err + atol + rtol * r.abs()
-    err = (o - r).abs()
-    bad = ~(err <= tol)  # NaN counts as bad
-    if bad.any():
-        i = int(torch.where(bad.flatten(), err.flatten() - tol.flatten(), -1.0).nan_to_num(
-            float("inf")).argmax())
-        idx = tuple(int(v) for v in torch.unravel_index(torch.tensor(i), r.shape))
-        pytest.fail(
-            f"{name} [{dtype}]: {int(bad.sum())} of {r.numel()} values off; worst at {idx}: "
-            f"kernel {o[idx].item():.8g}, float64 reference {r[idx].item():.8g}, "
-            f"{dtype} baseline {base[idx].item():.8g}; |error| {err[idx].item():.3g} > "
-            f"tolerance {tol[idx].item():.3g} (baseline max error {base_err:.3g})"
-        )
+    check_against_baseline(
+        name, out, truth, baseline, dtype, *TOL[dtype], inputs=inputs, out_dtype=dtype
+    )
 
 
 def _check_forward_backward(shape, dtype, seed, layout="contiguous"):

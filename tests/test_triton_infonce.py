@@ -20,7 +20,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from triton_support import import_epg_kernels, require_triton
+from triton_support import (
+    cast_keeping_layout,
+    check_against_baseline,
+    import_epg_kernels,
+    require_triton,
+)
 
 CUDA = torch.cuda.is_available()
 require_triton()
@@ -89,32 +94,13 @@ def _inputs(B, M, D, seed, hard=False, strided=False):
 
 def _cast(t, dtype):
     """Casts keeping the strides."""
-    return torch.empty_strided(t.size(), t.stride(), dtype=dtype, device=t.device).copy_(t)
+    return cast_keeping_layout(t, dtype)
 
 
 def _check(name, out, truth, baseline, dtype, inputs=()):
-    assert out.dtype == dtype, f"{name}: dtype {out.dtype}, expected {dtype}"
-    assert out.shape == truth.shape, f"{name}: shape {tuple(out.shape)} vs {tuple(truth.shape)}"
-    assert out.is_contiguous(), f"{name}: output is not contiguous"
-    for t in inputs:
-        assert out.untyped_storage().data_ptr() != t.untyped_storage().data_ptr(), (
-            f"{name}: output aliases an input"
-        )
-    atol, rtol = TOL[dtype]
-    o, r, base = out.double().cpu(), truth.double().cpu(), baseline.double().cpu()
-    base_err = (base - r).abs().max().item() if r.numel() else 0.0
-    tol = 2.0 * base_err + atol + rtol * r.abs()
-    err = (o - r).abs()
-    bad = ~(err <= tol)  # NaN counts as bad
-    if bad.any():
-        worst = torch.where(bad, err - tol, torch.full_like(err, -1.0)).nan_to_num(float("inf"))
-        idx = tuple(int(v) for v in torch.unravel_index(worst.argmax(), r.shape))
-        pytest.fail(
-            f"{name} [{dtype}]: {int(bad.sum())} of {r.numel()} values off; worst at {idx}: "
-            f"kernel {o[idx].item():.8g}, float64 reference {r[idx].item():.8g}, baseline "
-            f"{base[idx].item():.8g}; |error| {err[idx].item():.3g} > tolerance "
-            f"{tol[idx].item():.3g} (baseline max error {base_err:.3g})"
-        )
+    check_against_baseline(
+        name, out, truth, baseline, dtype, *TOL[dtype], inputs=inputs, out_dtype=dtype
+    )
 
 
 def _check_forward_backward(B, M, D, tau, dtype, seed, hard=False, strided=False):

@@ -22,9 +22,10 @@ CUDA = torch.cuda.is_available()
 require_triton()
 pytestmark = pytest.mark.triton
 
+from helpers import assert_close  # noqa: E402
+
 from epg import _backend, ops  # noqa: E402  (after the module-level skip)
 from epg.models import build  # noqa: E402
-from helpers import assert_close  # noqa: E402
 
 import_epg_kernels()
 DEVICE = "cuda" if CUDA else "cpu"

@@ -13,11 +13,15 @@ grad_gate, 1 otherwise).
 from __future__ import annotations
 
 import importlib
-import math
 
 import pytest
 import torch
-from triton_support import import_epg_kernels, require_triton
+from triton_support import (
+    cast_keeping_layout,
+    check_against_baseline,
+    import_epg_kernels,
+    require_triton,
+)
 
 CUDA = torch.cuda.is_available()
 require_triton()
@@ -69,37 +73,11 @@ def _inputs(shape, layout, seed):
 
 def _cast(tensors, dtype):
     """Casts keeping the layout (strides) of each tensor."""
-    out = []
-    for t in tensors:
-        c = torch.empty_strided(t.size(), t.stride(), dtype=dtype, device=t.device)
-        out.append(c.copy_(t))
-    return out
+    return [cast_keeping_layout(t, dtype) for t in tensors]
 
 
 def _check(name, out, truth, baseline, dtype, n=1, inputs=()):
-    assert out.dtype == baseline.dtype, f"{name}: dtype {out.dtype}, reference {baseline.dtype}"
-    assert out.shape == truth.shape, f"{name}: shape {tuple(out.shape)} vs {tuple(truth.shape)}"
-    assert out.is_contiguous(), f"{name}: output is not contiguous"
-    for t in inputs:
-        assert out.untyped_storage().data_ptr() != t.untyped_storage().data_ptr(), (
-            f"{name}: output aliases an input"
-        )
-    atol, rtol = TOL[dtype]
-    o, r, base = out.double().cpu(), truth.double().cpu(), baseline.double().cpu()
-    base_err = (base - r).abs().max().item() if r.numel() else 0.0
-    tol = 2.0 * base_err + atol * math.sqrt(n) + rtol * r.abs()
-    err = (o - r).abs()
-    bad = ~(err <= tol)  # NaN counts as bad
-    if bad.any():
-        i = int(torch.where(bad.flatten(), err.flatten() - tol.flatten(), -1.0)
-                .nan_to_num(float("inf")).argmax())
-        idx = tuple(int(v) for v in torch.unravel_index(torch.tensor(i), r.shape))
-        pytest.fail(
-            f"{name} [{dtype}]: {int(bad.sum())} of {r.numel()} values off; worst at {idx}: "
-            f"kernel {o[idx].item():.8g}, float64 reference {r[idx].item():.8g}, "
-            f"{dtype} reference {base[idx].item():.8g}; |error| {err[idx].item():.3g} > "
-            f"tolerance {tol[idx].item():.3g} (baseline max error {base_err:.3g})"
-        )
+    check_against_baseline(name, out, truth, baseline, dtype, *TOL[dtype], n=n, inputs=inputs)
 
 
 def _check_forward_backward(shape, layout, dtype, seed):
