@@ -34,8 +34,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+from ..reference import IMAGENET_MEAN, IMAGENET_STD  # one copy of the §2 statistics
+
 CONVENTIONS = ("simple", "imagenet")
 # ITU-R 601-2 luma, the weights torchvision's rgb_to_grayscale (and PIL's "L") use.
 _LUMA = (0.299, 0.587, 0.114)

@@ -31,6 +31,7 @@ resume picks the same substitute, with its own label) and counted.
 
 from __future__ import annotations
 
+import abc
 import logging
 import os
 from collections.abc import Sequence
@@ -420,7 +421,7 @@ class BatchSchedule:
         return order[start:stop], flips[start:stop]
 
 
-class FolderLoaderBase:
+class FolderLoaderBase(abc.ABC):
     """Position, state and bad-file bookkeeping shared by the folder loaders.
 
     Subclasses implement ``_fetch()`` → (uint8 (B, 3, H, W), int64 labels (B,), the bad files met
@@ -500,11 +501,13 @@ class FolderLoaderBase:
         labels = labels.to(self.device, non_blocking=True)
         return {"image": normalize_uint8(images, self.convention), "label": labels}
 
+    @abc.abstractmethod
     def _fetch(self) -> tuple[Tensor, Tensor, list[tuple[str, str]], int]:
-        raise NotImplementedError
+        """The batch at the current position (see the class docstring)."""
 
+    @abc.abstractmethod
     def close(self) -> None:
-        raise NotImplementedError
+        """Release worker processes / the DALI pipeline."""
 
     def __enter__(self):
         return self
