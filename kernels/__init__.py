@@ -4,7 +4,8 @@ Plain launchers over tensors, one op family per module (``layer_norm``: LayerNor
 adaLN modulation; ``attention``: flash attention on packed qkv; ``patch_embed``: image → tokens
 with the patch gather folded into the matrix product; ``residual``: the gated residual add
 x + gate·y; ``infonce``: InfoNCE over L2-normalised queries and gathered keys, without storing the
-(B, M) logits; each forward and backward). Each launcher has the signature and return convention of
+(B, M) logits; ``precondition``: the network input c_in·(x0 + σ·ε) with its per-sample scalings,
+and the stage-2 losses (weighted MSE, pseudo-Huber); each forward and backward). Each launcher has the signature and return convention of
 the function of the same name in ``epg.reference``, which defines the math. The package knows
 nothing of EPG models, autograd or ``torch.library``: the op layer wires these in.
 
@@ -39,6 +40,15 @@ else:
     from .layer_norm import layer_norm, layer_norm_backward, ln_modulate, ln_modulate_backward
     from .patch_embed import declines as _patch_embed_declines
     from .patch_embed import patch_embed, patch_embed_backward
+    from .precondition import declines as _precondition_declines
+    from .precondition import (
+        noise_precondition,
+        noise_precondition_backward,
+        pseudo_huber_loss,
+        pseudo_huber_loss_backward,
+        weighted_mse_loss,
+        weighted_mse_loss_backward,
+    )
     from .residual import gated_residual, gated_residual_backward
 
     IMPLEMENTATIONS.update(
@@ -55,6 +65,12 @@ else:
             "gated_residual_backward": gated_residual_backward,
             "info_nce": info_nce,
             "info_nce_backward": info_nce_backward,
+            "noise_precondition": noise_precondition,
+            "noise_precondition_backward": noise_precondition_backward,
+            "weighted_mse_loss": weighted_mse_loss,
+            "weighted_mse_loss_backward": weighted_mse_loss_backward,
+            "pseudo_huber_loss": pseudo_huber_loss,
+            "pseudo_huber_loss_backward": pseudo_huber_loss_backward,
         }
     )
 
@@ -79,6 +95,9 @@ else:
             # float64, or q and k of different dtypes: the reference runs them.
             "info_nce": _info_nce_declines,
             "info_nce_backward": lambda grad, q, k, tau: _info_nce_declines(q, k),
+            # float64 sigma (the kernel's scalar math is float32): the reference runs it.
+            "noise_precondition": _precondition_declines,
+            "noise_precondition_backward": _precondition_declines,
         }
     )
 
