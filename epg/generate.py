@@ -135,7 +135,8 @@ def load_network(
         folder = Path(checkpoint)
         if folder.is_dir() and not (folder / ckpt.CONFIG_NAME).is_file() and (folder / "final").is_dir():
             folder = folder / "final"  # a training run folder: its exported network
-        net = ckpt.load(folder, device=device)
+        # The recorded mode decides before the weights are read: a stage-1 folder is refused
+        # without loading it.
         _, meta = ckpt.read_config(folder if folder.is_dir() else folder.parent)
         info = {"config": None, "source": str(folder)}
         if meta.get("mode") in MODES:
@@ -145,6 +146,7 @@ def load_network(
                              "fine-tuned (diffusion or consistency) network")
         if meta.get("convention") in CONVENTIONS:
             info["convention"] = meta["convention"]
+        net = ckpt.load(folder, device=device)
     if not isinstance(net, EPGViT):
         raise ValueError(f"{info['source']} is a {type(net).__name__}; sampling needs an EPGViT "
                          "(a stage-2 diffusion or consistency network)")

@@ -212,7 +212,10 @@ def _grad_partial_kernel(
     out = split.to(tl.int64) * B + rows
     tl.store(acc_ptr + out[:, None] * D + cols[None, :], acc,
              mask=(rows < B)[:, None] & (cols < D)[None, :])
-    tl.store(mass_ptr + out, mass, mask=(rows < B) & (chunk == 0))
+    # A scalar branch, not a block mask `& (chunk == 0)`: Triton 3.9's interpreter rejects a
+    # mask mixing a block and a scalar condition.
+    if chunk == 0:
+        tl.store(mass_ptr + out, mass, mask=rows < B)
 
 
 @triton.jit
