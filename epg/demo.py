@@ -90,9 +90,13 @@ def _stage2_config(cfg: DemoConfig, run_dir: Path, encoder: Path) -> TrainConfig
             objective=dict(label_dropout=0.1, weighting="uniform"),
         )  # fmt: skip
     else:
+        # EMA 0.98, not the 0.995 shared with diffusion: in 600 steps whose lr decays to ~0, the
+        # slower average still carries the early, worse networks (measured on the demo's digits:
+        # one-step FD 161 with 0.995, 132.5 with 0.98; the online network alone 132.2).
         options.update(
-            betas=(0.9, 0.99), weight_decay=0.03, objective=dict(stage_length=max(1, cfg.stage2_steps // 4)),
-        )
+            betas=(0.9, 0.99), weight_decay=0.03, ema_decay=0.98,
+            objective=dict(stage_length=max(1, cfg.stage2_steps // 4)),
+        )  # fmt: skip
     options.update(cfg.stage2)
     return TrainConfig(**options)
 
