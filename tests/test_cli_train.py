@@ -71,3 +71,14 @@ def test_demo_quick_runs_the_whole_pipeline(tmp_path, capsys):
     assert (out / "samples.png").is_file() and (out / "stage2" / "final" / "model.safetensors").is_file()
     printed = capsys.readouterr().out
     assert "samples.png" in printed and "metrics.json" in printed
+
+
+def test_demo_quick_consistency_runs_the_one_step_pipeline(tmp_path):
+    out = tmp_path / "demo-cm"
+    assert main(["demo", "--objective", "consistency", "--quick", "--out", str(out)]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["objective"] == "consistency" and 0.0 <= metrics["accuracy"] <= 1.0
+    assert metrics["frechet_distance"] > 0
+    stage2 = json.loads((out / "stage2" / "train_config.json").read_text())
+    assert stage2["mode"] == "consistency" and stage2["ema_decay"] == 0.98
+    assert (out / "samples.png").is_file()
