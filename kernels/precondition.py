@@ -66,8 +66,8 @@ _MIN_BLOCK = min(cfg.kwargs["BLOCK"] for cfg in AUTOTUNE_CONFIGS)
 @triton.jit
 def _precondition_fwd_kernel(
     x0_ptr, eps_ptr, sigma_ptr,  # (B, M), (B, M), (B,) float32
-    x_in_ptr, scalings_ptr,  # (B, M); (4, B) float32: c_in, c_skip, c_out, t_cond
-    B, M, chunks,
+    x_in_ptr, c_in_ptr, c_skip_ptr, c_out_ptr, t_cond_ptr,  # (B, M); four (B,) float32
+    M, chunks,
     stride_x0_b, stride_x0_m, stride_eps_b, stride_eps_m, stride_out_b,
     sigma_data, sd2, sigma_min,
     EDM: tl.constexpr, ACC_DTYPE: tl.constexpr, BLOCK: tl.constexpr,
@@ -88,10 +88,10 @@ def _precondition_fwd_kernel(
         else:
             c_skip = s * 0.0
             c_out = s * 0.0 + 1.0
-        tl.store(scalings_ptr + b, c_in)
-        tl.store(scalings_ptr + B + b, c_skip)
-        tl.store(scalings_ptr + 2 * B + b, c_out)
-        tl.store(scalings_ptr + 3 * B + b, t_cond)
+        tl.store(c_in_ptr + b, c_in)
+        tl.store(c_skip_ptr + b, c_skip)
+        tl.store(c_out_ptr + b, c_out)
+        tl.store(t_cond_ptr + b, t_cond)
     s_acc = s.to(ACC_DTYPE)
     ci_acc = c_in.to(ACC_DTYPE)
     for start in range(chunk * BLOCK, M, chunks * BLOCK):
@@ -270,7 +270,8 @@ def noise_precondition(
     _check_sigma(name, sigma, B, mode)
     _check_device(name, x0, eps, sigma)
     x_in = torch.empty(x0.shape, dtype=x0.dtype, device=x0.device)
-    scalings = torch.empty((4, B), dtype=torch.float32, device=x0.device)
+    # Four tensors of their own, not views of one buffer: a custom op's outputs must not alias.
+    scalings = [torch.empty(B, dtype=torch.float32, device=x0.device) for _ in range(4)]
     M = x0_rows.shape[1]
     if B > 0:
         chunks = _chunks(B, M, x0.device)
@@ -278,13 +279,12 @@ def noise_precondition(
         with device_guard(x0):
             _launch(
                 _precondition_fwd_kernel, (B, chunks),
-                x0_rows, eps_rows, sigma, x_in, scalings, B, M, chunks,
+                x0_rows, eps_rows, sigma, x_in, *scalings, M, chunks,
                 *x0_rows.stride(), *eps_rows.stride(), M,
                 float(sigma_data), float(sigma_data) ** 2, float(sigma_min),
                 EDM=mode == "edm", ACC_DTYPE=_acc(x0)[0],
             )  # fmt: skip
-    c_in, c_skip, c_out, t_cond = scalings.unbind(0)
-    return x_in, c_in.clone(), c_skip.clone(), c_out.clone(), t_cond.clone()
+    return (x_in, *scalings)
 
 
 def noise_precondition_backward(
@@ -320,7 +320,7 @@ def noise_precondition_backward(
     grad_eps = torch.empty(eps.shape, dtype=eps.dtype, device=eps.device)
     M = rows[1].shape[1]
     chunks = _chunks(B, M, x0.device)
-    part = torch.zeros((2, B, chunks), dtype=acc_torch, device=x0.device)
+    part = torch.empty((2, B, chunks), dtype=acc_torch, device=x0.device)  # every program stores
     if B > 0:
         sigma = sigma.contiguous()
         with device_guard(x0):
@@ -355,8 +355,8 @@ def _squared_sum(name: str, pred: Tensor, target: Tensor, weight: Tensor) -> tup
     acc_tl, acc_torch = _acc(pred)
     M = p.shape[1]
     chunks = _chunks(B, M, pred.device)
-    part = torch.zeros((B, chunks), dtype=acc_torch, device=pred.device)
-    if B > 0 and M > 0:
+    part = torch.empty((B, chunks), dtype=acc_torch, device=pred.device)  # every program stores
+    if B > 0:
         with device_guard(pred):
             _launch(_squared_sum_kernel, (B, chunks), p, t, part, M, chunks,
                     *p.stride(), *t.stride(), ACC_DTYPE=acc_tl)  # fmt: skip
