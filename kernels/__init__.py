@@ -96,8 +96,10 @@ else:
             "info_nce": _info_nce_declines,
             "info_nce_backward": lambda grad, q, k, tau: _info_nce_declines(q, k),
             # float64 sigma (the kernel's scalar math is float32): the reference runs it.
-            "noise_precondition": _precondition_declines,
-            "noise_precondition_backward": _precondition_declines,
+            "noise_precondition": lambda x0, eps, sigma, *rest: _precondition_declines(sigma),
+            "noise_precondition_backward": (
+                lambda g, g_in, g_skip, g_out, g_t, x0, eps, sigma, *rest: _precondition_declines(sigma)
+            ),
         }
     )
 

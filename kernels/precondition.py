@@ -64,6 +64,21 @@ _MIN_BLOCK = min(cfg.kwargs["BLOCK"] for cfg in AUTOTUNE_CONFIGS)
 
 
 @triton.jit
+def _c_in(s, sd2):
+    """c_in = 1/sqrt(σ² + σ_d²) in float32, correctly rounded as torch computes it."""
+    return tl.div_rn(1.0, tl.sqrt_rn(s * s + sd2))
+
+
+@triton.jit
+def _difference(pred_ptr, target_ptr, b, offs, mask, stride_p_b, stride_p_m, stride_t_b, stride_t_m,
+                ACC_DTYPE: tl.constexpr):
+    """pred − target of sample b at ``offs`` in ACC_DTYPE (0 where masked)."""
+    p = tl.load(pred_ptr + b * stride_p_b + offs * stride_p_m, mask=mask, other=0.0)
+    t = tl.load(target_ptr + b * stride_t_b + offs * stride_t_m, mask=mask, other=0.0)
+    return p.to(ACC_DTYPE) - t.to(ACC_DTYPE)
+
+
+@triton.jit
 def _precondition_fwd_kernel(
     x0_ptr, eps_ptr, sigma_ptr,  # (B, M), (B, M), (B,) float32
     x_in_ptr, c_in_ptr, c_skip_ptr, c_out_ptr, t_cond_ptr,  # (B, M); four (B,) float32
@@ -78,7 +93,7 @@ def _precondition_fwd_kernel(
     b = tl.program_id(0).to(tl.int64)
     chunk = tl.program_id(1)
     s = tl.load(sigma_ptr + b)
-    c_in = tl.div_rn(1.0, tl.sqrt_rn(s * s + sd2))
+    c_in = _c_in(s, sd2)
     if chunk == 0:
         t_cond = (250.0 * tl.log(s.to(tl.float64) + 1e-44)).to(tl.float32)
         if EDM:
@@ -117,9 +132,8 @@ def _precondition_bwd_kernel(
     b = tl.program_id(0).to(tl.int64)
     chunk = tl.program_id(1)
     s = tl.load(sigma_ptr + b)
-    c_in = tl.div_rn(1.0, tl.sqrt_rn(s * s + sd2))
     s_acc = s.to(ACC_DTYPE)
-    ci_acc = c_in.to(ACC_DTYPE)
+    ci_acc = _c_in(s, sd2).to(ACC_DTYPE)
     acc_eps = tl.zeros([BLOCK], dtype=ACC_DTYPE)
     acc_xs = tl.zeros([BLOCK], dtype=ACC_DTYPE)
     for start in range(chunk * BLOCK, M, chunks * BLOCK):
@@ -153,10 +167,8 @@ def _squared_sum_kernel(
     acc = tl.zeros([BLOCK], dtype=ACC_DTYPE)
     for start in range(chunk * BLOCK, M, chunks * BLOCK):
         offs = start + tl.arange(0, BLOCK)
-        mask = offs < M
-        p = tl.load(pred_ptr + b * stride_p_b + offs * stride_p_m, mask=mask, other=0.0)
-        t = tl.load(target_ptr + b * stride_t_b + offs * stride_t_m, mask=mask, other=0.0)
-        d = p.to(ACC_DTYPE) - t.to(ACC_DTYPE)
+        d = _difference(pred_ptr, target_ptr, b, offs, offs < M, stride_p_b, stride_p_m,
+                        stride_t_b, stride_t_m, ACC_DTYPE)
         acc += d * d
     tl.store(part_ptr + b * chunks + chunk, tl.sum(acc, axis=0))
 
@@ -174,9 +186,8 @@ def _scaled_difference_kernel(
     for start in range(chunk * BLOCK, M, chunks * BLOCK):
         offs = start + tl.arange(0, BLOCK)
         mask = offs < M
-        p = tl.load(pred_ptr + b * stride_p_b + offs * stride_p_m, mask=mask, other=0.0)
-        t = tl.load(target_ptr + b * stride_t_b + offs * stride_t_m, mask=mask, other=0.0)
-        out = f * (p.to(ACC_DTYPE) - t.to(ACC_DTYPE))
+        out = f * _difference(pred_ptr, target_ptr, b, offs, mask, stride_p_b, stride_p_m,
+                              stride_t_b, stride_t_m, ACC_DTYPE)
         tl.store(out_ptr + b * stride_out_b + offs, out.to(out_ptr.dtype.element_ty), mask=mask)
 
 
@@ -242,10 +253,9 @@ def _check_sigma(name: str, sigma: Tensor, batch: int, mode: str) -> None:
         raise TypeError(f"{name}: sigma must be float32 for the Triton kernel, got {sigma.dtype}")
 
 
-def declines(*args) -> str | None:
-    """Why the precondition kernels would refuse these ``noise_precondition(_backward)`` inputs
+def declines(sigma: Tensor) -> str | None:
+    """Why the precondition kernels would refuse ``noise_precondition(_backward)`` with this σ
     (automatic backend choice then runs the reference), or None."""
-    sigma = args[2] if len(args) == 6 else args[7]
     if sigma.dtype != torch.float32:
         return f"sigma dtype {sigma.dtype} (the kernel's scalar math is float32)"
     return None
