@@ -257,13 +257,22 @@ def test_diffusion_draws_snap_to_the_grid():
     eps = torch.randn(B, *SHAPE, generator=g)
     drop = torch.rand(B, generator=g) < 0.1
     assert torch.equal(d["eps"], eps) and torch.equal(d["drop"], drop)
-    grid = karras_sigmas(1281).tolist()
+    def karras(i):  # the released get_sigmas(i): defined past the last index too
+        lo, hi = 0.002 ** (1 / 7), 80 ** (1 / 7)
+        return (hi + i / 1279 * (lo - hi)) ** 7
+
+    grid = [karras(i) for i in range(1280)]
+    assert grid == pytest.approx(karras_sigmas(1280).tolist(), rel=1e-12)
     for b in range(B):
         s = math.exp(float(log_sigma[b]))
-        i = min(range(1281), key=lambda j: abs(grid[j] - s))
-        i = min(i, 1279)
+        i = min(range(1280), key=lambda j: abs(grid[j] - s))
         assert float(d["sigma"][b]) == pytest.approx(grid[i] * SHIFT, rel=1e-6)
-        assert float(d["weight"][b]) == pytest.approx(1 / (grid[i] - grid[i + 1]), rel=1e-6)
+        assert float(d["weight"][b]) == pytest.approx(1 / (karras(i) - karras(i + 1)), rel=1e-6)
+    # The smallest σ is σ_min itself; its weight uses the formula one index past the grid.
+    sigma, w = obj.grid_weights()
+    assert float(sigma[-1]) == pytest.approx(0.002, rel=1e-12)
+    assert float(w[-1]) == pytest.approx(1 / (0.002 - karras(1280)), rel=1e-9)
+    assert float(w[-1]) == pytest.approx(25993, rel=1e-3)
 
 
 def test_diffusion_uniform_weighting_draws_the_same_sigmas_with_unit_weights():

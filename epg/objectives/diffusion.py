@@ -26,12 +26,11 @@ class DiffusionObjective:
         num_classes: class count; label ``num_classes`` is the null class. 0: unconditional
             (the net is called with ``y=None`` and the batch needs no "label").
         P_mean, P_std: ln σ ~ N(P_mean, P_std), unshifted.
-        grid_scales: the snapping grid has ``grid_scales + 1`` points (indices 0..grid_scales)
-            and the snapped index is clamped to ≤ grid_scales − 1, so σ_{i+1} always exists.
-            The spec (§6.2) says "a 1280-point grid, index clamped ≤ 1279", which leaves the last
-            index without a neighbour; this code reads it as the curriculum's convention
-            (``scales + 1`` points, like N = s1 + 1 in stage 1). Snapping is to the nearest grid
-            point by absolute σ difference.
+        grid_scales: points of the Karras snapping grid (1280, spec §6.2: σ_0 = σ_max …
+            σ_1279 = σ_min). Snapping is to the nearest grid point by absolute σ difference. The
+            weight's neighbour σ_{i+1} is the Karras formula at i + 1, as the released code
+            evaluates it: for the last point that is the formula at i = 1280, just below σ_min
+            (0.00196), not a grid point.
         label_dropout: probability of replacing a label by the null class (0.1, for CFG).
         sigma_data, sigma_min, sigma_max, rho: EDM/Karras constants (unshifted).
         weighting: "delta" (the paper's w(i) = 1/(σ_i − σ_{i+1})) or "uniform" (w = 1, plain x0
@@ -62,8 +61,8 @@ class DiffusionObjective:
         if weighting not in ("delta", "uniform"):
             raise ValueError(f"weighting must be 'delta' or 'uniform', got {weighting!r}")
         self.weighting = weighting
-        if grid_scales < 1:
-            raise ValueError(f"grid_scales must be >= 1, got {grid_scales}")
+        if grid_scales < 2:
+            raise ValueError(f"grid_scales must be >= 2, got {grid_scales}")
         if not 0.0 <= label_dropout <= 1.0:
             raise ValueError(f"label_dropout must be in [0, 1], got {label_dropout}")
         if num_classes < 0:
@@ -77,8 +76,11 @@ class DiffusionObjective:
         self.label_dropout = label_dropout
         self.sigma_data = sigma_data
         self.sigma_min_shifted = sigma_min * self.shift
-        self.sigmas = karras_sigmas(grid_scales + 1, sigma_min, sigma_max, rho)  # float64, CPU
-        gaps = self.sigmas[:-1] - self.sigmas[1:]
+        self.sigmas = karras_sigmas(grid_scales, sigma_min, sigma_max, rho)  # float64, CPU
+        # σ_{i+1} for i = 0..N−1: the formula continued one index past σ_min for the last point.
+        step = (sigma_min ** (1 / rho) - sigma_max ** (1 / rho)) / (grid_scales - 1)
+        beyond = (sigma_min ** (1 / rho) + step) ** rho
+        gaps = self.sigmas - torch.cat([self.sigmas[1:], self.sigmas.new_tensor([beyond])])
         self.weights = torch.where(gaps > 0, 1.0 / gaps, torch.zeros_like(gaps))  # (grid_scales,)
         self._tables: dict[torch.device, tuple[Tensor, Tensor]] = {}
 
@@ -90,13 +92,12 @@ class DiffusionObjective:
 
     def grid_weights(self) -> tuple[Tensor, Tensor]:
         """(σ_i, w(i)) for every index a draw can take, i = 0..grid_scales−1; unshifted, float64."""
-        return self.sigmas[:-1].clone(), self.weights.clone()
+        return self.sigmas.clone(), self.weights.clone()
 
     def snap(self, sigma: Tensor) -> Tensor:
-        """Index of the grid point nearest to each unshifted σ, clamped to ≤ grid_scales − 1."""
+        """Index of the grid point nearest to each unshifted σ."""
         sigmas, _ = self._grid_on(sigma.device)
-        index = (sigma.double()[:, None] - sigmas[None, :]).abs().argmin(dim=1)
-        return index.clamp(max=self.grid_scales - 1)
+        return (sigma.double()[:, None] - sigmas[None, :]).abs().argmin(dim=1)
 
     def draw(
         self,
