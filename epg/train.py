@@ -4,12 +4,14 @@ fine-tuning (epg-method.md §5–7).
 The step: draw the step's randomness (``objective.draw``) from a generator seeded by (seed, step),
 compute the loss (``objective.loss``, wrapped in ``torch.compile`` unless ``compile=False``), back-
 propagate, clip, and update — or skip the update when the loss or the gradient is not finite (the
-step is counted; ``max_bad_steps`` in a row stop the run). Then the EMA of the model (stage 2) or
+skip is counted, the step number does not advance, and the retry takes the next batch with fresh
+noise; ``max_bad_steps`` skips in a row stop the run). Then the EMA of the model (stage 2) or
 of the target encoder (stage 1), logs, previews and checkpoints.
 
-Resuming is exact: a checkpoint holds the model, EMA, target, optimiser, LR schedule, step, the
-torch RNG states (dropout), the data position and the config, and every other random number is
-a function of (seed, step). Checkpoints are written atomically; ``resume="auto"`` continues from
+Resuming is exact: a checkpoint holds the model, EMA, target, optimiser, LR schedule, step, every
+rank's torch RNG state (dropout), the data position and the config, and every other random number
+is a function of (seed, step). (Resumed on another number of ranks, each rank gets a fresh
+dropout stream instead: the run continues, not bit for bit.) Checkpoints are written atomically; ``resume="auto"`` continues from
 the newest complete one in the run folder.
 
 Distributed runs go through torchrun (DDP; gloo on CPU, NCCL on GPU). With
@@ -46,6 +48,7 @@ from . import checkpoint as ckpt
 from . import distributed
 from .data.loader import InMemoryLoader
 from .models import EPGViT, RCMViT, build
+from .models.configs import CONFIGS, RCMConfig
 
 MODES = ("pretrain", "diffusion", "consistency")
 CHECKPOINT_FORMAT = "epg-train-v1"
@@ -82,7 +85,9 @@ class TrainConfig:
     # supplies the consistency loss's perceptual network
     init: str | None = None
     perceptual: str | None = None  # consistency: frozen stage-1 network (default: encoder)
-    perceptual_config: str = "rcm-b-16"  # the config of an official perceptual .pth
+    # the config of an official perceptual .pth; "": the stage-1 config whose encoder has the
+    # model's shape (rcm-l-16 for epg-l-16, as the released run uses RCM-L for both)
+    perceptual_config: str = ""
     compile: bool = True
     precision: str = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU | bf16 | fp32
     device: str = "auto"
@@ -184,8 +189,9 @@ def sample_preview(trainer: Trainer, step: int) -> Path | None:
     return path
 
 
-def _step_seed(seed: int, step: int, stream: int, rank: int = 0) -> int:
-    return (seed * 1_000_003 + step * 8_191 + stream * 131 + rank) % (2**63 - 1)
+def _step_seed(seed: int, step: int, stream: int, rank: int = 0, attempt: int = 0) -> int:
+    # attempt: how many non-finite tries of this step came before (a retry draws afresh)
+    return (seed * 1_000_003 + step * 8_191 + stream * 131 + rank + attempt * 2_147_483_647) % (2**63 - 1)
 
 
 def _is_per_sample(t: Tensor, batch: int) -> bool:
@@ -228,6 +234,18 @@ def load_network_weights(model: EPGViT, path: str | os.PathLike, official_config
         got = source.config if isinstance(source, EPGViT) else type(source).__name__
         raise ckpt.CheckpointError(f"{path} holds {got}; this run builds {model.config}")
     ckpt.load_state_dict_strict(model, source.state_dict(), source=str(path))
+
+
+def _matching_rcm_config(config) -> str:
+    """The named stage-1 config whose encoder has the shape of ``config``'s encoder."""
+    shape = ("img_size", "patch_size", "in_channels", "embed_dim", "depth", "num_heads")
+    for name, candidate in CONFIGS.items():
+        if isinstance(candidate, RCMConfig) and all(getattr(candidate, f) == getattr(config, f) for f in shape):
+            return name
+    raise ValueError(
+        "no stage-1 config matches this model's encoder "
+        f"({', '.join(f'{f}={getattr(config, f)}' for f in shape)}): set perceptual_config"
+    )
 
 
 def _load_network(path: str | os.PathLike, official_config: str) -> nn.Module:
@@ -299,7 +317,11 @@ class Trainer:
                 load_encoder_weights(self.model, cfg.encoder)
             self.ema = self._frozen_copy(self.model)
             if cfg.mode == "consistency" and (cfg.perceptual or cfg.encoder):
-                net = _load_network(cfg.perceptual or cfg.encoder, cfg.perceptual_config)
+                path = cfg.perceptual or cfg.encoder
+                official = cfg.perceptual_config
+                if not official and not ckpt.is_epg_checkpoint(path):  # epg folders carry their config
+                    official = _matching_rcm_config(self.model.config)
+                net = _load_network(path, official)
                 if not isinstance(net, RCMViT):
                     raise ValueError("the perceptual network of the consistency loss must be a stage-1 (rcm) network")
                 self.perceptual = self._frozen_copy(net.to(self.device))
@@ -465,8 +487,25 @@ class Trainer:
 
         set_model_state_dict(module, state, options=StateDictOptions(full_state_dict=True))
 
-    def state_dict(self) -> dict[str, Any]:
-        """Everything a resumed run needs; under FSDP every rank must call it (it gathers)."""
+    def _rng_state(self) -> dict[str, Tensor]:
+        """This process's dropout stream: the CPU generator and its own CUDA device's."""
+        state = {"cpu": torch.get_rng_state()}
+        if self.device.type == "cuda":
+            state["cuda"] = torch.cuda.get_rng_state(self.device)
+        return state
+
+    def _gather_rng_states(self) -> list[dict[str, Tensor]]:
+        """Every rank's RNG state, in rank order (a collective: all ranks call it)."""
+        if not self.dist.distributed:
+            return [self._rng_state()]
+        states: list[Any] = [None] * self.dist.world_size
+        dist.all_gather_object(states, self._rng_state())
+        return states
+
+    def state_dict(self, rng_states: list[dict[str, Tensor]] | None = None) -> dict[str, Any]:
+        """Everything a resumed run needs; under FSDP every rank must call it (it gathers).
+        ``rng_states``: every rank's RNG state (:meth:`_gather_rng_states`); default: this
+        process's only."""
         if self.fsdp:
             from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 
@@ -475,9 +514,6 @@ class Trainer:
             )
         else:
             optimizer = self.optimizer.state_dict()
-        rng = {"cpu": torch.get_rng_state()}
-        if torch.cuda.is_available():
-            rng["cuda"] = torch.cuda.get_rng_state_all()
         return {
             "format": CHECKPOINT_FORMAT,
             "step": self.step,
@@ -488,7 +524,7 @@ class Trainer:
             "target": self._module_state(self.target) if self.target is not None else None,
             "optimizer": optimizer,
             "scheduler": self.scheduler.state_dict(),
-            "rng": rng,
+            "rng": {"ranks": rng_states if rng_states is not None else [self._rng_state()]},
             "data": self.loader.state_dict(),
             "skipped_total": self.skipped_total,
             "bad_in_a_row": self.bad_in_a_row,
@@ -496,7 +532,8 @@ class Trainer:
 
     def save_checkpoint(self) -> Path | None:
         path = self.ckpt_dir / f"step_{self.step:08d}.pt"
-        state = self.state_dict() if (self.dist.is_main or self.fsdp) else None
+        rng_states = self._gather_rng_states()
+        state = self.state_dict(rng_states) if (self.dist.is_main or self.fsdp) else None
         if self.dist.is_main:
             ckpt.atomic_write(path, lambda tmp: torch.save(state, tmp))
             for old in self.checkpoints()[: -self.cfg.keep_checkpoints]:
@@ -537,10 +574,14 @@ class Trainer:
         self.step = state["step"]
         self.skipped_total = state["skipped_total"]
         self.bad_in_a_row = state["bad_in_a_row"]
-        torch.set_rng_state(state["rng"]["cpu"].cpu())
-        if "cuda" in state["rng"] and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all([s.cpu() for s in state["rng"]["cuda"]])
-        if self.dist.distributed:  # ranks must not share a dropout stream after resuming either
+        # Checkpoints written before per-rank states hold one {"cpu", "cuda": [all devices]}.
+        ranks = state["rng"].get("ranks") or [{"cpu": state["rng"]["cpu"]}]
+        if len(ranks) == self.dist.world_size:  # each rank continues its own dropout stream
+            mine = ranks[self.dist.rank]
+            torch.set_rng_state(mine["cpu"].cpu())
+            if "cuda" in mine and self.device.type == "cuda":
+                torch.cuda.set_rng_state(mine["cuda"].cpu(), self.device)
+        else:  # another number of ranks: fresh, distinct streams (the run is not bit-exact then)
             torch.manual_seed(self.cfg.seed * 7919 + 1 + self.dist.rank + 104729 * self.step)
 
     def _maybe_resume(self) -> None:
@@ -575,7 +616,7 @@ class Trainer:
         else:
             batch, rank = self.local_batch, self.dist.rank
         def draw(rank: int) -> dict[str, Tensor]:
-            seed = _step_seed(self.cfg.seed, step, 0, rank)
+            seed = _step_seed(self.cfg.seed, step, 0, rank, self.bad_in_a_row)
             g = torch.Generator(device=gen_device).manual_seed(seed)
             return self.objective.draw(step, batch, self.image_shape, g, self.device)
 
@@ -590,7 +631,8 @@ class Trainer:
         if self.cfg.mode == "pretrain":
             gen_device = self.device if self.device.type == "cuda" else torch.device("cpu")
             rank = 0 if self.global_randomness else self.dist.rank
-            g = torch.Generator(device=gen_device).manual_seed(_step_seed(self.cfg.seed, step, 1, rank))
+            seed = _step_seed(self.cfg.seed, step, 1, rank, self.bad_in_a_row)
+            g = torch.Generator(device=gen_device).manual_seed(seed)
             image = batch["image"]
             batch = {"image": image, "view1": self.augment[0](image, g), "view2": self.augment[1](image, g)}
         return {k: self._local_rows(v) for k, v in batch.items()}

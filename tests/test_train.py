@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from epg.models import build
 from epg.train import TrainConfig, Trainer, lr_factor
 
 TINY = dict(img_size=16, patch_size=4, in_channels=1)
@@ -90,8 +91,11 @@ def test_non_finite_steps_are_skipped_and_too_many_stop_the_run(tmp_path):
     real_loss = trainer.loss_fn
     calls = {"n": 0}
 
+    seen = []
+
     def sometimes_nan(batch, draws):
         calls["n"] += 1
+        seen.append(draws["eps"].clone())
         loss, terms = real_loss(batch, draws)
         return (loss * float("nan"), terms) if calls["n"] == 2 else (loss, terms)
 
@@ -99,6 +103,7 @@ def test_non_finite_steps_are_skipped_and_too_many_stop_the_run(tmp_path):
     before = [p.clone() for p in trainer.model.parameters()]
     records = trainer.fit(stop_at=2)
     assert trainer.step == 2 and trainer.skipped_total == 1 and len(records) == 3
+    assert not torch.equal(seen[1], seen[2])  # the retry of step 1 draws fresh noise
     assert not all(torch.equal(a, b) for a, b in zip(before, trainer.model.parameters()))
 
     trainer.loss_fn = lambda b, d: (real_loss(b, d)[0] * float("inf"), real_loss(b, d)[1])
@@ -116,6 +121,21 @@ def test_stage2_starts_from_a_stage1_encoder(tmp_path):
     for name, p in stage1.model.state_dict().items():
         if not name.startswith("projection_head"):
             assert torch.equal(stage2.model.state_dict()[name], p), name
+
+
+def test_consistency_reads_an_official_stage1_file_with_the_matching_config(tmp_path):
+    # A released RCM .pth carries no config: the perceptual network takes the stage-1 config
+    # whose encoder has the model's shape (epg-tiny -> rcm-tiny, epg-l-16 -> rcm-l-16).
+    rcm = build("rcm-tiny")
+    torch.save(rcm.state_dict(), tmp_path / "rcm.pth")
+    cfg = _cfg(tmp_path, "consistency", model_overrides={"drop": 0.5}, encoder=str(tmp_path / "rcm.pth"))
+    trainer = Trainer(cfg)
+    assert trainer.perceptual.config == rcm.config
+    for name, p in trainer.perceptual.state_dict().items():
+        assert torch.equal(p, rcm.state_dict()[name]), name
+    cfg = _cfg(tmp_path / "b", "consistency", perceptual=str(tmp_path / "rcm.pth"))  # 16 px, 1 channel
+    with pytest.raises(ValueError, match="no stage-1 config matches.*set perceptual_config"):
+        Trainer(cfg)
 
 
 def test_bad_configs_are_refused(tmp_path):
@@ -213,6 +233,27 @@ def test_two_processes_match_one_on_the_same_global_batch(tmp_path, mode, parall
         results[nproc] = json.loads(out.read_text())
     assert len(results[1]) == 3
     assert results[2] == pytest.approx(results[1], rel=1e-4, abs=1e-6)
+
+
+@pytest.mark.slow
+def test_two_process_resume_continues_each_ranks_dropout_stream(tmp_path):
+    # Consistency tuning with dropout 0.5: each rank draws its own masks, so a resumed run is
+    # exact only if every rank gets its own RNG state back (not rank 0's, not a fresh seed).
+    script = tmp_path / "run.py"
+    script.write_text(_DIST_SCRIPT)
+    results = {}
+    for stop_at in (0, 2):
+        cfg = _cfg(tmp_path / f"s{stop_at}", "consistency", steps=4, ckpt_every=0)
+        out = tmp_path / f"losses{stop_at}.json"
+        env = {**os.environ, "OMP_NUM_THREADS": "1"}
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+               "--master_port", str(29541 + stop_at), str(script), json.dumps(cfg.to_dict()),
+               str(out), str(stop_at)]  # fmt: skip
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        results[stop_at] = json.loads(out.read_text())
+    assert len(results[0]) == 4
+    assert results[2] == results[0]  # bit for bit
 
 
 def test_previews_and_logs_are_written(tmp_path):
