@@ -123,6 +123,13 @@ def _materialize(builder, config, state, device, source: str) -> nn.Module:
     with torch.device("meta"):
         model = builder(config)
     load_state_dict_strict(model, state, source=source, assign=True)
+    # A file saved in half precision is widened: training keeps fp32 weights (bf16 only under
+    # autocast) and sampling runs in fp32 unless asked for bf16 autocast.
+    half = (torch.float16, torch.bfloat16)
+    if any(t.dtype in half for t in model.state_dict().values()):
+        for t in list(model.parameters()) + list(model.buffers()):
+            if t.dtype in half:
+                t.data = t.data.float()
     return model.to(device)
 
 

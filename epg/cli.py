@@ -296,13 +296,14 @@ def build_parser() -> argparse.ArgumentParser:
     smp.add_argument("--out", required=True, help="output folder")
     smp.add_argument("--num-images", type=int, default=50_000, help="number of images (default 50000)")
     smp.add_argument("--mode", choices=("diffusion", "consistency"),
-                     help="the network's output (default: recorded in the checkpoint, else diffusion)")
+                     help="the network's output (default: recorded in the checkpoint; for --official the "
+                     "released network's: consistency for epg-l-16, else diffusion)")
     smp.add_argument("--sampler", choices=sorted(_SAMPLERS),
                      help="default heun (diffusion) / consistency (consistency)")
     smp.add_argument("--steps", type=int,
                      help="grid points (default 32); for the consistency sampler, network evaluations (default 1)")
     smp.add_argument("--guidance", type=float,
-                     help="CFG scale (default: 2.5 for epg-xl-16, 3.2 for epg-l-32, else 1 = none)")
+                     help="CFG scale w >= 0 (default: 2.5 for epg-xl-16, 3.2 for epg-l-32, else 1; 0 or 1 = none)")
     smp.add_argument("--interval", type=float, nargs=2, default=(0.19, 1.61), metavar=("LOW", "HIGH"),
                      help="guidance interval in unshifted sigma (default 0.19 1.61)")
     smp.add_argument("--no-interval", action="store_true", help="guide at every sigma")
@@ -318,7 +319,7 @@ def build_parser() -> argparse.ArgumentParser:
     smp.add_argument("--device", help="cpu, cuda (default: cuda when present)")
     smp.add_argument("--compile", action="store_true", help="torch.compile the network")
     smp.add_argument("--cuda-graph", action="store_true", help="replay the denoiser from CUDA graphs")
-    smp.add_argument("--overwrite", action="store_true", help="resample images already in --out")
+    smp.add_argument("--overwrite", action="store_true", help="discard what --out holds (images, archive, settings) and sample afresh")
     smp.add_argument("--no-progress", action="store_true")
     smp.set_defaults(func=_cmd_sample)
 

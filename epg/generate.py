@@ -54,6 +54,9 @@ SUMMARY_NAME = "summary.json"
 
 # Guidance scales of the released sampling scripts (epg-method.md §8); other models: none known.
 GUIDANCE_SCALES = {"epg-xl-16": 2.5, "epg-l-32": 3.2}
+# The released networks of these configs are consistency models (§10.1: EPG-L/16 at 256 px is
+# released as the one-step CM only); other released stage-2 files are diffusion models.
+RELEASED_CONSISTENCY_CONFIGS = {"epg-l-16"}
 MODES = {"diffusion": "x0", "consistency": "edm"}
 
 
@@ -88,6 +91,8 @@ class SampleSettings:
             raise ValueError(f"convention must be one of {CONVENTIONS}, got {self.convention!r}")
         if self.precision not in ("fp32", "bf16"):
             raise ValueError(f"precision must be 'fp32' or 'bf16', got {self.precision!r}")
+        if not self.guidance >= 0:
+            raise ValueError(f"guidance must be >= 0 (0 or 1: no guidance), got {self.guidance!r}")
         low, high = self.guidance_interval
         if not 0 <= low < high:
             raise ValueError(f"guidance interval needs 0 <= low < high, got {self.guidance_interval}")
@@ -121,7 +126,8 @@ def load_network(
     writes) or a training run folder holding ``final/``. ``official`` + ``config``: a released
     ``.pth`` file or folder (``nnet_ema.pth`` preferred) loaded unchanged into ``config``.
     Returns (network in eval mode, info) with info keys "config" (name or None), "mode" and
-    "convention" when the checkpoint recorded them, and "source".
+    "convention" when the checkpoint recorded them, and "source". A released file's mode is
+    that of the released network of its config (consistency for epg-l-16, else diffusion).
     """
     if (checkpoint is None) == (official is None):
         raise ValueError("give either an epg checkpoint folder or --official PATH (with --config)")
@@ -130,7 +136,8 @@ def load_network(
             raise ValueError("--official needs --config NAME (e.g. epg-xl-16), the released files "
                              "hold weights only")
         net = ckpt.load_official(official, config, device=device)
-        info = {"config": config, "source": f"official:{official}", "convention": "imagenet"}
+        info = {"config": config, "source": f"official:{official}", "convention": "imagenet",
+                "mode": "consistency" if config in RELEASED_CONSISTENCY_CONFIGS else "diffusion"}
     else:
         folder = Path(checkpoint)
         if folder.is_dir() and not (folder / ckpt.CONFIG_NAME).is_file() and (folder / "final").is_dir():
@@ -253,6 +260,20 @@ def _check_settings(out_dir: Path, settings: SampleSettings, overwrite: bool) ->
             )
 
 
+def _discard_samples(out_dir: Path) -> None:
+    """Remove what an earlier run sampled (its settings first), before the new settings are
+    written: an interrupted ``--overwrite`` run must not leave old images that a rerun would
+    take for its own."""
+    (out_dir / SETTINGS_NAME).unlink(missing_ok=True)
+    for name in (NPZ_NAME, PREVIEW_NAME, SUMMARY_NAME):
+        (out_dir / name).unlink(missing_ok=True)
+    images = out_dir / IMAGES_DIR
+    if images.is_dir():
+        for path in images.iterdir():
+            if path.suffix == ".png" and path.stem.isdigit():
+                path.unlink()
+
+
 def _shard(n: int, rank: int, world_size: int) -> range:
     return range(n * rank // world_size, n * (rank + 1) // world_size)
 
@@ -322,11 +343,13 @@ def run_sampling(
     cfg = net.config
     device = next(net.parameters()).device
     labels = labels_for(settings, cfg.num_classes)
-    if settings.guidance > 1 and labels is None:
+    if settings.guidance not in (0.0, 1.0) and labels is None:
         raise ValueError("classifier-free guidance needs class labels (labels='none' given)")
 
     if rank == 0:
         _check_settings(out_dir, settings, overwrite)
+        if overwrite:
+            _discard_samples(out_dir)
         (out_dir / IMAGES_DIR).mkdir(parents=True, exist_ok=True)
         atomic_write(out_dir / SETTINGS_NAME,
                      lambda tmp: Path(tmp).write_text(json.dumps(settings.to_dict(), indent=2)))
@@ -335,7 +358,7 @@ def run_sampling(
 
     (out_dir / IMAGES_DIR).mkdir(parents=True, exist_ok=True)
     mine = _shard(settings.num_images, rank, world_size)
-    todo = [i for i in mine if overwrite or _read_png(image_path(out_dir, i)) is None]
+    todo = [i for i in mine if _read_png(image_path(out_dir, i)) is None]
     counter = PassCounter(make_denoiser(net, settings.mode, settings.precision, compile, cuda_graph))
     null_class = cfg.num_classes if cfg.num_classes > 0 else None  # the null label is K
     start = time.perf_counter()

@@ -134,9 +134,12 @@ class GuidedDenoiser:
     model), applied only to the images whose *shifted* σ satisfies
     ``σ_low·H/64 < σ ≤ σ_high·H/64`` (0.76 < σ ≤ 6.44 at 256 px). For those, the conditional and
     unconditional passes run as one batched forward (inputs ``[x, x]``, ``[σ, σ]``,
-    ``[y, null_class]``); outside the interval only the conditional pass runs. With ``scale ≤ 1``,
-    ``null_class=None`` or ``y=None`` no unconditional pass is ever made. Finally the output is
-    clamped to [−1, 1] when ``clamp`` is set (default, as released, also without guidance).
+    ``[y, null_class]``); outside the interval only the conditional pass runs. Any ``w > 0`` is
+    applied (``0 < w < 1`` moves towards the unconditional output); ``w = 1`` is the conditional
+    output, and ``w = 0`` switches guidance off as in the released ``sample.py`` (which guides
+    only when ``cfg_scale > 0``), so neither makes an unconditional pass; nor do
+    ``null_class=None`` or ``y=None``. Finally the output is clamped to [−1, 1] when ``clamp``
+    is set (default, as released, also without guidance).
 
     Counters: ``nfe_cond`` / ``nfe_uncond`` count network passes over the batch; a batched
     cond+uncond forward counts one of each (also when only part of the batch is inside the
@@ -144,7 +147,7 @@ class GuidedDenoiser:
 
     Args:
         denoiser: ``denoiser(x, sigma, y) -> x0_hat`` (see the module docstring).
-        scale: guidance weight w (2.5 for EPG-XL/16 at 256 px, 3.2 for EPG-L/32 at 512 px).
+        scale: guidance weight w ≥ 0 (2.5 for EPG-XL/16 at 256 px, 3.2 for EPG-L/32 at 512 px).
         null_class: label of the unconditional ("null") class, e.g. ``net.null_class`` (1000 for
             ImageNet); None disables guidance.
         sigma_low, sigma_high: the interval in *unshifted* σ; pass 0 and ``math.inf`` to guide
@@ -165,6 +168,8 @@ class GuidedDenoiser:
     ):
         if not sigma_low < sigma_high:
             raise ValueError(f"need sigma_low < sigma_high, got {sigma_low}, {sigma_high}")
+        if not float(scale) >= 0:
+            raise ValueError(f"guidance scale must be >= 0 (0: off), got {scale}")
         if null_class is not None and not _is_int(null_class):
             raise ValueError(f"null_class must be an int or None, got {null_class!r}")
         self.denoiser = denoiser
@@ -178,7 +183,7 @@ class GuidedDenoiser:
 
     @property
     def guided(self) -> bool:
-        return self.scale > 1 and self.null_class is not None
+        return self.scale not in (0.0, 1.0) and self.null_class is not None
 
     def reset_counts(self) -> None:
         self.nfe_cond = 0
@@ -527,9 +532,10 @@ def edm_sde(
 
     For each step: ``γ = min(S_churn/N, √2 − 1)`` if ``S_min ≤ σ_i ≤ S_max`` else 0, with
     **N = len(sigmas)** (as released, so the trailing-zero grid counts its 0); ``σ̂ = σ_i(1 + γ)``,
-    ``x̂ = x + sqrt(σ̂² − σ_i²)·S_noise·z``; then a Heun step from σ̂ to σ_{i+1} (Euler when
-    σ_{i+1} = 0). S_min/S_max are compared with the grid's σ as given (shifted). NFE: as
-    :func:`heun`.
+    ``x̂ = x + sqrt(σ̂² − σ_i²)·S_noise·z``; then a Heun step from σ̂ to σ_{i+1}, except on the
+    last step, which is an Euler step whatever σ_{N−1} is (as released: the correction is
+    skipped on the last interval, also on the grid without a trailing zero). S_min/S_max are
+    compared with the grid's σ as given (shifted). NFE: 2N − 3 (61 for 32 points).
     """
     sig = _sigma_list(sigmas, 2)
     _check_inputs(x_T, y)
@@ -541,7 +547,10 @@ def edm_sde(
         s_hat = s * (1 + gamma)
         if gamma > 0:
             x = x + math.sqrt(s_hat**2 - s**2) * S_noise * _randn(x.shape, x, generator)
-        x = _heun_step(denoiser, x, s_hat, s_next, y)
+        if i < len(sig) - 2:
+            x = _heun_step(denoiser, x, s_hat, s_next, y)
+        else:
+            x = x + (s_next - s_hat) * (x - _evaluate(denoiser, x, s_hat, y)) / s_hat
     return x
 
 

@@ -75,6 +75,18 @@ def test_official_layouts_load_unchanged(tmp_path, inputs, layout):
     assert torch.equal(loaded(*inputs), model(*inputs))
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_files_load_as_float32(tmp_path, inputs, dtype):
+    model = _noisy("epg-tiny")
+    half = {k: v.to(dtype) if v.is_floating_point() else v for k, v in model.state_dict().items()}
+    torch.save(half, tmp_path / "half.pth")
+    loaded = ck.load_official(tmp_path / "half.pth", "epg-tiny")
+    assert all(t.dtype == torch.float32 for t in loaded.state_dict().values() if t.is_floating_point())
+    widened = _noisy("epg-tiny")
+    widened.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in half.items()})
+    assert torch.equal(loaded(*inputs), widened(*inputs))  # samples like the widened weights
+
+
 def test_pickle_that_would_run_code_is_refused(tmp_path):
     marker = tmp_path / "pwned"
 

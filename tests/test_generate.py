@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 
 from epg import checkpoint as ckpt
-from epg import sampling
+from epg import generate, sampling
 from epg.cli import _SAMPLERS, main
 from epg.generate import (
     SampleSettings,
@@ -125,6 +125,37 @@ def test_other_settings_in_the_same_folder_are_refused_without_losing_images(tin
     assert not np.array_equal(_png_stack(out, 6), before)
 
 
+def test_an_interrupted_overwrite_run_resumes_with_its_own_images_only(tiny_ckpt, tmp_path, monkeypatch):
+    out = tmp_path / "s"
+    assert _sample_cli(tiny_ckpt, out) == 0
+    net, _ = load_network(tiny_ckpt)
+    new = SampleSettings(num_images=6, steps=3, convention="simple", seed=1)
+    run_sampling(net, tmp_path / "ref", new, batch_size=6, progress=False)
+    ref = _png_stack(tmp_path / "ref", 6)
+
+    class Killed(Exception):
+        pass
+
+    write_png, written = generate._write_png, []
+
+    def killed_after_two_images(path, pixels):  # the run dies after its first batch
+        if len(written) == 2:
+            raise Killed
+        written.append(path)
+        write_png(path, pixels)
+
+    monkeypatch.setattr(generate, "_write_png", killed_after_two_images)
+    with pytest.raises(Killed):
+        run_sampling(net, out, new, batch_size=2, overwrite=True, progress=False)
+    monkeypatch.undo()
+    # The old run's images are gone, not taken for the new run's: a plain rerun samples 2..5.
+    assert sorted(p.name for p in (out / "images").glob("*.png")) == ["000000.png", "000001.png"]
+    assert not (out / "samples.npz").exists()
+    summary = run_sampling(net, out, new, batch_size=2, progress=False)
+    assert summary["sampled_now_by_this_rank"] == 4
+    _assert_same_images(_png_stack(out, 6), ref)
+
+
 def test_official_layout_state_dict_samples_without_renaming(tmp_path):
     net = _tiny(seed=3)
     # Released files are plain state dicts, sometimes saved from a DDP-wrapped module.
@@ -136,6 +167,15 @@ def test_official_layout_state_dict_samples_without_renaming(tmp_path):
                  "--labels", "random"]) == 0  # fmt: skip
     assert json.loads((out / "settings.json").read_text())["convention"] == "imagenet"
     assert np.load(out / "samples.npz")["arr_0"].shape == (2, 32, 32, 3)
+
+
+@pytest.mark.parametrize("config, mode", [("epg-l-16", "consistency"), ("epg-xl-16", "diffusion"),
+                                          ("epg-tiny", "diffusion")])
+def test_a_released_file_samples_as_the_released_network_of_its_config(monkeypatch, config, mode):
+    # EPG-L/16 at 256 px is released only as the one-step consistency model (spec §10.1).
+    monkeypatch.setattr(ckpt, "load_official", lambda path, name, device="cpu": _tiny())
+    _, info = load_network(None, "EPG.pth", config)
+    assert info["mode"] == mode
 
 
 def test_official_needs_a_config_and_a_matching_one(tmp_path, capsys):

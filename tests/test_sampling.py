@@ -96,7 +96,7 @@ def test_heun_32_with_interval_cfg_makes_62_cond_and_12_uncond_passes():
 
 @pytest.mark.parametrize(
     "fn, nfe",
-    [(euler, 9), (euler_ancestral, 9), (euler_sde, 9), (edm_sde, 18), (heun, 18)],
+    [(euler, 9), (euler_ancestral, 9), (euler_sde, 9), (edm_sde, 17), (heun, 18)],
 )
 def test_nfe_of_each_sampler(fn, nfe):
     guided = GuidedDenoiser(CountingZeros(), scale=1.0, null_class=NULL)
@@ -190,6 +190,38 @@ def test_cfg_scale_1_is_the_conditional_path_exactly():
     # no null class: no guidance either, even with scale > 1
     guided = GuidedDenoiser(den, scale=3.0, null_class=None, clamp=False)
     assert torch.equal(guided(x, torch.full((3,), 3.0), y), den(x, torch.full((3,), 3.0), y))
+
+
+@pytest.mark.parametrize("w", [0.5, 1.5])
+def test_cfg_scales_below_one_are_applied_too(w):
+    den = LabelDependent()
+    x, y, sig = torch.randn(3, 2, 4, 4), torch.tensor([1, 4, 9]), torch.full((3,), 3.0)
+    guided = GuidedDenoiser(den, scale=w, null_class=NULL, clamp=False)
+    cond, uncond = den(x, sig, y), den(x, sig, torch.full_like(y, NULL))
+    assert_close(guided(x, sig, y), uncond + w * (cond - uncond), what=f"w={w}")
+    assert guided.nfe_uncond == 1
+
+
+def test_cfg_scale_0_is_off_and_negative_scales_are_refused():
+    den = LabelDependent()
+    x, y, sig = torch.randn(3, 2, 4, 4), torch.tensor([1, 4, 9]), torch.full((3,), 3.0)
+    guided = GuidedDenoiser(den, scale=0.0, null_class=NULL, clamp=False)
+    assert torch.equal(guided(x, sig, y), den(x, sig, y)) and guided.nfe_uncond == 0
+    with pytest.raises(ValueError, match="guidance scale must be >= 0"):
+        GuidedDenoiser(den, scale=-1.0, null_class=NULL)
+
+
+def test_edm_sde_ends_with_an_euler_step_as_released():
+    seen = []
+
+    def recording(x, sigma, y):
+        seen.append(float(sigma[0]))
+        return torch.zeros_like(x)
+
+    sigmas = sampling_sigmas(4, 256)
+    edm_sde(recording, torch.randn(1, 1, 2, 2), sigmas, S_churn=0.0)
+    s = sigmas.tolist()
+    assert seen == pytest.approx([s[0], s[1], s[1], s[2], s[2]])  # no evaluation at σ_3
 
 
 def test_cfg_only_inside_the_interval_along_a_heun_trajectory():
