@@ -4,6 +4,7 @@ by `prepare`, the portable loader and the DALI loader alike; layout errors say w
 import io
 import logging
 import os
+import shutil
 import struct
 import zlib
 
@@ -21,10 +22,10 @@ RES = 16
 
 
 def _photo(seed: int) -> np.ndarray:
-    """A natural-looking (RES+4)×(RES+6) RGB crop of china.jpg (JPEG-friendly content)."""
+    """A natural-looking RES² RGB crop of china.jpg (JPEG-friendly content; the loaders' size)."""
     china = np.asarray(Image.open(sample_jpeg_paths()[0]).convert("RGB"))
     top, left = 100 + 37 * seed, 200 + 23 * seed
-    return np.ascontiguousarray(china[top : top + RES + 4, left : left + RES + 6])
+    return np.ascontiguousarray(china[top : top + RES, left : left + RES])
 
 
 def _png16_rgb(levels: np.ndarray) -> bytes:
@@ -90,11 +91,6 @@ def kinds_tree(tmp_path_factory):
     return root
 
 
-def _crop(image: np.ndarray) -> np.ndarray:
-    top, left = (image.shape[0] - RES) // 2, (image.shape[1] - RES) // 2
-    return image[top : top + RES, left : left + RES]
-
-
 @pytest.mark.parametrize("name", sorted(_good_kinds()))
 def test_decode_image_makes_rgb_of_every_good_kind(kinds_tree, name):
     path = str(kinds_tree / "n0" / name)
@@ -102,11 +98,11 @@ def test_decode_image_makes_rgb_of_every_good_kind(kinds_tree, name):
     assert out.dtype == np.uint8 and out.shape == (RES, RES, 3)
     expected = _good_kinds()[name][1]
     if expected is not None:
-        np.testing.assert_array_equal(out, _crop(expected))
+        np.testing.assert_array_equal(out, expected)
     elif name == "gray.jpg":  # gray replicated into three equal channels
         assert (out == out[..., :1]).all()
     elif name == "cmyk.jpg":  # Pillow's RGB→CMYK→RGB round trip: the photo up to JPEG error
-        diff = np.abs(out.astype(int) - _crop(_photo(0)).astype(int))
+        diff = np.abs(out.astype(int) - _photo(0).astype(int))
         assert diff.mean() < 4
 
 
@@ -118,10 +114,13 @@ def test_decode_image_names_every_bad_kind(kinds_tree, name):
 
 
 def test_prepare_converts_good_kinds_and_skips_bad_ones(kinds_tree, tmp_path, caplog):
+    src = tmp_path / "src"  # the kinds, and one good image in the class of the bad ones
+    shutil.copytree(kinds_tree, src)
+    Image.fromarray(_photo(2)).save(src / "n1" / "good.png")
     with caplog.at_level(logging.WARNING, logger="epg.data"):
-        report = prepare(kinds_tree, tmp_path / "out", RES, workers=0, progress=False)
+        report = prepare(src, tmp_path / "out", RES, workers=0, progress=False)
     good, bad = sorted(_good_kinds()), sorted(_bad_kinds())
-    assert (report.total, report.written) == (len(good) + len(bad), len(good))
+    assert (report.total, report.written) == (len(good) + len(bad) + 1, len(good) + 1)
     assert [rel for rel, _ in report.failed] == [f"n1/{name}" for name in bad]
     assert all(name in caplog.text for name in bad)
     for name in good:
@@ -134,13 +133,13 @@ def test_prepare_converts_good_kinds_and_skips_bad_ones(kinds_tree, tmp_path, ca
     # The 16-bit images are scaled, not clipped to white as Pillow's convert("RGB") would.
     with Image.open(tmp_path / "out" / "n0" / "gray16.png") as out:
         assert np.asarray(out).mean() < 200
-    # The prepared tree and its index list agree; the class of the bad files stays, empty.
+    # The prepared tree and its index list agree.
     listed = FolderIndex.from_file_list(report.index_list)
-    scanned = FolderIndex.scan(tmp_path / "out", allow_empty_classes=True)
+    scanned = FolderIndex.scan(tmp_path / "out")
     assert [listed.relpath(i) for i in range(len(listed))] == [
         scanned.relpath(i) for i in range(len(scanned))
     ]
-    assert scanned.classes == ("n0", "n1") and listed.labels.tolist() == [0] * len(good)
+    assert scanned.classes == ("n0", "n1") and listed.labels.tolist() == [0] * len(good) + [1]
 
 
 def _uint8_batches(loader, n):

@@ -12,7 +12,7 @@ from PIL import Image
 
 from epg.data.augment import from_unit
 from epg.data.embedded import sample_jpeg_paths
-from epg.data.folder import BadImageError, BatchSchedule, FolderIndex, decode_image
+from epg.data.folder import BadImageError, BatchSchedule, FolderIndex, ImageSizeError, decode_image
 from epg.data.loader import InMemoryLoader
 from epg.data.portable import PortableLoader
 from epg.data.prepare import center_crop_arr, prepare
@@ -27,13 +27,13 @@ def _write(path, array, **save):
 
 @pytest.fixture(scope="module")
 def png_tree(tmp_path_factory):
-    """3 classes × 5 random RGB PNGs; every third one is larger than RES (odd margins)."""
+    """3 classes × 5 random RGB PNGs of RES², as `epg prepare` writes them."""
     root = tmp_path_factory.mktemp("pngs")
     rng = np.random.default_rng(0)
     for c in ("n03", "n01", "n02"):
         for k in range(5):
-            shape = (RES + 3, RES + 2, 3) if k % 3 == 0 else (RES, RES, 3)
-            _write(str(root / c / f"{c}_{k}.png"), rng.integers(0, 256, shape, dtype=np.uint8))
+            image = rng.integers(0, 256, (RES, RES, 3), dtype=np.uint8)
+            _write(str(root / c / f"{c}_{k}.png"), image)
     return root
 
 
@@ -140,16 +140,15 @@ def test_prepare_skips_bad_files_lists_them_and_resumes(tmp_path, caplog):
         os.makedirs(src / os.path.dirname(rel), exist_ok=True)
         shutil.copy(path, src / rel)
     (src / "n02" / "broken.JPEG").write_bytes(open(china, "rb").read()[:2000])  # truncated
-    (src / "n03").mkdir()
-    (src / "n03" / "junk.png").write_bytes(b"not an image at all")
+    (src / "n02" / "junk.png").write_bytes(b"not an image at all")
 
     with caplog.at_level(logging.WARNING, logger="epg.data"):
         report = prepare(src, dst, 32, workers=2, progress=False)
     assert (report.total, report.written, report.existing) == (5, 3, 0)
-    assert [rel for rel, _ in report.failed] == ["n02/broken.JPEG", "n03/junk.png"]
-    assert "n03/junk.png" in caplog.text and "n02/broken.JPEG" in caplog.text
+    assert [rel for rel, _ in report.failed] == ["n02/broken.JPEG", "n02/junk.png"]
+    assert "n02/junk.png" in caplog.text and "n02/broken.JPEG" in caplog.text
     listed = (dst / "skipped.txt").read_text().splitlines()
-    assert [line.split("\t")[0] for line in listed] == ["n02/broken.JPEG", "n03/junk.png"]
+    assert [line.split("\t")[0] for line in listed] == ["n02/broken.JPEG", "n02/junk.png"]
 
     out = dst / "n01" / "china.png"
     with Image.open(out) as image:
@@ -157,10 +156,11 @@ def test_prepare_skips_bad_files_lists_them_and_resumes(tmp_path, caplog):
         expected = center_crop_arr(Image.open(china).convert("RGB"), 32)
         np.testing.assert_array_equal(np.asarray(image), expected)
     assert out.stat().st_size > 32 * 32 * 3  # compress_level 0: stored, not deflated
-    # Every source class folder exists, so the labels match the source's sorted classes.
-    assert sorted(p.name for p in dst.iterdir() if p.is_dir()) == ["n01", "n02", "n03"]
-    prepared = FolderIndex.scan(dst, allow_empty_classes=True)
-    assert prepared.classes == ("n01", "n02", "n03") and prepared.labels.tolist() == [0, 0, 1]
+    # The labels match the source's sorted classes, in a scan as in the index list.
+    assert sorted(p.name for p in dst.iterdir() if p.is_dir()) == ["n01", "n02"]
+    prepared = FolderIndex.scan(dst)
+    assert prepared.classes == ("n01", "n02") and prepared.labels.tolist() == [0, 0, 1]
+    assert FolderIndex.from_file_list(dst / "index.txt").labels.tolist() == [0, 0, 1]
 
     again = prepare(src, dst, 32, workers=0, progress=False)
     assert (again.written, again.existing, len(again.failed)) == (0, 3, 2)
@@ -252,12 +252,12 @@ def test_flips_are_seeded(png_tree):
 
 @pytest.fixture()
 def bad_tree(tmp_path, png_tree):
-    """The PNG tree with n02_1.png truncated and n03_4.png too small for the crop."""
+    """The PNG tree with n02_1.png truncated and n03_4.png not an image at all."""
     root = tmp_path / "bad"
     shutil.copytree(png_tree, root)
     victim = root / "n02" / "n02_1.png"
     victim.write_bytes(victim.read_bytes()[:200])
-    _write(str(root / "n03" / "n03_4.png"), np.zeros((RES - 1, RES + 4, 3), np.uint8))
+    (root / "n03" / "n03_4.png").write_bytes(b"not an image")
     return root
 
 
@@ -282,7 +282,8 @@ def test_portable_skip_mode_substitutes_and_counts(bad_tree, caplog):
     used = np.array([substitute.get(int(i), int(i)) for i in rows])
     assert torch.equal(batches[0]["label"], torch.from_numpy(folder.labels[used]))
     assert loader.skipped == 4 and loader.state_dict()["skipped"] == 4  # 2 files × 2 epochs
-    assert caplog.text.count("n02_1.png") == 1 and caplog.text.count("smaller than") == 1
+    warnings = [r.getMessage() for r in caplog.records]
+    assert [sum(name in w for w in warnings) for name in ("n02_1.png", "n03_4.png")] == [1, 1]
     assert loader.bad_files == {folder.path(i) for i in bad}
 
 
@@ -332,6 +333,56 @@ def test_dali_bad_files_raise_or_are_skipped_like_the_portable_loader(bad_tree):
         assert _equal(_take(loader, 6), expected)
         assert loader.skipped == portable.skipped == 4
         assert loader.bad_files == portable.bad_files
+
+
+# ---------------------------------------------------------------------------------------------
+# Images of another size than the resolution: a configuration error, raised at once
+# ---------------------------------------------------------------------------------------------
+
+
+def _sized_tree(root, side, fmt):
+    """2 classes × 4 RGB images of side² (PNG or JPEG): a folder prepared at another size."""
+    rng = np.random.default_rng(1)
+    for c in ("n00", "n01"):
+        for k in range(4):
+            _write(str(root / c / f"{k}.{fmt}"), rng.integers(0, 256, (side, side, 3), np.uint8))
+    return root
+
+
+def _open(kind, root, **options):
+    if kind == "dali":
+        return _dali_loader()(root, RES, 4, num_threads=1, **options)
+    return PortableLoader(root, RES, 4, num_workers=2 if kind == "portable-workers" else 0,
+                          **options)  # fmt: skip
+
+
+@pytest.mark.parametrize("kind", ["portable", "portable-workers", "dali"])
+@pytest.mark.parametrize("side,fmt", [(2 * RES, "png"), (RES - 4, "png"), (2 * RES, "jpg")])
+@pytest.mark.parametrize("on_error", ["raise", "skip"])
+def test_loaders_refuse_images_of_another_size_at_once(tmp_path, kind, side, fmt, on_error):
+    # Larger images were centre-cropped without a resize (a 2·RES folder trained on the centre
+    # quarter of every image, silently); smaller ones were "bad files" that on_error="skip"
+    # tried one after another until none was left. Both are a folder prepared for another
+    # resolution: the error names the file, both sizes and the fix, whatever on_error says.
+    root = _sized_tree(tmp_path / "tree", side, fmt)
+    with _open(kind, root, on_error=on_error, convention=None) as loader:
+        message = rf"n0[01]/\d\.{fmt} is {side}×{side} pixels.* exactly {RES}×{RES}"
+        with pytest.raises(ImageSizeError, match=message) as info:
+            next(loader)
+        assert f"epg prepare SRC DST --resolution {RES}" in str(info.value)
+        assert loader.bad_files == set() and loader.skipped == 0  # none taken for a bad file
+
+    if on_error == "raise":
+        return
+    # One wrong-size file among good ones and a bad one: the bad one is skipped, never it.
+    mixed = _sized_tree(tmp_path / "mixed", RES, fmt)
+    (mixed / "n00" / f"0.{fmt}").write_bytes(b"not an image")
+    _write(str(mixed / "n01" / f"9.{fmt}"), np.zeros((side, side, 3), np.uint8))
+    with _open(kind, mixed, on_error="skip", convention=None) as loader:
+        with pytest.raises(ImageSizeError, match=rf"n01/9\.{fmt} is {side}×{side}"):
+            for _ in range(6):  # 9 files, batches of 4: each file is met within 3 epochs
+                next(loader)
+        assert loader.bad_files <= {str(mixed / "n00" / f"0.{fmt}")}
 
 
 @pytest.mark.cuda
@@ -415,6 +466,42 @@ def test_prepare_formats_write_an_index_list_and_resume(tmp_path, fmt, ext):
         prepare(src, tmp_path / "o", 64, format="jpeg", quality=100, progress=False)
 
 
+def test_prepare_refuses_an_empty_class_and_keeps_index_and_scan_consistent(tmp_path):
+    # An empty source class folder that sorts last used to stay in the class list: a scan of
+    # the output refused it by name, while index.txt gave one class fewer. It is refused first.
+    src, dst = _raw_tree(tmp_path / "raw"), tmp_path / "out"
+    (src / "n02").mkdir()
+    with pytest.raises(ValueError, match=r"1 class folder\(s\) of .*raw hold no images: n02"):
+        prepare(src, dst, 32, workers=0, progress=False)
+    assert not dst.exists()  # refused before anything was written
+
+    # A class whose every image fails: the run finishes the others, then raises naming it, and
+    # both the index list and a scan of the output refuse to train on it.
+    (src / "n02" / "junk.png").write_bytes(b"not an image at all")
+    with pytest.raises(ValueError, match=r"no image of the class folder\(s\) n02 could be"):
+        prepare(src, dst, 32, workers=0, progress=False)
+    assert len(list(dst.glob("n0[01]/*.png"))) == 3  # the prepared images are kept
+    with pytest.raises(ValueError, match="names no files .*class folder.*n02"):
+        FolderIndex.from_file_list(dst / "index.txt")
+    with pytest.raises(ValueError, match="hold no images: n02"):
+        FolderIndex.scan(dst)
+    # Fixed in the source (the class removed), a rerun keeps the images and the two agree.
+    (src / "n02" / "junk.png").unlink()
+    (src / "n02").rmdir()
+    assert prepare(src, dst, 32, workers=0, progress=False).existing == 3
+    listed, scanned = FolderIndex.from_file_list(dst / "index.txt"), FolderIndex.scan(dst)
+    assert listed.paths() == scanned.paths() and listed.labels.tolist() == [0, 1, 1]
+    assert scanned.classes == ("n00", "n01") and listed.num_classes == 2
+
+    # A FolderIndex source: an empty class, or labels a scan of the output would not give.
+    gapped = FolderIndex(scanned.paths(), [0, 2, 2], ("0", "1", "2"))
+    with pytest.raises(ValueError, match=r"1 class\(es\) of the index hold no images: 1\."):
+        prepare(gapped, tmp_path / "o1", 32, workers=0, progress=False)
+    swapped = FolderIndex.from_files(scanned.paths(), labels=[1, 0, 0])
+    with pytest.raises(ValueError, match=r"flower\.png has label 1, but .* folder 'n00' 0"):
+        prepare(swapped, tmp_path / "o2", 32, workers=0, progress=False)
+
+
 # ---------------------------------------------------------------------------------------------
 # Sharding
 # ---------------------------------------------------------------------------------------------
@@ -475,19 +562,19 @@ JPEG_TOLERANCE = 0
 
 @pytest.fixture(scope="module")
 def jpeg_tree(tmp_path_factory):
-    """The two sample JPEGs as shipped (427×640, 4:2:0) and re-encoded at other sizes, chroma
-    subsamplings and qualities, progressive included; every image at least 256 on a side."""
+    """The two sample JPEGs prepared to 256² (ADM's crop) and encoded with several chroma
+    subsamplings (4:2:0, 4:4:4, 4:2:2) and qualities, progressive and gray included."""
     root = tmp_path_factory.mktemp("jpegs")
     for k, path in enumerate(sample_jpeg_paths()):
-        photo = Image.open(path).convert("RGB")
+        photo = Image.fromarray(center_crop_arr(Image.open(path).convert("RGB"), 256))
         os.makedirs(root / f"n{k}")
-        shutil.copy(path, root / f"n{k}" / os.path.basename(path))
-        variants = (((300, 256), dict(quality=75)), ((256, 256), dict(quality=95, subsampling=0)),
-                    ((411, 333), dict(quality=50, progressive=True)),
-                    ((257, 290), dict(quality=90, subsampling=1)))  # fmt: skip
-        for j, (size, options) in enumerate(variants):
-            photo.resize(size, Image.BICUBIC).save(root / f"n{k}" / f"v{j}.jpg", **options)
-        photo.convert("L").resize((320, 260)).save(root / f"n{k}" / "gray.jpg", quality=85)
+        variants = (
+            dict(quality=95), dict(quality=75), dict(quality=95, subsampling=0),
+            dict(quality=50, progressive=True), dict(quality=90, subsampling=1),
+        )  # fmt: skip
+        for j, options in enumerate(variants):
+            photo.save(root / f"n{k}" / f"v{j}.jpg", **options)
+        photo.convert("L").save(root / f"n{k}" / "gray.jpg", quality=85)
     return root
 
 

@@ -25,7 +25,7 @@ from .embedded import (
     sample_jpeg_paths,
     to_uint8,
 )
-from .folder import IMAGE_EXTENSIONS, BadImageError, BatchSchedule, FolderIndex
+from .folder import IMAGE_EXTENSIONS, BadImageError, BatchSchedule, FolderIndex, ImageSizeError
 from .portable import PortableLoader
 from .prepare import PrepareReport, center_crop_arr, prepare
 
@@ -40,6 +40,7 @@ __all__ = [
     "DaliLoader",
     "EmbeddedDigits",
     "FolderIndex",
+    "ImageSizeError",
     "PortableLoader",
     "PrepareReport",
     "ViewAugment",

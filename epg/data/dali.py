@@ -1,4 +1,4 @@
-"""The DALI folder loader: NVIDIA DALI decodes (on the GPU with ``"mixed"``), crops and flips.
+"""The DALI folder loader: NVIDIA DALI decodes (on the GPU with ``"mixed"``) and flips.
 
 Same schedule, same interface and the same images as :class:`epg.data.portable.PortableLoader`:
 bit for bit on 8-bit PNG input (lossless); on JPEG input within ``JPEG_TOLERANCE`` uint8 levels
@@ -18,22 +18,28 @@ prefetching never shifts the data, and resuming means building the pipeline at t
 position. The rest of the graph:
 
     external_source → decoders.image ("mixed" on a CUDA device, "cpu" otherwise; RGB, EXIF
-    orientation ignored like Pillow) → crop_mirror_normalize (centre crop resolution² with floor
-    rounding, the scheduled mirror, CHW, uint8)
+    orientation ignored like Pillow) → crop_mirror_normalize (the scheduled mirror, CHW, uint8;
+    no crop: the images are resolution² already)
 
 and the uint8 batch is normalised by the same torch code as the portable loader, so both paths
 agree exactly. Sharding is the schedule's: each rank's pipeline reads its share of the global
 batch (DALI's ``shard_id``/``num_shards`` belong to its file reader, which is not used).
 
-Bad files: DALI stops the pipeline on a decoding or cropping error without naming the file, so
-after a failure the loader decodes the files of the failed batch (and of the prefetched ones)
+Image size: as for the portable loader, every image must be exactly resolution² (the contract
+in epg/data/folder.py). The reader threads take each PNG's or JPEG's size from its header
+(:func:`header_size`, a few bytes); a file whose header gives another size goes through Pillow
+(:func:`read_for_dali`), which raises :class:`~epg.data.folder.ImageSizeError` when it decodes to
+that size. The loader re-raises it at once, whatever ``on_error`` says, without diagnosing.
+
+Bad files: DALI stops the pipeline on a decoding error without naming the file, so after a
+failure the loader decodes the files of the failed batch (and of the prefetched ones)
 with Pillow to find the culprit. ``on_error="raise"`` then raises :class:`BadImageError` naming
 it; ``"skip"`` marks it bad, rebuilds the pipeline at the same position and substitutes the next
 good file in index order, as the portable loader does.
 
 Only a GPU can confirm: the ``"mixed"`` decoder path (``device`` a CUDA device), i.e. GPU
-decoding of JPEG (DALI decodes PNG on host threads even in ``"mixed"`` mode), the GPU crop and
-flip, the copy into torch's CUDA tensors, and its throughput. The tests run the ``"cpu"`` mode.
+decoding of JPEG (DALI decodes PNG on host threads even in ``"mixed"`` mode), the GPU flip,
+the copy into torch's CUDA tensors, and its throughput. The tests run the ``"cpu"`` mode.
 """
 
 from __future__ import annotations
@@ -51,6 +57,7 @@ from .folder import (
     BatchSchedule,
     FolderIndex,
     FolderLoaderBase,
+    ImageSizeError,
     decode_image,
     substitute,
 )
@@ -89,8 +96,8 @@ _PNG_END = b"IEND\xaeB`\x82"  # the IEND chunk with its CRC: the last 8 bytes of
 _JPEG_SOF = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
 
 
-def _jpeg_components(data: bytes) -> int | None:
-    """Number of colour components in a JPEG's frame header (None if none is found)."""
+def _jpeg_frame(data: bytes) -> tuple[int, int, int] | None:
+    """(width, height, colour components) from a JPEG's frame header (None if none is found)."""
     pos = 2
     while pos + 4 <= len(data):
         if data[pos] != 0xFF:
@@ -99,11 +106,25 @@ def _jpeg_components(data: bytes) -> int | None:
         if marker == 0xFF:  # fill byte
             pos += 1
             continue
-        if marker in _JPEG_SOF:
-            return data[pos + 9] if pos + 9 < len(data) else None
+        if marker in _JPEG_SOF:  # FF Cn, length (2), precision (1), Y (2), X (2), components (1)
+            if pos + 9 >= len(data):
+                return None
+            height = int.from_bytes(data[pos + 5 : pos + 7], "big")
+            width = int.from_bytes(data[pos + 7 : pos + 9], "big")
+            return width, height, data[pos + 9]
         if marker == 0xDA:  # start of scan before any frame header: malformed
             return None
         pos += 2 + int.from_bytes(data[pos + 2 : pos + 4], "big")
+    return None
+
+
+def header_size(data: bytes) -> tuple[int, int] | None:
+    """(width, height) as a PNG's IHDR or a JPEG's frame header states it (None: neither)."""
+    if data.startswith(_PNG_SIGNATURE) and len(data) >= 24:
+        return int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
+    if data.startswith(b"\xff\xd8"):
+        frame = _jpeg_frame(data)
+        return None if frame is None else frame[:2]
     return None
 
 
@@ -133,7 +154,8 @@ def pillow_route(data: bytes) -> str | None:
     if data.startswith(b"\xff\xd8"):
         if not data.rstrip(b"\x00").endswith(b"\xff\xd9"):
             return "JPEG without its end marker"
-        components = _jpeg_components(data)
+        frame = _jpeg_frame(data)
+        components = None if frame is None else frame[2]
         if components not in (1, 3):
             return f"JPEG with {components} components"
         return None
@@ -142,12 +164,15 @@ def pillow_route(data: bytes) -> str | None:
 
 def read_for_dali(path: str, resolution: int) -> np.ndarray:
     """The bytes DALI decodes for ``path``: the file itself, or — for the files
-    :func:`pillow_route` names — Pillow's decoded, centre-cropped RGB image as an uncompressed
-    PNG (so DALI's output is Pillow's, bit for bit). Raises :class:`BadImageError` for a file
-    Pillow cannot decode; DALI then fails and the loader's diagnosis handles it.
+    :func:`pillow_route` names, and those whose header does not state resolution² — Pillow's
+    decoded RGB image as an uncompressed PNG (so DALI's output is Pillow's, bit for bit).
+    Raises :class:`ImageSizeError` for an image that decodes to another size, and
+    :class:`BadImageError` for a file Pillow cannot decode (DALI then fails and the loader's
+    diagnosis handles it).
     """
     data = np.fromfile(path, np.uint8)
-    if pillow_route(data.tobytes()) is None:
+    encoded = data.tobytes()
+    if pillow_route(encoded) is None and header_size(encoded) == (resolution, resolution):
         return data
     import io
 
@@ -275,16 +300,9 @@ class DaliLoader(FolderLoaderBase):
             images = fn.decoders.image(
                 encoded, device=self.decoder, output_type=types.RGB, adjust_orientation=False
             )
+            # No crop: the reader checked that every image is resolution² (read_for_dali).
             images = fn.crop_mirror_normalize(
-                images,
-                crop=(self.resolution, self.resolution),
-                crop_pos_x=0.5,
-                crop_pos_y=0.5,
-                rounding="truncate",  # floor((W − crop)/2), as center_crop_box
-                mirror=flips,
-                dtype=types.UINT8,
-                output_layout="CHW",
-                out_of_bounds_policy="error",  # too small: a bad file, never padded silently
+                images, mirror=flips, dtype=types.UINT8, output_layout="CHW"
             )
             pipe.set_outputs(images, labels)
         pipe.build()
@@ -299,6 +317,9 @@ class DaliLoader(FolderLoaderBase):
                     self._iterator = self._start()
                 out = next(self._iterator)[0]
                 break
+            except ImageSizeError:  # a configuration error, never a file to skip: stop now
+                self.close()
+                raise
             except Exception as exc:  # DALI's pipeline is dead after an error: rebuild it
                 self.close()
                 new_bad += self._diagnose(exc)
@@ -307,7 +328,10 @@ class DaliLoader(FolderLoaderBase):
         return out["image"], out["label"].view(-1), new_bad, substituted
 
     def _diagnose(self, exc: Exception) -> list[tuple[str, str]]:
-        """Find, with Pillow, the bad files behind a DALI failure; raise or mark them bad."""
+        """Find, with Pillow, the bad files behind a DALI failure; raise or mark them bad.
+
+        An image of the wrong size found on the way raises its :class:`ImageSizeError`.
+        """
         found: list[tuple[int, BadImageError]] = []
         start = self._batch_number()
         for batch in range(start, start + self.prefetch_queue_depth + 2):  # + the read-ahead

@@ -22,8 +22,16 @@ is, so a resumed run sees the same images, flips included, on any number of rank
 Image modes: every decoder here yields 8-bit RGB through :func:`to_rgb` — gray and palette images
 expanded, alpha dropped, CMYK converted, 16-bit samples scaled (not clipped) to 8 bits.
 
-Bad files: a file that Pillow cannot decode (truncated, corrupt, not an image), or that is smaller
-than the crop, is "bad".
+Image size: the loaders read folders prepared at the training resolution (``epg prepare``, ADM's
+resize and centre crop; epg-method.md §2), so every image must be exactly resolution² — the
+reference's centre crop in the loader is then a no-op, and the loaders here do not crop at all.
+An image of another size means the folder was prepared for another resolution (or not prepared):
+centre-cropping a larger one would silently train on a zoomed-in part of every image, and a
+smaller one cannot be used. Loaders raise :class:`ImageSizeError` naming the file, its size, the
+expected size and the ``epg prepare --resolution`` command, at the first such file and whatever
+``on_error`` says: a dataset of the wrong size is a configuration error, not a bad file.
+
+Bad files: a file that Pillow cannot decode (truncated, corrupt, not an image) is "bad".
 Loaders raise :class:`BadImageError` naming it by default; with ``on_error="skip"`` the slot is
 filled by the next good file in index order (wrapping; deterministic, so every path and every
 resume picks the same substitute, with its own label) and counted.
@@ -51,11 +59,36 @@ log = logging.getLogger("epg.data")
 
 
 class BadImageError(RuntimeError):
-    """An image file that cannot be decoded or cropped; the message names the file."""
+    """An image file that cannot be decoded; the message names the file."""
 
     def __init__(self, message: str, path: str | None = None):
         super().__init__(message)
         self.path = path
+
+
+class ImageSizeError(ValueError):
+    """An image that decodes but is not resolution²: the folder was prepared for another
+    resolution. A configuration error, never skipped by ``on_error="skip"``.
+
+    (One positional argument, the message, so a DataLoader worker can re-raise it as it is.)
+    """
+
+    def __init__(self, message: str, path: str | None = None):
+        super().__init__(message)
+        self.path = path
+
+
+def check_size(path: str, width: int, height: int, resolution: int) -> None:
+    """Raise :class:`ImageSizeError` unless the image is resolution × resolution."""
+    if (width, height) != (resolution, resolution):
+        raise ImageSizeError(
+            f"image {path} is {width}×{height} pixels, but the loader expects images of exactly "
+            f"{resolution}×{resolution} (the model's img_size): the folder was prepared for "
+            f"another resolution or not prepared. Prepare the raw images at this resolution "
+            f"with `epg prepare SRC DST --resolution {resolution}` and train on DST, or set the "
+            "model's img_size to the data's resolution",
+            path,
+        )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -219,10 +252,13 @@ class FolderIndex:
         list_file = Path(list_file)
         if not list_file.is_file():
             raise FileNotFoundError(f"file list {list_file} does not exist")
-        paths, labels, kinds = [], [], set()
+        paths, labels, kinds, comments = [], [], set(), []
         for number, line in enumerate(list_file.read_text().splitlines(), 1):
             line = line.strip()
-            if not line or line.startswith("#"):
+            if line.startswith("#"):
+                comments.append(line[1:].strip())
+                continue
+            if not line:
                 continue
             parts = line.rsplit(None, 1)
             if len(parts) == 2 and parts[1].lstrip("-").isdigit():
@@ -237,8 +273,9 @@ class FolderIndex:
                     f"{list_file}:{number}: some lines carry a label and some do not; "
                     "give every file a label or none"
                 )
-        if not paths:
-            raise ValueError(f"file list {list_file} names no files")
+        if not paths:  # its comments say why when `epg prepare` wrote it (an unfinished run)
+            said = f" ({'; '.join(comments)})" if comments else ""
+            raise ValueError(f"file list {list_file} names no files{said}")
         root = Path(root) if root is not None else list_file.parent.resolve()
         return cls.from_files(paths, labels if kinds == {"labelled"} else None, root)
 
@@ -287,14 +324,6 @@ def open_index(source: FolderIndex | str | os.PathLike, **scan_options) -> Folde
 # ---------------------------------------------------------------------------------------------
 
 
-def center_crop_box(height: int, width: int, size: int) -> tuple[int, int]:
-    """(top, left) of the centred size×size window: floor((H − size)/2), floor((W − size)/2).
-
-    Floor as ADM's ``center_crop_arr``; DALI's crop gives the same with ``rounding="truncate"``.
-    """
-    return (height - size) // 2, (width - size) // 2
-
-
 def to_rgb(image) -> Any:
     """A Pillow image of any mode → 8-bit RGB (loads the pixels; errors propagate).
 
@@ -316,12 +345,13 @@ def to_rgb(image) -> Any:
 
 
 def decode_image(path: str, resolution: int) -> np.ndarray:
-    """Decode with Pillow to RGB (:func:`to_rgb`), centre-crop resolution² → uint8 (H, W, 3).
+    """Decode with Pillow to RGB (:func:`to_rgb`) → uint8 (resolution, resolution, 3).
 
     EXIF orientation is ignored (as ADM's preparation and DALI with ``adjust_orientation=False``).
     Raises :class:`BadImageError` naming the file if it cannot be read or decoded (truncated or
-    corrupt data, not an image), or if it is smaller than the crop (run ``epg prepare`` on such
-    a tree first).
+    corrupt data, not an image), and :class:`ImageSizeError` if it decodes but is not
+    resolution² (see the module docstring). The size is checked after decoding, so a file whose
+    header is damaged is a bad file, not a size error.
     """
     from PIL import Image
 
@@ -330,15 +360,8 @@ def decode_image(path: str, resolution: int) -> np.ndarray:
             rgb = to_rgb(image)
     except Exception as exc:  # Pillow raises OSError, SyntaxError, ValueError, … on bad data
         raise BadImageError(f"cannot read image {path}: {exc}", path) from exc
-    width, height = rgb.size
-    if width < resolution or height < resolution:
-        raise BadImageError(
-            f"image {path} is {width}×{height}, smaller than the {resolution}² crop "
-            "(prepare the folder with `epg prepare`)",
-            path,
-        )
-    top, left = center_crop_box(height, width, resolution)
-    return np.asarray(rgb.crop((left, top, left + resolution, top + resolution)))
+    check_size(path, *rgb.size, resolution)
+    return np.asarray(rgb)
 
 
 def normalize_uint8(images: Tensor, convention: str | None) -> Tensor:
@@ -542,4 +565,4 @@ def substitute(index: int, bad: set[int], num_samples: int) -> int:
         j = (index + step) % num_samples
         if j not in bad:
             return j
-    raise BadImageError("every image of the index failed to decode")
+    raise BadImageError(f"every one of the {num_samples} images of the index failed to decode")

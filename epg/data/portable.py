@@ -3,7 +3,8 @@
 Each DataLoader item is one whole local batch: the sampler yields positions (epoch, batch index)
 from the current one on, forever, and a worker decodes that position's files (the
 :class:`~epg.data.folder.BatchSchedule` of epg/data/folder.py), centre-crops them to
-``resolution``², flips the scheduled ones and stacks them as uint8 (B, 3, H, W). The main
+checks they are ``resolution``² (they are not cropped: see below), flips the scheduled ones and
+stacks them as uint8 (B, 3, H, W). The main
 process moves the batch to the device (from pinned memory on CUDA) and normalises it there.
 Workers run batches in parallel and the DataLoader returns them in order, so the output is the
 same for any ``num_workers``.
@@ -11,9 +12,10 @@ same for any ``num_workers``.
 Interface as :class:`epg.data.loader.InMemoryLoader`: ``next(loader)`` → {"image": float32
 (B, 3, H, W) normalised with ``convention`` (uint8 when ``convention=None``), "label": int64
 (B,)} on ``device``; ``state_dict()``/``load_state_dict()`` for exact resume;
-``batches_per_epoch``, ``num_samples``. Images are expected at least ``resolution`` on each side,
-normally already prepared to exactly that size (``epg prepare``); the centre crop is then a no-op
-as in the reference code.
+``batches_per_epoch``, ``num_samples``. Images must be exactly ``resolution``², as ``epg prepare``
+writes them (the reference's centre crop in the loader is a no-op on such data); any other size
+raises :class:`~epg.data.folder.ImageSizeError` at once, even with ``on_error="skip"`` (the
+contract in epg/data/folder.py).
 """
 
 from __future__ import annotations
@@ -59,7 +61,10 @@ class _BatchReader(Dataset):
         self.bad: set[int] = set()  # per worker; the substitution rule does not depend on it
 
     def _load(self, i: int) -> tuple[np.ndarray, int, list[tuple[str, str]]]:
-        """(image, file index used, bad files met as (path, message)) for slot file ``i``."""
+        """(image, file index used, bad files met as (path, message)) for slot file ``i``.
+
+        Only undecodable files are skipped; an :class:`ImageSizeError` propagates.
+        """
         met = []
         while True:
             j = substitute(i, self.bad, len(self.folder)) if self.skip else i
@@ -97,15 +102,16 @@ class PortableLoader(FolderLoaderBase):
 
     Args:
         source: a :class:`FolderIndex`, a folder ``root/<class>/<image>`` or a file list.
-        resolution: output side; images are centre-cropped to resolution².
+        resolution: output side; every image must be resolution² (``epg prepare``).
         global_batch_size: G, split over ``world_size`` ranks (G / world_size rows each).
         rank, world_size, seed: the schedule of epg/data/folder.py.
         device: where batches go; pinned host memory is used when it is a CUDA device.
         convention: ``"imagenet"`` (x01 − mean)/(2·std), ``"simple"`` 2·x01 − 1, or None for
             uint8 images.
         flip_p: probability of the (seeded) horizontal flip; 0.5 as the reference.
-        on_error: ``"raise"`` (a :class:`BadImageError` naming the file) or ``"skip"`` (use the
-            next good file in index order, log it once, count it in ``skipped``).
+        on_error: for a file that cannot be decoded: ``"raise"`` (a :class:`BadImageError`
+            naming the file) or ``"skip"`` (use the next good file in index order, log it once,
+            count it in ``skipped``). An image of the wrong size always raises.
         num_workers: DataLoader worker processes (0: decode in the calling process).
         prefetch_factor: batches each worker keeps ready (with workers only).
     """

@@ -30,9 +30,15 @@ A long run must survive a bad file and an interruption:
 * outputs are written to a hidden temporary name and renamed, so a killed run leaves no partial
   PNG under a real name; a rerun keeps every output that is a readable image of the right format and
   size and redoes the rest (and retries the skipped files);
-* every class folder of ``SRC`` is created in ``DST``, even if all its images fail, so the labels
-  (sorted class folders) of the prepared tree are those of the source; a class left empty then
-  stops the training loaders with an error naming it.
+* a run whose every image of some class fails still writes the rest, but then raises naming the
+  class (see below), and its empty folder stays in ``DST``.
+
+Classes: ``DST/index.txt`` and a folder scan of ``DST`` must give the same classes and labels, those
+of the sorted source class folders. So a class without images — an empty source class folder,
+or a label of a ``FolderIndex`` source that no file carries — is refused before anything is
+written, and so is a ``FolderIndex`` whose labels are not the rank of each file's class folder
+(what a scan of ``DST`` would give). A class whose images all fail leaves ``index.txt`` without
+entries, its header saying why, so the loaders refuse it like the scan refuses the empty folder.
 """
 
 from __future__ import annotations
@@ -157,6 +163,27 @@ def _nested(a: Path, b: Path) -> bool:
     return a == b or a in b.parents or b in a.parents
 
 
+def _shown(names: list[str]) -> str:
+    return ", ".join(names[:5]) + (", …" if len(names) > 5 else "")
+
+
+def _remove_stale_classes(dst: Path, classes: list[str]) -> None:
+    """Remove empty sub-folders of ``dst`` that are not among ``classes`` (an earlier run's, for a
+    class since removed from the source), which a folder scan of ``dst`` would refuse; warn about
+    non-empty ones, which it would count as classes that ``index.txt`` lacks."""
+    keep = set(classes)
+    with os.scandir(dst) as it:
+        folders = [e.name for e in it if e.is_dir() and not e.name.startswith(".")]
+    for name in sorted(set(folders) - keep):
+        try:
+            os.rmdir(dst / name)
+        except OSError:  # not empty
+            log.warning(
+                "prepare: %s is not a class of the source; a folder scan of %s would count it, "
+                "%s does not: remove it", dst / name, dst, INDEX_LIST,
+            )  # fmt: skip
+
+
 def prepare(
     src: str | os.PathLike | FolderIndex,
     dst: str | os.PathLike,
@@ -185,7 +212,10 @@ def prepare(
         prepared ones in ``dst/index.txt``.
     Raises:
         ValueError: bad settings, ``dst`` inside ``src`` (or around it), ``dst`` prepared
-            earlier with other settings, or a source without the ``src/<class>/<image>`` layout.
+            earlier with other settings, a source without the ``src/<class>/<image>`` layout,
+            a class without images or labels that are not the class folders' ranks (before
+            anything is written), or a class none of whose images could be prepared (at the
+            end; see the module docstring).
     """
     from tqdm import tqdm
 
@@ -198,6 +228,20 @@ def prepare(
         raise ValueError(f"JPEG quality must be in 1..95, got {quality}")
     scanned = not isinstance(src, FolderIndex)
     index = FolderIndex.scan(src, allow_empty_classes=True) if scanned else src
+    # An empty class is an error rather than a warning: keeping it makes the output disagree with
+    # itself (a folder scan of DST refuses the empty folder by name, while index.txt, which holds
+    # labels only, gives one class fewer when the empty class sorts last and a class that never
+    # appears otherwise), and dropping it would shift every later label away from the source's
+    # sorted-class numbering. Refusing now loses nothing (nothing is written yet), and the fix is
+    # plain. FolderIndex.scan(src) would refuse too; this message says what to do.
+    per_class = np.bincount(index.labels, minlength=index.num_classes)
+    empty = [index.classes[k] for k in np.flatnonzero(per_class == 0)]
+    if empty:
+        where = f"class folder(s) of {index.root}" if scanned else "class(es) of the index"
+        raise ValueError(
+            f"{len(empty)} {where} hold no images: {_shown(empty)}. The prepared classes must "
+            "be the source's, so remove the empty class folder(s) or add images, then rerun"
+        )
     dst = Path(dst)
     if index.root is not None and _nested(index.root.resolve(), dst.resolve()):
         raise ValueError(
@@ -208,10 +252,11 @@ def prepare(
     index_list = dst / INDEX_LIST
     _check_settings(index_list, settings)
 
-    tasks, outputs, entries, unlisted = [], {}, {}, []
+    tasks, outputs, entries, unlisted, file_classes = [], {}, {}, [], []
     for i in range(len(index)):
         path = index.path(i)
         cls = os.path.basename(os.path.dirname(path))
+        file_classes.append(cls)
         rel = index.relpath(i)
         name = os.path.splitext(os.path.basename(path))[0] + FORMATS[format]
         out = os.path.join(dst, cls, name)
@@ -224,12 +269,21 @@ def prepare(
             continue
         entries[rel] = (cls, name, int(index.labels[i]))
         tasks.append((path, rel, out, resolution, format, quality))
-    folders = {os.path.dirname(out) for out in outputs}
-    if scanned:  # empty class folders too, so the prepared tree keeps the source's labels
-        folders.update(os.path.join(dst, cls) for cls in index.classes)
-    for folder in sorted(folders):
-        os.makedirs(folder, exist_ok=True)
+    classes = sorted(set(file_classes))  # the class folders of DST, as a scan of it numbers them
+    rank = {cls: label for label, cls in enumerate(classes)}
+    scan_labels = np.array([rank[cls] for cls in file_classes], np.int64)
+    wrong = np.flatnonzero(scan_labels != index.labels)  # only a FolderIndex with own labels
+    if len(wrong):
+        i = int(wrong[0])
+        raise ValueError(
+            f"{index.relpath(i)} has label {index.labels[i]}, but a folder scan of the prepared "
+            f"tree would label its class folder {file_classes[i]!r} {scan_labels[i]} (sorted "
+            "class folders → 0..K−1): prepare from the folder itself or a list without labels"
+        )
+    for cls in classes:
+        os.makedirs(dst / cls, exist_ok=True)
     os.makedirs(dst, exist_ok=True)
+    _remove_stale_classes(dst, classes)
     write_file_list(index_list, [], [], header=[settings, "incomplete: the run has not finished"])
 
     counts = {"written": 0, "existing": 0}
@@ -275,6 +329,15 @@ def prepare(
     failed_rels = {rel for rel, _ in failed}
     # Sorted by (class folder, output file name): the order FolderIndex.scan(dst) gives.
     done = sorted(v for rel, v in entries.items() if rel not in failed_rels)
+    lost = sorted(set(classes) - {cls for cls, _, _ in done})
+    if lost:  # index.txt stays without entries, so training from it fails as a scan of DST does
+        why = f"incomplete: no image of the class folder(s) {_shown(lost)} could be prepared"
+        write_file_list(index_list, [], [], header=[settings, f"{why} (see {SKIPPED_LIST})"])
+        raise ValueError(
+            f"no image of the class folder(s) {_shown(lost)} could be prepared (their files are "
+            f"listed in {listing}), so {dst} lacks those classes: fix or remove them in the "
+            f"source and rerun (the {len(done)} prepared images are kept)"
+        )
     header = [settings, "<class>/<file> <label>; labels: sorted source classes"]
     write_file_list(index_list, [f"{cls}/{name}" for cls, name, _ in done],
                     [label for _, _, label in done], header)  # fmt: skip
