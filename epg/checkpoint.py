@@ -10,7 +10,11 @@ from __future__ import annotations
 import json
 import os
 import pickle
-import tempfile
+import pickletools
+import re
+import secrets
+import stat
+import zipfile
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -28,6 +32,8 @@ CONFIG_NAME = "config.json"
 OFFICIAL_NAMES = ("nnet_ema.pth", "nnet.pth")  # in order of preference (EMA weights sample)
 _WRAPPER_KEYS = ("nnet_ema", "ema", "model_ema", "state_dict", "model", "nnet", "net", "module")
 _PREFIXES = ("module.", "_orig_mod.")
+_HEAD_BYTES = 512  # enough of a file's start to tell what it is
+_PICKLE_OPCODES = frozenset(op.code for op in pickletools.opcodes)
 
 
 class CheckpointError(ValueError):
@@ -35,13 +41,18 @@ class CheckpointError(ValueError):
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
-    """Call ``write(tmp_path)``, fsync the file, then rename it onto ``path``."""
+    """Call ``write(tmp_path)``, fsync the file, then rename it onto ``path``.
+
+    The file gets the permissions of any newly created file (0666 less the umask).
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
+    tmp, mode = _create_temporary(path)
     try:
         write(tmp)
+        # The writer may have replaced the file: safetensors writes a 0600 file of its own and
+        # renames it onto tmp, which would leave the checkpoint unreadable to a shared group.
+        os.chmod(tmp, mode)
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -54,6 +65,22 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def _create_temporary(path: Path) -> tuple[str, int]:
+    """A new empty file next to ``path``, under a name no other writer uses, and its mode."""
+    # Not tempfile.mkstemp, which creates the file 0600: asking for 0666 lets the kernel apply the
+    # umask (and any default ACL of the folder), as for a file opened with open(path, "w").
+    while True:
+        tmp = path.with_name(f".{path.name}.{secrets.token_hex(8)}.tmp")
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        except FileExistsError:
+            continue
+        try:
+            return str(tmp), stat.S_IMODE(os.fstat(fd).st_mode)
+        finally:
+            os.close(fd)
 
 
 def save(
@@ -99,22 +126,40 @@ def read_config(directory: str | os.PathLike) -> tuple[EPGConfig | RCMConfig, di
         payload = json.loads(path.read_text())
         return config_from_dict(payload["config"]), payload.get("metadata", {})
     except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
-        raise CheckpointError(f"{path} is not a valid epg config: {exc}") from exc
+        head = _read_head(path)
+        kind = _file_kind(head)
+        what = f" ({_looks_like(kind, head)})" if kind in ("empty", "lfs-pointer", "html") else ""
+        raise CheckpointError(f"{path} is not a valid epg config{what}: {exc}") from exc
 
 
 def load(directory: str | os.PathLike, device: str | torch.device = "cpu") -> nn.Module:
-    """Rebuild the network saved by :func:`save` and load its weights (strictly)."""
-    directory = Path(directory)
-    if directory.is_file():  # the .safetensors file itself was given
-        directory = directory.parent
+    """Rebuild the network saved by :func:`save` and load its weights (strictly).
+
+    ``directory`` is the folder :func:`save` wrote, or a ``.safetensors`` file in such a folder.
+    """
+    path = Path(directory)
+    if not path.exists():
+        raise FileNotFoundError(f"{path} does not exist")
+    if path.is_file():  # the weights file itself was given: its folder holds the config
+        directory, weights = path.parent, path
+    else:
+        directory, weights = path, path / WEIGHTS_NAME
     config, _ = read_config(directory)
-    weights = directory / WEIGHTS_NAME
     if not weights.is_file():
         raise FileNotFoundError(f"no {WEIGHTS_NAME} in {directory}")
     try:
         state = load_file(str(weights), device=str(device))
     except (SafetensorError, OSError) as exc:
-        raise CheckpointError(f"{weights} is corrupt or not a safetensors file: {exc}") from exc
+        head = _read_head(weights)
+        kind = _file_kind(head)
+        if kind != "safetensors":
+            raise CheckpointError(
+                f"{weights} is not a safetensors file: {_looks_like(kind, head)} ({exc})"
+            ) from exc
+        raise CheckpointError(
+            f"{weights} is corrupt, perhaps truncated by an interrupted copy or download "
+            f"({weights.stat().st_size} bytes): {exc}"
+        ) from exc
     return _materialize(build_from_config, config, state, device, str(weights))
 
 
@@ -205,18 +250,106 @@ def read_official_state_dict(path: str | os.PathLike) -> dict[str, Tensor]:
         path = found[0]
     elif not path.is_file():
         raise FileNotFoundError(f"no checkpoint at {path}")
+    head = _read_head(path)
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:
-        lines = str(exc).splitlines()
-        detail = next((ln.strip() for ln in lines if "global" in ln.lower()), lines[0] if lines else "")
-        raise CheckpointError(
-            f"refusing to load {path}: it is not a plain tensor checkpoint, and unpickling it could "
-            f"run code (torch.load(weights_only=True): {detail})"
-        ) from exc
-    except (RuntimeError, EOFError, OSError, ValueError) as exc:
-        raise CheckpointError(f"{path} is corrupt or not a PyTorch checkpoint: {exc}") from exc
+    except Exception as exc:
+        # Any exception: torch.load's safe unpickler is pure Python, and damaged or foreign bytes
+        # surface as whatever it trips over (KeyError, IndexError, EOFError...). The error names
+        # the cause and keeps torch's exception chained.
+        raise _official_load_error(path, head, exc) from exc
     return _strip_prefixes(_unwrap(obj, str(path)))
+
+
+def _official_load_error(path: Path, head: bytes, exc: Exception) -> CheckpointError:
+    """The error for a ``.pth`` file that ``torch.load(weights_only=True)`` could not read."""
+    kind = _file_kind(head)
+    if kind not in ("zip", "pickle"):  # torch.save writes a zip archive (a pickle before 1.6)
+        return CheckpointError(f"{path} is not a PyTorch checkpoint: {_looks_like(kind, head)}")
+    cause = _torch_cause(exc)
+    if _is_unsafe_pickle_refusal(exc):
+        return CheckpointError(
+            f"refusing to load {path}: it is not a plain tensor checkpoint, and unpickling it could "
+            f"run code (torch.load(weights_only=True): {cause})"
+        )
+    size = path.stat().st_size
+    if isinstance(exc, EOFError) or (kind == "zip" and not zipfile.is_zipfile(path)):
+        container = "a zip archive" if kind == "zip" else "a pickle"
+        return CheckpointError(
+            f"{path} is corrupt: it begins as a PyTorch checkpoint ({container}) but does not read "
+            f"as one, as happens to a truncated copy or download ({size} bytes); fetch it again "
+            f"({cause})"
+        )
+    return CheckpointError(f"{path} is corrupt or not a PyTorch checkpoint ({size} bytes): {cause}")
+
+
+def _is_unsafe_pickle_refusal(exc: Exception) -> bool:
+    """True when ``torch.load(weights_only=True)`` refused a pickle for what it would import or
+    call, False for damage (an unknown opcode) or any other failure."""
+    if not isinstance(exc, pickle.UnpicklingError):
+        return False
+    operand = re.search(r"Unsupported operand (\d+)", str(exc))
+    # A real pickle opcode that the safe unpickler lacks (e.g. STACK_GLOBAL, which imports a
+    # callable) is a refusal; a byte that is no opcode at all is damage.
+    return operand is None or chr(int(operand.group(1))) in _PICKLE_OPCODES
+
+
+def _torch_cause(exc: Exception) -> str:
+    """The cause in a torch.load error, without torch's advice on how to load the file anyway."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    # torch wraps the safe unpickler's own message in lines that suggest retrying with
+    # weights_only=False: the very code execution the refusal exists to prevent. Every wrapping
+    # line mentions weights_only; the cause itself is the last line that does not.
+    cause = [line for line in lines if "weights_only" not in line]
+    text = (cause or lines or [""])[-1].removeprefix("WeightsUnpickler error:").strip()
+    return text or type(exc).__name__
+
+
+def _read_head(path: Path) -> bytes:
+    with open(path, "rb") as f:
+        return f.read(_HEAD_BYTES)
+
+
+def _file_kind(head: bytes) -> str:
+    """What a file is, from its first bytes: "empty", "lfs-pointer", "html", "zip", "pickle",
+    "safetensors", "text" or "unknown"."""
+    if not head:
+        return "empty"
+    if head.startswith(b"version https://git-lfs.github.com/spec/"):
+        return "lfs-pointer"
+    if head.startswith(b"PK\x03\x04"):
+        return "zip"
+    if head[:1] == pickle.PROTO and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05"):
+        return "pickle"
+    # safetensors: the JSON header's length (8 bytes, little-endian, far below 2**32), then it
+    if head[8:9] == b"{" and int.from_bytes(head[:8], "little") < 2**32:
+        return "safetensors"
+    text = head.lstrip(b"\xef\xbb\xbf \t\r\n").lower()
+    if text.startswith(b"<") and (b"<html" in text or b"<!doctype html" in text):
+        return "html"
+    if not any(byte < 0x20 and byte not in b"\t\n\r\f" for byte in head):
+        return "text"
+    return "unknown"
+
+
+def _looks_like(kind: str, head: bytes) -> str:
+    """What a file of ``kind`` (:func:`_file_kind`) is, and what to do about it, for errors."""
+    if kind == "text":
+        lines = head.decode("utf-8", errors="replace").strip().splitlines()
+        return f"it is a text file, starting {lines[0][:80]!r}" if lines else "it is blank text"
+    return {
+        "empty": "the file is empty (0 bytes); copy or download it again",
+        "lfs-pointer": "it is a Git LFS pointer, a small text file standing in for the real one; "
+                       "fetch the real file with `git lfs pull` in the repository it came from",
+        "html": "it is an HTML page, probably a failed download (an error or sign-in page saved "
+                "under the file's name); download the file itself again",
+        "zip": "it is a zip archive, as torch.save writes (a released .pth is read by "
+               "load_official, or `epg sample --official PATH --config NAME`)",
+        "pickle": "it is a pickle, as torch.save wrote before PyTorch 1.6 (a released .pth is read "
+                  "by load_official, or `epg sample --official PATH --config NAME`)",
+        "safetensors": "it is a safetensors file, epg's own format (read by epg.checkpoint.load, "
+                       "or `epg sample FOLDER` without --official)",
+    }.get(kind, f"its first bytes are {head[:8].hex(' ')}")
 
 
 def load_official(

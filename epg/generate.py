@@ -139,9 +139,7 @@ def load_network(
         info = {"config": config, "source": f"official:{official}", "convention": "imagenet",
                 "mode": "consistency" if config in RELEASED_CONSISTENCY_CONFIGS else "diffusion"}
     else:
-        folder = Path(checkpoint)
-        if folder.is_dir() and not (folder / ckpt.CONFIG_NAME).is_file() and (folder / "final").is_dir():
-            folder = folder / "final"  # a training run folder: its exported network
+        folder = _checkpoint_path(Path(checkpoint))
         # The recorded mode decides before the weights are read: a stage-1 folder is refused
         # without loading it.
         _, meta = ckpt.read_config(folder if folder.is_dir() else folder.parent)
@@ -158,6 +156,27 @@ def load_network(
         raise ValueError(f"{info['source']} is a {type(net).__name__}; sampling needs an EPGViT "
                          "(a stage-2 diffusion or consistency network)")
     return net.eval().requires_grad_(False), info
+
+
+def _checkpoint_path(path: Path) -> Path:
+    """The epg checkpoint that ``path`` names: a checkpoint folder or its ``.safetensors`` file as
+    given, a training run folder's ``final/``; anything else is an error naming ``path``."""
+    if not path.exists():
+        raise FileNotFoundError(f"{path} does not exist")
+    official = "a released .pth file samples with --official PATH --config NAME"
+    if path.is_file():
+        if path.suffix == ".safetensors":
+            return path
+        raise NotADirectoryError(f"{path} is a file, not an epg checkpoint folder ({official})")
+    if (path / ckpt.CONFIG_NAME).is_file():
+        return path
+    if (path / "final").is_dir():
+        return path / "final"  # a training run folder: its exported network
+    hint = f" ({official})" if any(path.glob("*.pth")) else ""
+    raise FileNotFoundError(
+        f"{path} is neither an epg checkpoint folder (it has no {ckpt.CONFIG_NAME}) nor a training "
+        f"run folder (it has no final/){hint}"
+    )
 
 
 # --------------------------------------------------------------------------------------------------

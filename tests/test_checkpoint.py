@@ -96,9 +96,64 @@ def test_pickle_that_would_run_code_is_refused(tmp_path):
 
     path = tmp_path / "nnet_ema.pth"
     torch.save({"cls_token": Exploit()}, path)
-    with pytest.raises(ck.CheckpointError, match="refusing to load.*could run code"):
+    with pytest.raises(ck.CheckpointError, match="refusing to load.*could run code") as err:
         ck.load_official(tmp_path, "epg-tiny")
     assert not marker.exists()
+    assert "posix.system" in str(err.value) and "False" not in str(err.value)  # no weights_only=False
+
+
+_LFS_POINTER = (b"version https://git-lfs.github.com/spec/v1\n"
+                b"oid sha256:4d7a214614ab2935c943f9e0ff69d22eadbb8f32b1258daaa5e2ca24d17e2393\nsize 123456\n")  # fmt: skip
+
+
+def _truncated_checkpoint(tmp_path):
+    torch.save(build("epg-tiny").state_dict(), tmp_path / "whole.pth")
+    data = (tmp_path / "whole.pth").read_bytes()
+    return data[: len(data) // 2]
+
+
+@pytest.mark.parametrize("content, expected", [
+    pytest.param(b"hello\nnot a checkpoint\n", "not a PyTorch checkpoint: it is a text file, starting 'hello'", id="text"),
+    pytest.param(_LFS_POINTER, "not a PyTorch checkpoint: it is a Git LFS pointer.*git lfs pull", id="lfs-pointer"),
+    pytest.param(b"<!DOCTYPE html>\n<html><head><title>Sign in</title></head></html>",
+                 "not a PyTorch checkpoint: it is an HTML page, probably a failed download", id="html"),
+    pytest.param(b"", "not a PyTorch checkpoint: the file is empty", id="empty"),
+    pytest.param(_truncated_checkpoint, "corrupt: it begins as a PyTorch checkpoint \\(a zip archive\\).*truncated",
+                 id="truncated-zip"),
+])  # fmt: skip
+def test_a_file_that_is_not_a_checkpoint_says_what_it_is(tmp_path, content, expected):
+    path = tmp_path / "nnet_ema.pth"
+    path.write_bytes(content(tmp_path) if callable(content) else content)
+    for source in (path, tmp_path):  # the file itself, or the folder that holds it
+        with pytest.raises(ck.CheckpointError, match=expected) as err:
+            ck.load_official(source, "epg-tiny")
+        message = str(err.value)
+        assert message.startswith(str(path))
+        assert "could run code" not in message and "False" not in message  # no weights_only=False
+
+
+def test_a_weights_file_that_is_not_safetensors_says_what_it_is(tmp_path):
+    run = tmp_path / "run"
+    ck.save(build("epg-tiny"), run)
+    weights = run / "model.safetensors"
+    weights.write_bytes(_LFS_POINTER)
+    with pytest.raises(ck.CheckpointError, match=f"{weights} is not a safetensors file: it is a Git LFS pointer"):
+        ck.load(run)
+    torch.save(build("epg-tiny").state_dict(), weights)
+    with pytest.raises(ck.CheckpointError, match="it is a zip archive, as torch.save writes.*load_official"):
+        ck.load(weights)
+    (run / "config.json").write_bytes(_LFS_POINTER)
+    with pytest.raises(ck.CheckpointError, match="config.json is not a valid epg config \\(it is a Git LFS"):
+        ck.load(run)
+    with pytest.raises(FileNotFoundError, match=f"{tmp_path / 'nope'} does not exist"):
+        ck.load(tmp_path / "nope")
+
+
+def test_a_safetensors_file_given_by_name_is_the_one_loaded(tmp_path, inputs):
+    model = _noisy("epg-tiny")
+    ck.save(model, tmp_path)
+    (tmp_path / "model.safetensors").rename(tmp_path / "renamed.safetensors")
+    assert torch.equal(ck.load(tmp_path / "renamed.safetensors")(*inputs), model(*inputs))
 
 
 def test_mismatched_checkpoint_names_the_bad_keys(tmp_path):
@@ -136,6 +191,7 @@ def test_missing_and_corrupt_files_give_clear_errors(tmp_path):
     (run / "config.json").write_text("{not json")
     with pytest.raises(ck.CheckpointError, match="not a valid epg config"):
         ck.load(run)
+    (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match="no config.json"):
         ck.load(tmp_path / "empty")
 
@@ -152,6 +208,20 @@ def test_atomic_write_keeps_the_old_file_when_writing_fails(tmp_path):
         ck.atomic_write(target, failing)
     assert json.loads(target.read_text()) == {"v": 1}
     assert [p.name for p in tmp_path.iterdir()] == ["state.json"]  # no temporary left behind
+
+
+@pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o027, 0o640), (0o002, 0o664)],
+                         ids=["umask-022", "umask-027", "umask-002"])
+def test_written_files_get_the_permissions_of_the_umask(tmp_path, umask, mode):
+    previous = os.umask(umask)
+    try:
+        ck.save(build("epg-tiny"), tmp_path / "run")
+        ck.atomic_write(tmp_path / "state.json", lambda tmp: open(tmp, "w").write("{}"))
+    finally:
+        os.umask(previous)
+    for path in (tmp_path / "run" / "model.safetensors", tmp_path / "run" / "config.json",
+                 tmp_path / "state.json"):
+        assert oct(path.stat().st_mode & 0o777) == oct(mode), path
 
 
 def test_save_refuses_a_foreign_module(tmp_path):

@@ -1,6 +1,7 @@
 """`epg sample` and epg.generate: files, resume, sharding, official checkpoints, pass counts."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -178,6 +179,11 @@ def test_a_released_file_samples_as_the_released_network_of_its_config(monkeypat
     assert info["mode"] == mode
 
 
+def test_zero_steps_are_refused(tiny_ckpt, tmp_path, capsys):
+    assert _sample_cli(tiny_ckpt, tmp_path / "s", "--steps", "0") == 2
+    assert "--steps must be at least 1, got 0" in capsys.readouterr().err
+
+
 def test_official_needs_a_config_and_a_matching_one(tmp_path, capsys):
     torch.save(_tiny().state_dict(), tmp_path / "nnet_ema.pth")
     assert main(["sample", "--official", str(tmp_path), "--out", str(tmp_path / "o")]) == 2
@@ -205,7 +211,23 @@ def test_stage1_and_missing_checkpoints_are_reported(tmp_path, capsys):
     assert main(["sample", str(rcm), "--out", str(tmp_path / "o")]) == 2
     assert "stage-1 encoder" in capsys.readouterr().err
     assert main(["sample", str(tmp_path / "nowhere"), "--out", str(tmp_path / "o")]) == 2
-    assert "config.json" in capsys.readouterr().err
+    assert f"{tmp_path / 'nowhere'} does not exist" in capsys.readouterr().err
+
+
+def test_a_wrong_checkpoint_path_is_named_in_the_error(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    ckpt.save(_tiny(), tmp_path / "f1" / "final", metadata={"mode": "diffusion"})
+    (tmp_path / "empty").mkdir()
+    torch.save(_tiny().state_dict(), tmp_path / "nnet_ema.pth")
+    for given, expected in [("nope", "nope does not exist"), ("f1/finall", "f1/finall does not exist"),
+                            ("empty", "empty is neither an epg checkpoint folder (it has no config.json) "
+                                      "nor a training run folder (it has no final/)"),
+                            ("nnet_ema.pth", "nnet_ema.pth is a file, not an epg checkpoint folder "
+                                             "(a released .pth file samples with --official")]:  # fmt: skip
+        assert main(["sample", given, "--out", "o", "--device", "cpu"]) == 2
+        assert f"error: {expected}" in capsys.readouterr().err, given
+    _, info = load_network("f1")  # a run folder samples its exported network
+    assert info["source"] == str(Path("f1") / "final")
 
 
 def test_settings_are_validated():
