@@ -94,12 +94,17 @@ def _cmd_info(args: argparse.Namespace) -> int:
 def _parse_sets(pairs: list[str]) -> list[tuple[str, Any]]:
     import yaml
 
+    from .presets import load_yaml
+
     parsed = []
     for pair in pairs:
         key, sep, raw = pair.partition("=")
         if not sep or not key:
-            raise SystemExit(f"--set expects key=value, got {pair!r}")
-        parsed.append((key.strip(), yaml.safe_load(raw)))
+            raise ValueError(f"--set expects key=value, got {pair!r}")
+        try:
+            parsed.append((key.strip(), load_yaml(raw)))
+        except yaml.YAMLError as exc:
+            raise ValueError(f"--set {pair}: the value is not valid YAML ({exc})") from exc
     return parsed
 
 
@@ -176,6 +181,8 @@ def _cmd_sample(args: argparse.Namespace) -> int:
         if guidance is None:
             guidance = GUIDANCE_SCALES.get(info.get("config") or "", 1.0) if mode == "diffusion" else 1.0
         sampler = args.sampler or ("heun" if mode == "diffusion" else "consistency")
+        if args.steps is not None and args.steps < 1:
+            raise ValueError(f"--steps must be at least 1, got {args.steps}")
         steps = args.steps or (32 if sampler != "consistency" else 1)
         labels = args.labels
         if net.config.num_classes == 0:
@@ -353,10 +360,16 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError, NotADirectoryError) as exc:
-        # Bad input (files, shapes, options): say what was wrong without a traceback, which
-        # EPG_TRACEBACK=1 brings back.
-        if os.environ.get("EPG_TRACEBACK"):
+    except KeyboardInterrupt as exc:
+        print(f"epg {args.command}: {exc or 'interrupted'}", file=sys.stderr)
+        return 130
+    except Exception as exc:
+        from .data.folder import BadImageError
+
+        # Bad input (files, shapes, options, images): say what was wrong without a traceback,
+        # which EPG_TRACEBACK=1 brings back. Anything else is a bug: its traceback stays.
+        bad_input = (ValueError, FileNotFoundError, NotADirectoryError, BadImageError)
+        if os.environ.get("EPG_TRACEBACK") or not isinstance(exc, bad_input):
             raise
         print(f"epg {args.command}: error: {exc}", file=sys.stderr)
         return 2

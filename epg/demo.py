@@ -69,7 +69,7 @@ def _stage1_config(cfg: DemoConfig, run_dir: Path) -> TrainConfig:
         # Digits are 16 px and flipping one makes another shape: milder crops, no flips.
         augment=dict(crop_scale=(0.4, 1.0), flip_p=0.0, blur_sigma=(0.1, 1.0)),
         objective=dict(s0=4, s1=64), compile=cfg.compile, ckpt_every=0, log_every=10,
-        progress=cfg.progress, resume="none",
+        progress=cfg.progress, resume="restart",
     )  # fmt: skip
     options.update(cfg.stage1)
     return TrainConfig(**options)
@@ -80,7 +80,7 @@ def _stage2_config(cfg: DemoConfig, run_dir: Path, encoder: Path) -> TrainConfig
         mode=cfg.objective, model="epg-digits", run_dir=str(run_dir), steps=cfg.stage2_steps,
         batch_size=cfg.batch_size, lr=2e-3, warmup_steps=20, grad_clip=1.0, ema_decay=0.995,
         encoder=str(encoder), seed=cfg.seed + 1, compile=cfg.compile, ckpt_every=0,
-        log_every=10, progress=cfg.progress, resume="none",
+        log_every=10, progress=cfg.progress, resume="restart",
     )  # fmt: skip
     if cfg.objective == "diffusion":
         # Plain x0 MSE instead of the paper's 1/Δσ weighting: that weighting spends nearly all of

@@ -1,6 +1,7 @@
 """Training recipes as TrainConfig fields: the paper's (epg-method.md §5.5, §6.3, §7.4) and the demo's.
 
-A preset is a starting point: a config file and ``--set key=value`` override any field.
+A preset is a starting point: a config file and ``--set key=value`` override any field. The
+paper's recipes train on an ImageNet-style folder: they need ``--set data_options.path=DIR``.
 """
 
 from __future__ import annotations
@@ -8,17 +9,17 @@ from __future__ import annotations
 from typing import Any
 
 _STAGE1 = dict(
-    mode="pretrain", steps=600_000, batch_size=1024, lr=6e-4, betas=(0.9, 0.95), weight_decay=0.03,
-    no_weight_decay=(), lr_schedule="cosine", warmup_steps=10_000, grad_clip=0.0, target_ema=0.99,
+    mode="pretrain", data="folder", steps=600_000, batch_size=1024, lr=6e-4, betas=(0.9, 0.95),
+    weight_decay=0.03, no_weight_decay=(), lr_schedule="cosine", warmup_steps=10_000, grad_clip=0.0, target_ema=0.99,
     objective=dict(s0=20, s1=1280, tau_con=0.2, tau_rc=0.1),
 )  # fmt: skip  (lr 6e-4 as scripts/pretrain.sh runs it; the config file says 2e-4; wd on all)
 _DIFFUSION = dict(
-    mode="diffusion", steps=1_000_000, batch_size=1024, lr=1e-4, betas=(0.9, 0.999),
+    mode="diffusion", data="folder", steps=1_000_000, batch_size=1024, lr=1e-4, betas=(0.9, 0.999),
     weight_decay=0.01, lr_schedule="cosine", warmup_steps=10_000, grad_clip=0.5,
     clip_after_warmup=True, ema_decay=0.9999, objective=dict(label_dropout=0.1),
 )  # fmt: skip
 _CONSISTENCY = dict(
-    mode="consistency", steps=700_000, batch_size=1024, lr=1e-4, betas=(0.9, 0.99),
+    mode="consistency", data="folder", steps=700_000, batch_size=1024, lr=1e-4, betas=(0.9, 0.99),
     weight_decay=0.03, lr_schedule="warmup-step", warmup_steps=10_000,
     lr_milestones=(400_000, 500_000), lr_factors=(0.3, 0.08), grad_clip=0.0, ema_decay=0.9999,
     model_overrides=dict(drop=0.5), objective=dict(stage_length=100_000, c=0.06),
@@ -41,6 +42,21 @@ def get_preset(name: str) -> dict[str, Any]:
     return {k: (dict(v) if isinstance(v, dict) else v) for k, v in PRESETS[name].items()}
 
 
+def load_yaml(text: str) -> Any:
+    """``yaml.safe_load`` that also reads ``1e-4`` as a number: PyYAML follows YAML 1.1, where
+    a float needs a dot ("1.0e-4"), so a learning rate written the usual way became a string."""
+    import re
+
+    import yaml
+
+    class Loader(yaml.SafeLoader):
+        pass
+
+    exponent_float = re.compile(r"^[-+]?(?:\d+\.?\d*|\.\d+)[eE][-+]?\d+$")
+    Loader.add_implicit_resolver("tag:yaml.org,2002:float", exponent_float, list("-+0123456789."))
+    return yaml.load(text, Loader=Loader)  # noqa: S506 (a SafeLoader subclass)
+
+
 def read_config_file(path: str) -> dict[str, Any]:
     """A run config from a YAML (.yaml/.yml) or JSON file: a mapping of TrainConfig fields."""
     import json
@@ -53,7 +69,7 @@ def read_config_file(path: str) -> dict[str, Any]:
         raise FileNotFoundError(f"config file {path} does not exist")
     text = p.read_text()
     try:
-        data = yaml.safe_load(text) if p.suffix in (".yaml", ".yml") else json.loads(text)
+        data = load_yaml(text) if p.suffix in (".yaml", ".yml") else json.loads(text)
     except (yaml.YAMLError, json.JSONDecodeError) as exc:
         raise ValueError(f"cannot parse {path}: {exc}") from exc
     if not isinstance(data, dict):

@@ -11,8 +11,11 @@ of the target encoder (stage 1), logs, previews and checkpoints.
 Resuming is exact: a checkpoint holds the model, EMA, target, optimiser, LR schedule, step, every
 rank's torch RNG state (dropout), the data position and the config, and every other random number
 is a function of (seed, step). (Resumed on another number of ranks, each rank gets a fresh
-dropout stream instead: the run continues, not bit for bit.) Checkpoints are written atomically; ``resume="auto"`` continues from
-the newest complete one in the run folder.
+dropout stream instead: the run continues, not bit for bit.) Checkpoints are written atomically.
+``resume="auto"`` continues from the newest readable checkpoint in the run folder (an unreadable
+newest one is reported and kept, and the one before it is used); ``"none"`` starts afresh and
+refuses a folder that already holds a run's checkpoints or network (nothing is overwritten
+unasked); ``"restart"`` discards that run (checkpoints, final network, previews, log) first.
 
 Distributed runs go through torchrun (DDP; gloo on CPU, NCCL on GPU). With
 ``global_randomness`` (the default on CPU) every rank draws the randomness of the *global* batch
@@ -32,7 +35,9 @@ import json
 import math
 import os
 import re
+import signal
 import sys
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -58,11 +63,13 @@ _CKPT_RE = re.compile(r"^step_(\d{8})\.pt$")
 @dataclass
 class TrainConfig:
     mode: str = "diffusion"  # pretrain | diffusion | consistency
-    model: str = "epg-tiny"  # a config name of epg.models.CONFIGS
+    # a config name of epg.models.CONFIGS; "": the digits networks of `epg demo` (rcm-digits in
+    # stage 1, epg-digits in stage 2), which fit the default data
+    model: str = ""
     model_overrides: dict[str, Any] = field(default_factory=dict)
     data: str = "digits"  # the embedded scikit-learn digits
     data_options: dict[str, Any] = field(default_factory=dict)  # image_size, channels, ...
-    run_dir: str = "runs/epg"
+    run_dir: str = ""  # "": runs/<mode>
     steps: int = 1000
     batch_size: int = 64  # global, over all ranks
     lr: float = 1e-4
@@ -99,7 +106,7 @@ class TrainConfig:
     max_bad_steps: int = 5
     parallel: str = "ddp"  # ddp | fsdp (FSDP2 fully_shard per block; for the large configs)
     global_randomness: bool | None = None  # None: on for CPU runs, off on GPUs
-    resume: str = "auto"  # auto | none | a checkpoint file
+    resume: str = "auto"  # auto | none | restart | a checkpoint file (see the module docstring)
     progress: bool = True
 
     def validate(self) -> None:
@@ -123,15 +130,70 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
+        """A config from plain values (a preset, a YAML/JSON file, ``--set`` overrides), each
+        checked against its field's type: numbers given as strings ("1e-4") are read as numbers,
+        a comma-separated string fills a tuple field ("0.9,0.95"); anything else that does not
+        fit is refused, naming the option."""
         fields = {f.name: f for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - set(fields))
         if unknown:
             raise ValueError(f"unknown training option(s) {unknown}; valid: {sorted(fields)}")
-        data = dict(data)
-        for key in ("betas", "no_weight_decay", "lr_milestones", "lr_factors"):
-            if key in data and data[key] is not None:
-                data[key] = tuple(data[key])
-        return cls(**data)
+        return cls(**{key: _coerce_option(key, fields[key].type, value) for key, value in data.items()})
+
+
+_TUPLE_ITEM = {"tuple[float, float]": float, "tuple[str, ...]": str, "tuple[int, ...]": int,
+               "tuple[float, ...]": float}  # fmt: skip
+
+
+def _coerce_option(name: str, annotation: str, value: Any) -> Any:
+    """``value`` as the type ``annotation`` (a TrainConfig field's, as a string) names."""
+    def fail(expected: str) -> ValueError:
+        return ValueError(f"training option {name}: expected {expected}, got {value!r}")
+
+    def scalar(kind: type, item: Any) -> Any:
+        if kind is str:
+            if isinstance(item, (dict, list, tuple)) or item is None:
+                raise fail("a string")
+            return str(item)
+        if isinstance(item, bool) or not isinstance(item, (int, float, str)):
+            raise fail("a number" if kind is float else "an integer")
+        try:
+            number = float(item)
+        except ValueError:
+            raise fail("a number" if kind is float else "an integer") from None
+        if kind is int:
+            if not number.is_integer():
+                raise fail("an integer")
+            return int(number)
+        return number
+
+    optional = annotation.endswith(" | None")
+    base = annotation.removesuffix(" | None")
+    if value is None:
+        if optional:
+            return None
+        raise fail(base)
+    if base in _TUPLE_ITEM:
+        kind = _TUPLE_ITEM[base]
+        items = [v.strip() for v in value.split(",") if v.strip()] if isinstance(value, str) else value
+        if not isinstance(items, (list, tuple)):
+            items = [items]
+        result = tuple(scalar(kind, v) for v in items)
+        if base == "tuple[float, float]" and len(result) != 2:
+            raise fail("two numbers (e.g. 0.9,0.95)")
+        return result
+    if base == "bool":
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "on", "off"):
+            return value.lower() in ("true", "yes", "on")
+        raise fail("true or false")
+    if base.startswith("dict"):
+        if not isinstance(value, dict):
+            raise fail("a mapping of options")
+        return dict(value)
+    kind = {"int": int, "float": float, "str": str}.get(base)
+    return value if kind is None else scalar(kind, value)
 
 
 def lr_factor(step: int, cfg: TrainConfig) -> float:
@@ -148,6 +210,25 @@ def lr_factor(step: int, cfg: TrainConfig) -> float:
             if step >= milestone:
                 factor = f
     return factor
+
+
+def _check_options(group: str, target: Any, options: dict[str, Any], taken: tuple[str, ...] = ()) -> None:
+    """Refuse option names ``target`` (a function, class or dataclass) does not take, naming the
+    group (``objective``, ``augment``, ``data_options``) and the valid ones. ``taken``: names the
+    Trainer passes itself."""
+    import inspect
+
+    if dataclasses.is_dataclass(target):
+        valid = {f.name for f in dataclasses.fields(target)}
+    else:
+        params = inspect.signature(target).parameters.values()
+        if any(p.kind is p.VAR_KEYWORD for p in params):
+            return
+        valid = {p.name for p in params if p.name != "self"}
+    valid -= set(taken)
+    unknown = sorted(set(options) - valid)
+    if unknown:
+        raise ValueError(f"unknown {group} option(s) {unknown}; valid: {sorted(valid)}")
 
 
 def _fully_shard(model: nn.Module) -> None:
@@ -200,12 +281,25 @@ def _is_per_sample(t: Tensor, batch: int) -> bool:
 
 def load_encoder_weights(model: EPGViT, path: str | os.PathLike) -> list[str]:
     """Copy a stage-1 encoder (epg checkpoint folder or official RCM ``.pth``) into the encoder
-    of ``model`` (spec §6.1); the projection head is ignored. Returns the keys copied."""
-    path = Path(path)
+    of ``model`` (spec §6.1); the projection head is ignored. Returns the keys copied. A stage-1
+    run folder stands for its ``final/``; a stage-2 network is refused (``init`` takes those)."""
+    path = _run_output(path)
     if ckpt.is_epg_checkpoint(path):
-        state = ckpt.load(path).state_dict()
+        source = ckpt.load(path)
+        if not isinstance(source, RCMViT):
+            raise ckpt.CheckpointError(
+                f"{path} holds a stage-2 {type(source).__name__}, not a stage-1 encoder: the encoder "
+                "comes from `epg pretrain` (or a released RCM file); to start from a whole stage-2 "
+                f"network use --set init={path}"
+            )
+        state = source.state_dict()
     else:
         state = ckpt.read_official_state_dict(path)
+        if any(k.startswith("decoder_blocks.") for k in state):
+            raise ckpt.CheckpointError(
+                f"{path} holds a stage-2 network (decoder weights), not a stage-1 encoder; to start "
+                f"from it use --set init={path}"
+            )
     target = model.state_dict()
     encoder_keys = [
         k for k in target if k.split(".")[0] in ("patch_embed", "cls_token", "pos_embed", "blocks", "norm")
@@ -248,8 +342,18 @@ def _matching_rcm_config(config) -> str:
     )
 
 
-def _load_network(path: str | os.PathLike, official_config: str) -> nn.Module:
+def _run_output(path: str | os.PathLike) -> Path:
+    """A training run folder stands for the network it exported (``final/``)."""
     path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path} does not exist")
+    if path.is_dir() and not ckpt.is_epg_checkpoint(path) and ckpt.is_epg_checkpoint(path / "final"):
+        return path / "final"
+    return path
+
+
+def _load_network(path: str | os.PathLike, official_config: str) -> nn.Module:
+    path = _run_output(path)
     if ckpt.is_epg_checkpoint(path):
         return ckpt.load(path)
     return ckpt.load_official(path, official_config)
@@ -270,7 +374,12 @@ class Trainer:
         preview: Callable[[Trainer, int], None] | None = None,
     ):
         cfg.validate()
-        self.cfg = cfg
+        defaults = {}
+        if not cfg.model:
+            defaults["model"] = "rcm-digits" if cfg.mode == "pretrain" else "epg-digits"
+        if not cfg.run_dir:
+            defaults["run_dir"] = f"runs/{cfg.mode}"
+        self.cfg = cfg = dataclasses.replace(cfg, **defaults)
         self.dist = distributed.setup(cfg.device)
         self.device = self.dist.device
         self.run_dir = Path(cfg.run_dir)
@@ -290,9 +399,11 @@ class Trainer:
         self.step = 0
         self.bad_in_a_row = 0
         self.skipped_total = 0
+        self._interrupted = self.stop_requested = self._updating = False
         # Dropout streams differ per rank; seeded after init so init is rank-independent.
         torch.manual_seed(cfg.seed * 7919 + 1 + self.dist.rank)
         self._maybe_resume()
+        self._saved_step = self.step  # nothing new to save before the first step
         self.loss_fn = torch.compile(self.objective.loss) if cfg.compile else self.objective.loss
 
     # --- construction ------------------------------------------------------------------------
@@ -315,9 +426,15 @@ class Trainer:
                 load_network_weights(self.model, cfg.init, cfg.model)
             elif cfg.encoder:
                 load_encoder_weights(self.model, cfg.encoder)
+            elif self.dist.is_main:
+                print("note: no encoder (--encoder) or init given: the network starts from random "
+                      "weights, without the stage-1 pre-training EPG builds on", file=sys.stderr)  # fmt: skip
+            if cfg.mode == "consistency" and not (cfg.perceptual or cfg.encoder) and self.dist.is_main:
+                print("note: no stage-1 network (encoder or perceptual) given: the auxiliary InfoNCE "
+                      "term of the consistency loss is off", file=sys.stderr)  # fmt: skip
             self.ema = self._frozen_copy(self.model)
             if cfg.mode == "consistency" and (cfg.perceptual or cfg.encoder):
-                path = cfg.perceptual or cfg.encoder
+                path = _run_output(cfg.perceptual or cfg.encoder)
                 official = cfg.perceptual_config
                 if not official and not ckpt.is_epg_checkpoint(path):  # epg folders carry their config
                     official = _matching_rcm_config(self.model.config)
@@ -351,8 +468,9 @@ class Trainer:
         cfg, net_cfg = self.cfg, self.model.config
         options = dict(cfg.data_options)
         if "path" not in options:
-            raise ValueError('data="folder" needs data_options.path (an ImageNet-style folder '
-                             "of class folders, or a file list)")
+            raise ValueError('data="folder" (the paper presets) needs the images: --set '
+                             "data_options.path=DIR, an ImageNet-style folder of class folders "
+                             "(an `epg prepare` output) or a file list")
         path = options.pop("path")
         kind = options.pop("loader", "auto")
         workers = options.pop("workers", 4)
@@ -364,6 +482,11 @@ class Trainer:
             kind = "dali" if self.device.type == "cuda" and dali_available() else "portable"
         common = dict(resolution=net_cfg.img_size, global_batch_size=cfg.batch_size, rank=rank,
                       world_size=world, seed=cfg.seed, device=self.device, **options)  # fmt: skip
+        loader_class = {"dali": DaliLoader, "portable": PortableLoader}.get(kind)
+        if loader_class is not None:
+            taken = ("source", "num_threads", "num_workers", "resolution", "global_batch_size",
+                     "rank", "world_size", "seed", "device")  # fmt: skip
+            _check_options(f"data_options ({kind} loader)", loader_class.__init__, options, taken)
         if kind == "dali":
             loader = DaliLoader(path, num_threads=max(1, workers), **common)  # 0 workers: 1 thread
         elif kind == "portable":
@@ -392,8 +515,9 @@ class Trainer:
         else:
             self._build_tensor_loader(data, expected, rank, world)
         if cfg.mode == "pretrain":
-            from .data.augment import ViewAugment, view1_config, view2_config
+            from .data.augment import ViewAugment, ViewAugmentConfig, view1_config, view2_config
 
+            _check_options("augment", ViewAugmentConfig, cfg.augment)
             # Photometric augmentations work on x01, so they need the data's normalisation.
             augment = {"convention": self.convention or "simple", **cfg.augment}
             self.augment = (ViewAugment(view1_config(**augment)), ViewAugment(view2_config(**augment)))
@@ -411,6 +535,7 @@ class Trainer:
             options.update(cfg.data_options)
             if options.pop("convention", "simple") != "simple":
                 raise ValueError("the embedded digits are normalised as 'simple' (2·x01 − 1)")
+            _check_options("data_options (digits)", load_digits_tensors, options)
             images, labels = load_digits_tensors(**options)
             data = {"image": images, "label": labels}
             self.convention = "simple"  # the digits are x = 2·x01 − 1
@@ -422,20 +547,22 @@ class Trainer:
     def _build_objective(self) -> None:
         cfg, net_cfg = self.cfg, self.model.config
         options = dict(cfg.objective)
-        if cfg.mode == "pretrain":
-            from .objectives.pretrain import PretrainObjective
+        from .objectives.consistency import ConsistencyObjective
+        from .objectives.diffusion import DiffusionObjective
+        from .objectives.pretrain import PretrainObjective
 
+        objective_class = {"pretrain": PretrainObjective, "diffusion": DiffusionObjective,
+                           "consistency": ConsistencyObjective}[cfg.mode]  # fmt: skip
+        taken = ("net", "online", "target", "perceptual", "img_size", "num_classes")
+        _check_options(f"objective ({cfg.mode})", objective_class.__init__, options, taken)
+        if cfg.mode == "pretrain":
             options.setdefault("total_steps", cfg.steps)
             self.objective = PretrainObjective(self.train_model, self.target, img_size=net_cfg.img_size, **options)
         elif cfg.mode == "diffusion":
-            from .objectives.diffusion import DiffusionObjective
-
             self.objective = DiffusionObjective(
                 self.train_model, img_size=net_cfg.img_size, num_classes=net_cfg.num_classes, **options
             )
         else:
-            from .objectives.consistency import ConsistencyObjective
-
             self.objective = ConsistencyObjective(
                 self.train_model, self.perceptual, img_size=net_cfg.img_size,
                 num_classes=net_cfg.num_classes, **options,
@@ -531,6 +658,7 @@ class Trainer:
         }
 
     def save_checkpoint(self) -> Path | None:
+        self._saved_step = self.step
         path = self.ckpt_dir / f"step_{self.step:08d}.pt"
         rng_states = self._gather_rng_states()
         state = self.state_dict(rng_states) if (self.dist.is_main or self.fsdp) else None
@@ -542,14 +670,30 @@ class Trainer:
             dist.barrier()
         return path
 
-    def load_checkpoint(self, path: str | os.PathLike) -> None:
-        path = Path(path)
+    def _read_checkpoint(self, path: Path) -> dict[str, Any]:
         try:
             state = torch.load(path, map_location=self.device, weights_only=True)
         except Exception as exc:
             raise ckpt.CheckpointError(f"cannot read training checkpoint {path}: {exc}") from exc
         if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
             raise ckpt.CheckpointError(f"{path} is not an epg training checkpoint ({CHECKPOINT_FORMAT})")
+        return state
+
+    def load_checkpoint(self, path: str | os.PathLike, state: dict[str, Any] | None = None) -> None:
+        """Continue from the training checkpoint ``path`` (``state``: its contents, when read)."""
+        path = Path(path)
+        if state is None:
+            state = self._read_checkpoint(path)
+        saved, mine = state["config"], self.cfg.to_dict()
+        # What makes it another run (steps, logging, parallelism and the like may change).
+        identity = ("mode", "model", "model_overrides", "data", "encoder", "init", "perceptual", "objective", "seed")
+        different = [k for k in identity if json.dumps(saved.get(k), sort_keys=True) != json.dumps(mine[k], sort_keys=True)]
+        if different:
+            detail = ", ".join(f"{k}: {saved.get(k)!r} there, {mine[k]!r} now" for k in different)
+            raise ckpt.CheckpointError(
+                f"{path} belongs to a run with other settings ({detail}); continue it with its "
+                "settings, discard it (resume=restart) or use another run folder"
+            )
         saved_model = ckpt.config_from_dict(state["model_config"])
         if saved_model != self.model.config:
             raise ckpt.CheckpointError(
@@ -584,20 +728,61 @@ class Trainer:
         else:  # another number of ranks: fresh, distinct streams (the run is not bit-exact then)
             torch.manual_seed(self.cfg.seed * 7919 + 1 + self.dist.rank + 104729 * self.step)
 
+    def _earlier_run(self) -> list[Path]:
+        """What an earlier run left in the run folder that a fresh start would overwrite."""
+        found = self.checkpoints()
+        final = self.run_dir / "final"
+        return found + ([final] if final.exists() else [])
+
+    def _discard_earlier_run(self) -> None:
+        import shutil
+
+        if self.dist.is_main:
+            for path in self.checkpoints():
+                path.unlink()
+            for name in ("final", "previews"):
+                shutil.rmtree(self.run_dir / name, ignore_errors=True)
+            (self.run_dir / "log.jsonl").unlink(missing_ok=True)
+        if self.dist.distributed:
+            dist.barrier()
+
     def _maybe_resume(self) -> None:
         resume = self.cfg.resume
+        if self.dist.is_main and self.ckpt_dir.is_dir():  # temporary files of a killed writer
+            for leftover in self.ckpt_dir.glob(".step_*.tmp"):
+                leftover.unlink(missing_ok=True)
+        if resume == "restart":
+            self._discard_earlier_run()
+            return
         if resume == "none":
+            earlier = self._earlier_run()
+            if earlier:
+                raise ValueError(
+                    f"{self.run_dir} holds an earlier run ({', '.join(p.name for p in earlier[-3:])}); "
+                    "resume=none would overwrite it: continue it (resume=auto), discard it "
+                    "(resume=restart) or use another run folder"
+                )
             return
         if resume == "auto":
-            found = self.checkpoints()
-            if not found:
+            candidates = self.checkpoints()[::-1]  # newest first
+            if not candidates:
                 return
-            path = found[-1]
         else:
-            path = Path(resume)
-            if not path.is_file():
-                raise FileNotFoundError(f"resume checkpoint {path} does not exist")
-        self.load_checkpoint(path)
+            candidates = [Path(resume)]
+            if not candidates[0].is_file():
+                raise FileNotFoundError(f"resume checkpoint {resume} does not exist")
+        for i, path in enumerate(candidates):
+            try:
+                state = self._read_checkpoint(path)
+            except ckpt.CheckpointError as exc:
+                if i + 1 == len(candidates):
+                    raise
+                if self.dist.is_main:  # kept, not deleted: it may be worth a look
+                    print(f"warning: {exc}; resuming from the older {candidates[i + 1].name}",
+                          file=sys.stderr, flush=True)  # fmt: skip
+                continue
+            self.load_checkpoint(path, state)
+            break
         if self.dist.is_main:
             print(f"resumed from {path} at step {self.step}", flush=True)
 
@@ -658,14 +843,17 @@ class Trainer:
         # One collective and one host sync per step: the loss terms averaged over ranks, and a
         # non-finite flag (summed, so any rank's flag counts).
         finite = torch.isfinite(loss.detach()) & torch.isfinite(grad_norm)
+        # The Ctrl-C flag rides along, so every rank stops after the same step.
+        interrupted = torch.tensor(float(self._interrupted), device=finite.device)
         packed = torch.stack(
-            [loss.detach().float(), *(t.detach().float() for t in terms.values()), (~finite).float()]
+            [loss.detach().float(), *(t.detach().float() for t in terms.values()), (~finite).float(), interrupted]
         )
         packed = distributed.all_reduce_sum(packed).tolist()
         world = self.dist.world_size
-        bad = packed[-1] > 0
+        self.stop_requested = packed[-1] > 0
+        bad = packed[-2] > 0
         values = {"loss": packed[0] / world}
-        values.update({name: v / world for name, v in zip(terms, packed[1:-1])})
+        values.update({name: v / world for name, v in zip(terms, packed[1:-2])})
         values["grad_norm"] = grad_norm.item()
         values["lr"] = self.scheduler.get_last_lr()[0]
         if bad:
@@ -680,10 +868,12 @@ class Trainer:
                 )
         else:
             self.bad_in_a_row = 0
+            self._updating = True  # an exception from here on leaves no consistent state to save
             self.optimizer.step()
             self.scheduler.step()
             self._update_averages()
             self.step += 1
+            self._updating = False
         values["skipped"] = self.skipped_total
         return values
 
@@ -714,29 +904,74 @@ class Trainer:
         )  # fmt: skip
         records = []
         logged_time, logged_step = time.perf_counter(), self.step
-        while self.step < end:
-            before = self.step
-            values = self.train_step()
-            record = {"step": self.step, **values}
-            records.append(record)
-            if self.step == before:  # skipped: no update happened
-                continue
-            bar.set_postfix(loss=f"{values['loss']:.4g}", refresh=False)
-            bar.update(1)
-            if self.step % cfg.log_every == 0 or self.step == end:
-                now = time.perf_counter()
-                elapsed = max(now - logged_time, 1e-9)
-                record["images_per_s"] = cfg.batch_size * (self.step - logged_step) / elapsed
-                logged_time, logged_step = now, self.step
-                self._log(record)
-            if cfg.ckpt_every and self.step % cfg.ckpt_every == 0 and self.step < end:
-                self.save_checkpoint()
-            if self.preview and cfg.preview_every and self.step % cfg.preview_every == 0:
-                self.preview(self, self.step)  # on every rank: a sharded EMA samples collectively
-        bar.close()
+        self._interrupted = self.stop_requested = False
+        with self._deferred_interrupt():
+            try:
+                while self.step < end and not self.stop_requested:
+                    before = self.step
+                    values = self.train_step()
+                    record = {"step": self.step, **values}
+                    records.append(record)
+                    if self.step == before:  # skipped: no update happened
+                        continue
+                    bar.set_postfix(loss=f"{values['loss']:.4g}", refresh=False)
+                    bar.update(1)
+                    if self.step % cfg.log_every == 0 or self.step == end:
+                        now = time.perf_counter()
+                        elapsed = max(now - logged_time, 1e-9)
+                        record["images_per_s"] = cfg.batch_size * (self.step - logged_step) / elapsed
+                        logged_time, logged_step = now, self.step
+                        self._log(record)
+                    if cfg.ckpt_every and self.step % cfg.ckpt_every == 0 and self.step < end:
+                        self.save_checkpoint()
+                    if self.preview and cfg.preview_every and self.step % cfg.preview_every == 0:
+                        self.preview(self, self.step)  # every rank: a sharded EMA samples collectively
+            except Exception:
+                self._save_before_failing()
+                raise
+            finally:
+                bar.close()
+        if self.stop_requested:
+            self.save_checkpoint()
+            raise KeyboardInterrupt(f"interrupted at step {self.step}; checkpoint saved in {self.ckpt_dir}")
         if self.step >= end:
             self.save_checkpoint()
         return records
+
+    @contextlib.contextmanager
+    def _deferred_interrupt(self):
+        """Ctrl-C ends the run after the current step, with a checkpoint (a second Ctrl-C stops
+        at once). Only the main thread can handle signals; elsewhere Ctrl-C acts as usual."""
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+
+        def on_sigint(signum, frame):
+            if self._interrupted:
+                raise KeyboardInterrupt
+            self._interrupted = True
+            if self.dist.is_main:
+                print("\ninterrupted: saving a checkpoint after this step (Ctrl-C again to stop at once)",
+                      file=sys.stderr, flush=True)  # fmt: skip
+
+        previous = signal.signal(signal.SIGINT, on_sigint)
+        try:
+            yield
+        finally:
+            signal.signal(signal.SIGINT, previous)
+
+    def _save_before_failing(self) -> None:
+        """On an error between steps (a bad image, a stop after non-finite steps), keep the steps
+        made since the last checkpoint. Single-process runs only: with several ranks the others
+        would wait in the checkpoint's collectives for a rank that has failed."""
+        if self.dist.distributed or self._updating or self.step <= self._saved_step:
+            return
+        try:
+            path = self.save_checkpoint()
+        except Exception as exc:  # the original error matters more than this one
+            print(f"could not save a checkpoint before stopping: {exc}", file=sys.stderr)
+            return
+        print(f"saved {path} (step {self.step}) before stopping", file=sys.stderr, flush=True)
 
     def export(self, directory: str | os.PathLike | None = None) -> Path:
         """Save the network to use downstream as an epg checkpoint folder: the EMA model in

@@ -4,8 +4,8 @@ import json
 
 import pytest
 
-from epg.cli import main
-from epg.presets import PRESETS, get_preset, set_option
+from epg.cli import _parse_sets, main
+from epg.presets import PRESETS, get_preset, read_config_file, set_option
 from epg.train import TrainConfig
 
 TINY_SETS = [
@@ -49,8 +49,8 @@ def test_pretrain_then_finetune_from_the_command_line(tmp_path, capsys):
 
 
 def test_bad_command_line_input_is_reported(tmp_path, capsys, monkeypatch):
-    with pytest.raises(SystemExit, match="key=value"):
-        main(["pretrain", "--set", "steps"])
+    assert main(["pretrain", "--set", "steps"]) == 2
+    assert "--set expects key=value" in capsys.readouterr().err
     # Bad files and options: one line on stderr and exit status 2, no traceback...
     assert main(["pretrain", "--config", str(tmp_path / "missing.yaml")]) == 2
     assert "epg pretrain: error:" in capsys.readouterr().err
@@ -60,6 +60,72 @@ def test_bad_command_line_input_is_reported(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("EPG_TRACEBACK", "1")
     with pytest.raises(ValueError, match="unknown preset"):
         main(["pretrain", "--preset", "pretrain-rcm-xs"])
+
+
+def test_option_values_are_read_as_their_types(tmp_path):
+    config = tmp_path / "run.yaml"
+    config.write_text("lr: 1e-4\nsteps: 2e3\nbetas: 0.9,0.95\nobjective:\n  tau_rc: 1e-1\n")
+    options = read_config_file(str(config))
+    for key, value in _parse_sets(["no_weight_decay=pos_embed", "compile=false", "warmup_steps=1e2"]):
+        set_option(options, key, value)
+    cfg = TrainConfig.from_dict(options)
+    assert (cfg.lr, cfg.steps, cfg.betas, cfg.warmup_steps) == (1e-4, 2000, (0.9, 0.95), 100)
+    assert cfg.objective == {"tau_rc": 0.1} and cfg.no_weight_decay == ("pos_embed",)
+    assert cfg.compile is False
+
+
+@pytest.mark.parametrize("pair, message", [
+    ("betas=0.9", "betas: expected two numbers"),
+    ("steps=1.5", "steps: expected an integer"),
+    ("lr=fast", "lr: expected a number"),
+    ("objective=3", "objective: expected a mapping"),
+    ("objective.bogus=1", "unknown objective (pretrain) option(s) ['bogus']"),
+    ("augment.bogus=1", "unknown augment option(s) ['bogus']"),
+    ("data_options.bogus=1", "unknown data_options (digits) option(s) ['bogus']"),
+    ("device=gpu", "unknown device 'gpu'"),
+])  # fmt: skip
+def test_bad_option_values_name_the_option(tmp_path, capsys, pair, message):
+    assert main(["pretrain", "--run-dir", str(tmp_path / "r"), *TINY_SETS, "--set", pair]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
+def test_paper_presets_ask_for_the_image_folder(tmp_path, capsys):
+    assert main(["pretrain", "--preset", "pretrain-rcm-b-16", "--run-dir", str(tmp_path / "r")]) == 2
+    assert "data_options.path=DIR" in capsys.readouterr().err
+
+
+def test_encoder_must_be_a_stage1_network_and_may_be_its_run_folder(tmp_path, capsys):
+    stage1 = tmp_path / "s1"
+    assert main(["pretrain", "--run-dir", str(stage1), "--set", "model=rcm-tiny", *TINY_SETS]) == 0
+    stage2 = tmp_path / "s2"  # the run folder itself stands for its final/
+    assert main(["finetune", "--objective", "diffusion", "--encoder", str(stage1), "--set", "model=epg-tiny",
+                 "--run-dir", str(stage2), *TINY_SETS]) == 0  # fmt: skip
+    capsys.readouterr()
+    assert main(["finetune", "--objective", "diffusion", "--encoder", str(stage2), "--set", "model=epg-tiny",
+                 "--run-dir", str(tmp_path / "s3"), *TINY_SETS]) == 2  # fmt: skip
+    err = capsys.readouterr().err
+    assert "not a stage-1 encoder" in err and f"--set init={stage2 / 'final'}" in err
+
+
+def test_a_bad_image_and_ctrl_c_end_the_command_with_a_line_not_a_traceback(tmp_path, capsys, monkeypatch):
+    from epg.data.folder import BadImageError
+    from epg.train import Trainer
+
+    def corrupt(self, stop_at=None):
+        raise BadImageError("cannot decode data/n01/x.png: truncated", "data/n01/x.png")
+
+    monkeypatch.setattr(Trainer, "fit", corrupt)
+    assert main(["pretrain", "--run-dir", str(tmp_path / "a"), *TINY_SETS]) == 2
+    err = capsys.readouterr().err
+    assert err.strip() == "epg pretrain: error: cannot decode data/n01/x.png: truncated"
+
+    def interrupted(self, stop_at=None):
+        raise KeyboardInterrupt("interrupted at step 3; checkpoint saved in runs/x/checkpoints")
+
+    monkeypatch.setattr(Trainer, "fit", interrupted)
+    assert main(["pretrain", "--run-dir", str(tmp_path / "b"), *TINY_SETS]) == 130
+    assert "interrupted at step 3; checkpoint saved" in capsys.readouterr().err
 
 
 def test_demo_quick_runs_the_whole_pipeline(tmp_path, capsys):

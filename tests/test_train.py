@@ -75,6 +75,88 @@ def test_resume_reproduces_the_uninterrupted_run_exactly(tmp_path, mode):
         assert torch.equal(a, b)
 
 
+def test_a_fresh_start_never_overwrites_an_earlier_run_unasked(tmp_path, capsys):
+    Trainer(_cfg(tmp_path, "diffusion", steps=3)).fit()
+    ckpt_dir = Path(tmp_path / "run" / "checkpoints")
+    before = sorted(p.name for p in ckpt_dir.iterdir())
+    with pytest.raises(ValueError, match="holds an earlier run.*resume=restart"):
+        Trainer(_cfg(tmp_path, "diffusion", steps=3, resume="none"))
+    assert sorted(p.name for p in ckpt_dir.iterdir()) == before
+    # Another run's settings in the folder: refused by auto-resume, naming the difference.
+    with pytest.raises(ValueError, match=r"other settings \(objective: \{\} there, \{'label_dropout': 0.5\} now"):
+        Trainer(_cfg(tmp_path, "diffusion", steps=3, objective={"label_dropout": 0.5}))
+    with pytest.raises(ValueError, match="mode: 'diffusion' there, 'consistency' now"):
+        Trainer(_cfg(tmp_path, "consistency", steps=3))
+    restarted = Trainer(_cfg(tmp_path, "diffusion", steps=3, resume="restart"))
+    assert restarted.step == 0 and not list(ckpt_dir.glob("step_*.pt"))
+    assert not (tmp_path / "run" / "log.jsonl").exists()
+
+
+def test_resume_skips_an_unreadable_newest_checkpoint_and_clears_temp_files(tmp_path, capsys):
+    Trainer(_cfg(tmp_path, "diffusion", steps=4, ckpt_every=2, keep_checkpoints=3)).fit()
+    ckpt_dir = Path(tmp_path / "run" / "checkpoints")
+    newest = ckpt_dir / "step_00000004.pt"
+    newest.write_bytes(newest.read_bytes()[:1000])  # damaged on disk
+    (ckpt_dir / ".step_00000006.pt.abc123.tmp").write_bytes(b"half written")
+    resumed = Trainer(_cfg(tmp_path, "diffusion", steps=4, ckpt_every=2, keep_checkpoints=3))
+    assert resumed.step == 2
+    assert "cannot read training checkpoint" in capsys.readouterr().err
+    assert newest.exists() and not list(ckpt_dir.glob("*.tmp"))  # the damaged file is kept
+
+
+def test_ctrl_c_finishes_the_step_saves_and_resumes_exactly(tmp_path):
+    full = _losses(Trainer(_cfg(tmp_path / "a", "diffusion", ckpt_every=0)).fit())
+    trainer = Trainer(_cfg(tmp_path / "b", "diffusion", ckpt_every=0))
+    real_loss, calls = trainer.loss_fn, []
+
+    def interrupted_in_step_3(batch, draws):
+        calls.append(1)
+        if len(calls) == 3:
+            os.kill(os.getpid(), signal.SIGINT)  # as Ctrl-C: handled between bytecodes
+        return real_loss(batch, draws)
+
+    trainer.loss_fn = interrupted_in_step_3
+    with pytest.raises(KeyboardInterrupt, match="interrupted at step 3"):
+        trainer.fit()
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored
+    resumed = Trainer(_cfg(tmp_path / "b", "diffusion", ckpt_every=0))
+    assert resumed.step == 3
+    assert _losses(resumed.fit()) == full[3:]
+
+
+def test_an_error_between_steps_keeps_the_steps_made(tmp_path, capsys):
+    trainer = Trainer(_cfg(tmp_path, "diffusion", ckpt_every=0))
+    real = trainer.loader
+
+    class Loader:  # the fourth batch holds a corrupt image
+        calls = 0
+
+        def __next__(self):
+            Loader.calls += 1
+            if Loader.calls == 4:
+                raise RuntimeError("corrupt image x.png")
+            return next(real)
+
+        def __getattr__(self, name):  # state_dict, close: the real loader's
+            return getattr(real, name)
+
+    trainer.loader = Loader()
+    with pytest.raises(RuntimeError, match="corrupt image"):
+        trainer.fit()
+    assert "step 3) before stopping" in capsys.readouterr().err
+    assert Trainer(_cfg(tmp_path, "diffusion", ckpt_every=0)).step == 3
+
+
+def test_defaults_train_the_digits_networks_in_a_folder_per_mode(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    trainer = Trainer(TrainConfig(mode="pretrain", steps=1, batch_size=8, compile=False, progress=False))
+    assert trainer.cfg.model == "rcm-digits" and trainer.run_dir == Path("runs/pretrain")
+    trainer = Trainer(TrainConfig(mode="consistency", steps=1, batch_size=8, compile=False, progress=False))
+    assert trainer.cfg.model == "epg-digits" and trainer.run_dir == Path("runs/consistency")
+    err = capsys.readouterr().err
+    assert "starts from random weights" in err and "auxiliary InfoNCE term of the consistency loss is off" in err
+
+
 def test_weight_decay_groups_and_frozen_copies(tmp_path):
     trainer = Trainer(_cfg(tmp_path, "diffusion"))
     no_decay = trainer.optimizer.param_groups[1]["params"]
