@@ -266,7 +266,7 @@ def _official_load_error(path: Path, head: bytes, exc: Exception) -> CheckpointE
     kind = _file_kind(head)
     if kind not in ("zip", "pickle"):  # torch.save writes a zip archive (a pickle before 1.6)
         return CheckpointError(f"{path} is not a PyTorch checkpoint: {_looks_like(kind, head)}")
-    cause = _torch_cause(exc)
+    cause = torch_load_cause(exc)
     if _is_unsafe_pickle_refusal(exc):
         return CheckpointError(
             f"refusing to load {path}: it is not a plain tensor checkpoint, and unpickling it could "
@@ -294,7 +294,7 @@ def _is_unsafe_pickle_refusal(exc: Exception) -> bool:
     return operand is None or chr(int(operand.group(1))) in _PICKLE_OPCODES
 
 
-def _torch_cause(exc: Exception) -> str:
+def torch_load_cause(exc: Exception) -> str:
     """The cause in a torch.load error, without torch's advice on how to load the file anyway."""
     lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
     # torch wraps the safe unpickler's own message in lines that suggest retrying with

@@ -361,7 +361,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except KeyboardInterrupt as exc:
-        print(f"epg {args.command}: {exc or 'interrupted'}", file=sys.stderr)
+        print(f"epg {args.command}: {str(exc) or 'interrupted'}", file=sys.stderr)
         return 130
     except Exception as exc:
         from .data.folder import BadImageError

@@ -400,6 +400,7 @@ class Trainer:
         self.bad_in_a_row = 0
         self.skipped_total = 0
         self._interrupted = self.stop_requested = self._updating = False
+        self._bad_before_resume = 0
         # Dropout streams differ per rank; seeded after init so init is rank-independent.
         torch.manual_seed(cfg.seed * 7919 + 1 + self.dist.rank)
         self._maybe_resume()
@@ -664,7 +665,10 @@ class Trainer:
         state = self.state_dict(rng_states) if (self.dist.is_main or self.fsdp) else None
         if self.dist.is_main:
             ckpt.atomic_write(path, lambda tmp: torch.save(state, tmp))
-            for old in self.checkpoints()[: -self.cfg.keep_checkpoints]:
+            # Only older ones go: a newer file here is one resuming could not read (kept for a
+            # look), and must not push out the checkpoint just written.
+            older = [p for p in self.checkpoints() if p.name < path.name]
+            for old in older[: max(0, len(older) - (self.cfg.keep_checkpoints - 1))]:
                 old.unlink(missing_ok=True)
         if self.dist.distributed:
             dist.barrier()
@@ -674,7 +678,9 @@ class Trainer:
         try:
             state = torch.load(path, map_location=self.device, weights_only=True)
         except Exception as exc:
-            raise ckpt.CheckpointError(f"cannot read training checkpoint {path}: {exc}") from exc
+            raise ckpt.CheckpointError(
+                f"cannot read training checkpoint {path}: {ckpt.torch_load_cause(exc)}"
+            ) from exc
         if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
             raise ckpt.CheckpointError(f"{path} is not an epg training checkpoint ({CHECKPOINT_FORMAT})")
         return state
@@ -690,10 +696,9 @@ class Trainer:
         different = [k for k in identity if json.dumps(saved.get(k), sort_keys=True) != json.dumps(mine[k], sort_keys=True)]
         if different:
             detail = ", ".join(f"{k}: {saved.get(k)!r} there, {mine[k]!r} now" for k in different)
-            raise ckpt.CheckpointError(
-                f"{path} belongs to a run with other settings ({detail}); continue it with its "
-                "settings, discard it (resume=restart) or use another run folder"
-            )
+            advice = ("continue it with its settings, discard it (resume=restart) or use another "
+                      "run folder") if self.cfg.resume == "auto" else "continue it with its settings"
+            raise ckpt.CheckpointError(f"{path} belongs to a run with other settings ({detail}); {advice}")
         saved_model = ckpt.config_from_dict(state["model_config"])
         if saved_model != self.model.config:
             raise ckpt.CheckpointError(
@@ -718,8 +723,15 @@ class Trainer:
         self.step = state["step"]
         self.skipped_total = state["skipped_total"]
         self.bad_in_a_row = state["bad_in_a_row"]
-        # Checkpoints written before per-rank states hold one {"cpu", "cuda": [all devices]}.
-        ranks = state["rng"].get("ranks") or [{"cpu": state["rng"]["cpu"]}]
+        # A run stopped by non-finite steps saved its count: the resumed run gets a full
+        # max_bad_steps tries of its own (the count still seeds fresh draws).
+        self._bad_before_resume = self.bad_in_a_row
+        ranks = state["rng"].get("ranks")
+        if ranks is None:  # written before per-rank states: {"cpu", "cuda": [every device's]}
+            legacy = state["rng"]
+            ranks = [{"cpu": legacy["cpu"]}]
+            if self.device.type == "cuda" and self.device.index < len(legacy.get("cuda", ())):
+                ranks[0]["cuda"] = legacy["cuda"][self.device.index]
         if len(ranks) == self.dist.world_size:  # each rank continues its own dropout stream
             mine = ranks[self.dist.rank]
             torch.set_rng_state(mine["cpu"].cpu())
@@ -860,14 +872,14 @@ class Trainer:
             self.skipped_total += 1
             self.bad_in_a_row += 1
             self.optimizer.zero_grad(set_to_none=True)
-            if self.bad_in_a_row >= self.cfg.max_bad_steps:
+            if self.bad_in_a_row - self._bad_before_resume >= self.cfg.max_bad_steps:
                 shown = ", ".join(f"{k}={v:.4g}" for k, v in values.items())
                 raise RuntimeError(
                     f"stopping: {self.bad_in_a_row} non-finite steps in a row, the last at step "
                     f"{step} ({shown}); the newest checkpoint is in {self.ckpt_dir}"
                 )
         else:
-            self.bad_in_a_row = 0
+            self.bad_in_a_row = self._bad_before_resume = 0
             self._updating = True  # an exception from here on leaves no consistent state to save
             self.optimizer.step()
             self.scheduler.step()
@@ -933,7 +945,9 @@ class Trainer:
                 bar.close()
         if self.stop_requested:
             self.save_checkpoint()
-            raise KeyboardInterrupt(f"interrupted at step {self.step}; checkpoint saved in {self.ckpt_dir}")
+            rerun = ("; this run has resume=restart, which discards it when run again: rerun with "
+                     "resume=auto to continue") if self.cfg.resume == "restart" else ""  # fmt: skip
+            raise KeyboardInterrupt(f"interrupted at step {self.step}; checkpoint saved in {self.ckpt_dir}{rerun}")
         if self.step >= end:
             self.save_checkpoint()
         return records
@@ -946,7 +960,11 @@ class Trainer:
             yield
             return
 
+        pid = os.getpid()
+
         def on_sigint(signum, frame):
+            if os.getpid() != pid:  # a forked data worker: keep serving until the loader closes it
+                return
             if self._interrupted:
                 raise KeyboardInterrupt
             self._interrupted = True

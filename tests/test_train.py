@@ -98,10 +98,14 @@ def test_resume_skips_an_unreadable_newest_checkpoint_and_clears_temp_files(tmp_
     newest = ckpt_dir / "step_00000004.pt"
     newest.write_bytes(newest.read_bytes()[:1000])  # damaged on disk
     (ckpt_dir / ".step_00000006.pt.abc123.tmp").write_bytes(b"half written")
-    resumed = Trainer(_cfg(tmp_path, "diffusion", steps=4, ckpt_every=2, keep_checkpoints=3))
+    resumed = Trainer(_cfg(tmp_path, "diffusion", steps=4, ckpt_every=2, keep_checkpoints=1))
     assert resumed.step == 2
-    assert "cannot read training checkpoint" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "cannot read training checkpoint" in err and "weights_only" not in err
     assert newest.exists() and not list(ckpt_dir.glob("*.tmp"))  # the damaged file is kept
+    resumed.fit(stop_at=3)  # writes step 3 and prunes the older ones, not itself
+    assert sorted(p.name for p in ckpt_dir.iterdir()) == ["step_00000003.pt", "step_00000004.pt"]
+    assert Trainer(_cfg(tmp_path, "diffusion", steps=4, ckpt_every=2, keep_checkpoints=1)).step == 3
 
 
 def test_ctrl_c_finishes_the_step_saves_and_resumes_exactly(tmp_path):
@@ -192,6 +196,28 @@ def test_non_finite_steps_are_skipped_and_too_many_stop_the_run(tmp_path):
     with pytest.raises(RuntimeError, match=r"3 non-finite steps in a row, the last at step 2 \(loss=inf"):
         trainer.fit()
     assert trainer.step == 2
+
+    # A stop between checkpoints saves one with its bad-step count; resumed, the run gets three
+    # tries of its own, not one.
+    run = _cfg(tmp_path / "b", "diffusion", max_bad_steps=3, ckpt_every=0)
+    trainer = Trainer(run)
+    good, calls = trainer.loss_fn, []
+
+    def fails_from_step_2(b, d):
+        calls.append(1)
+        loss, terms = good(b, d)
+        return (loss * float("inf"), terms) if len(calls) > 2 else (loss, terms)
+
+    trainer.loss_fn = fails_from_step_2
+    with pytest.raises(RuntimeError, match="3 non-finite steps in a row, the last at step 2"):
+        trainer.fit()
+    resumed = Trainer(run)
+    assert resumed.step == 2 and resumed.bad_in_a_row == 3
+    real_loss, tries = resumed.loss_fn, []
+    resumed.loss_fn = lambda b, d: tries.append(1) or (real_loss(b, d)[0] * float("inf"), real_loss(b, d)[1])
+    with pytest.raises(RuntimeError, match="6 non-finite steps in a row"):
+        resumed.fit()
+    assert len(tries) == 3
 
 
 def test_stage2_starts_from_a_stage1_encoder(tmp_path):
