@@ -132,6 +132,17 @@ def read_config(directory: str | os.PathLike) -> tuple[EPGConfig | RCMConfig, di
         raise CheckpointError(f"{path} is not a valid epg config{what}: {exc}") from exc
 
 
+def run_output(path: str | os.PathLike) -> Path:
+    """``path`` itself, or for a training run folder (no config.json, a ``final/``) the network
+    the run exported. A missing path is an error naming it."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path} does not exist")
+    if path.is_dir() and not (path / CONFIG_NAME).is_file() and (path / "final").is_dir():
+        return path / "final"
+    return path
+
+
 def load(directory: str | os.PathLike, device: str | torch.device = "cpu") -> nn.Module:
     """Rebuild the network saved by :func:`save` and load its weights (strictly).
 

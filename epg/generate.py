@@ -161,8 +161,7 @@ def load_network(
 def _checkpoint_path(path: Path) -> Path:
     """The epg checkpoint that ``path`` names: a checkpoint folder or its ``.safetensors`` file as
     given, a training run folder's ``final/``; anything else is an error naming ``path``."""
-    if not path.exists():
-        raise FileNotFoundError(f"{path} does not exist")
+    path = ckpt.run_output(path)
     official = "a released .pth file samples with --official PATH --config NAME"
     if path.is_file():
         if path.suffix == ".safetensors":
@@ -170,8 +169,6 @@ def _checkpoint_path(path: Path) -> Path:
         raise NotADirectoryError(f"{path} is a file, not an epg checkpoint folder ({official})")
     if (path / ckpt.CONFIG_NAME).is_file():
         return path
-    if (path / "final").is_dir():
-        return path / "final"  # a training run folder: its exported network
     hint = f" ({official})" if any(path.glob("*.pth")) else ""
     raise FileNotFoundError(
         f"{path} is neither an epg checkpoint folder (it has no {ckpt.CONFIG_NAME}) nor a training "

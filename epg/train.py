@@ -283,7 +283,7 @@ def load_encoder_weights(model: EPGViT, path: str | os.PathLike) -> list[str]:
     """Copy a stage-1 encoder (epg checkpoint folder or official RCM ``.pth``) into the encoder
     of ``model`` (spec §6.1); the projection head is ignored. Returns the keys copied. A stage-1
     run folder stands for its ``final/``; a stage-2 network is refused (``init`` takes those)."""
-    path = _run_output(path)
+    path = ckpt.run_output(path)
     if ckpt.is_epg_checkpoint(path):
         source = ckpt.load(path)
         if not isinstance(source, RCMViT):
@@ -342,18 +342,8 @@ def _matching_rcm_config(config) -> str:
     )
 
 
-def _run_output(path: str | os.PathLike) -> Path:
-    """A training run folder stands for the network it exported (``final/``)."""
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"{path} does not exist")
-    if path.is_dir() and not ckpt.is_epg_checkpoint(path) and ckpt.is_epg_checkpoint(path / "final"):
-        return path / "final"
-    return path
-
-
 def _load_network(path: str | os.PathLike, official_config: str) -> nn.Module:
-    path = _run_output(path)
+    path = ckpt.run_output(path)
     if ckpt.is_epg_checkpoint(path):
         return ckpt.load(path)
     return ckpt.load_official(path, official_config)
@@ -435,7 +425,7 @@ class Trainer:
                       "term of the consistency loss is off", file=sys.stderr)  # fmt: skip
             self.ema = self._frozen_copy(self.model)
             if cfg.mode == "consistency" and (cfg.perceptual or cfg.encoder):
-                path = _run_output(cfg.perceptual or cfg.encoder)
+                path = ckpt.run_output(cfg.perceptual or cfg.encoder)
                 official = cfg.perceptual_config
                 if not official and not ckpt.is_epg_checkpoint(path):  # epg folders carry their config
                     official = _matching_rcm_config(self.model.config)
@@ -856,7 +846,7 @@ class Trainer:
         # non-finite flag (summed, so any rank's flag counts).
         finite = torch.isfinite(loss.detach()) & torch.isfinite(grad_norm)
         # The Ctrl-C flag rides along, so every rank stops after the same step.
-        interrupted = torch.tensor(float(self._interrupted), device=finite.device)
+        interrupted = finite.new_full((), float(self._interrupted), dtype=torch.float32)  # no copy
         packed = torch.stack(
             [loss.detach().float(), *(t.detach().float() for t in terms.values()), (~finite).float(), interrupted]
         )
