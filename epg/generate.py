@@ -359,7 +359,7 @@ def run_sampling(
     cfg = net.config
     device = next(net.parameters()).device
     labels = labels_for(settings, cfg.num_classes)
-    if settings.guidance not in (0.0, 1.0) and labels is None:
+    if sampling.guidance_applies(settings.guidance) and labels is None:
         raise ValueError("classifier-free guidance needs class labels (labels='none' given)")
 
     if rank == 0:

@@ -6,12 +6,13 @@ paper's recipes train on an ImageNet-style folder: they need ``--set data_option
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 _STAGE1 = dict(
     mode="pretrain", data="folder", steps=600_000, batch_size=1024, lr=6e-4, betas=(0.9, 0.95),
-    weight_decay=0.03, no_weight_decay=(), lr_schedule="cosine", warmup_steps=10_000, grad_clip=0.0, target_ema=0.99,
-    objective=dict(s0=20, s1=1280, tau_con=0.2, tau_rc=0.1),
+    weight_decay=0.03, no_weight_decay=(), lr_schedule="cosine", warmup_steps=10_000, grad_clip=0.0,
+    target_ema=0.99, objective=dict(s0=20, s1=1280, tau_con=0.2, tau_rc=0.1),
 )  # fmt: skip  (lr 6e-4 as scripts/pretrain.sh runs it; the config file says 2e-4; wd on all)
 _DIFFUSION = dict(
     mode="diffusion", data="folder", steps=1_000_000, batch_size=1024, lr=1e-4, betas=(0.9, 0.999),
@@ -42,9 +43,8 @@ def get_preset(name: str) -> dict[str, Any]:
     return {k: (dict(v) if isinstance(v, dict) else v) for k, v in PRESETS[name].items()}
 
 
-def load_yaml(text: str) -> Any:
-    """``yaml.safe_load`` that also reads ``1e-4`` as a number: PyYAML follows YAML 1.1, where
-    a float needs a dot ("1.0e-4"), so a learning rate written the usual way became a string."""
+@functools.cache
+def _yaml_loader():
     import re
 
     import yaml
@@ -54,7 +54,15 @@ def load_yaml(text: str) -> Any:
 
     exponent_float = re.compile(r"^[-+]?(?:\d+\.?\d*|\.\d+)[eE][-+]?\d+$")
     Loader.add_implicit_resolver("tag:yaml.org,2002:float", exponent_float, list("-+0123456789."))
-    return yaml.load(text, Loader=Loader)  # noqa: S506 (a SafeLoader subclass)
+    return Loader
+
+
+def load_yaml(text: str) -> Any:
+    """``yaml.safe_load`` that also reads ``1e-4`` as a number: PyYAML follows YAML 1.1, where
+    a float needs a dot ("1.0e-4"), so a learning rate written the usual way became a string."""
+    import yaml
+
+    return yaml.load(text, Loader=_yaml_loader())  # noqa: S506 (a SafeLoader subclass)
 
 
 def read_config_file(path: str) -> dict[str, Any]:

@@ -127,6 +127,12 @@ def _sigma_list(sigmas: Tensor | Sequence[float], min_len: int) -> list[float]:
 # --------------------------------------------------------------------------------------------------
 
 
+def guidance_applies(scale: float) -> bool:
+    """Whether a guidance scale needs the unconditional pass: w = 1 is the conditional output and
+    w = 0 means off (as the released sample.py, which guides only when cfg_scale > 0)."""
+    return scale not in (0.0, 1.0)
+
+
 class GuidedDenoiser:
     """Classifier-free guidance inside a σ interval, then clamping (§8, CFG with interval guidance).
 
@@ -183,7 +189,7 @@ class GuidedDenoiser:
 
     @property
     def guided(self) -> bool:
-        return self.scale not in (0.0, 1.0) and self.null_class is not None
+        return guidance_applies(self.scale) and self.null_class is not None
 
     def reset_counts(self) -> None:
         self.nfe_cond = 0
@@ -409,12 +415,15 @@ def heun(
     return x
 
 
-def _heun_step(denoiser: DenoiserFn, x: Tensor, s: float, s_next: float, y: Tensor | None) -> Tensor:
+def _heun_step(
+    denoiser: DenoiserFn, x: Tensor, s: float, s_next: float, y: Tensor | None, correct: bool = True
+) -> Tensor:
     """One EDM Alg. 2 step from σ = s to s_next: Euler, then the trapezoidal correction unless
-    s_next is 0 (where the slope is undefined and the step stays first order)."""
+    s_next is 0 (where the slope is undefined and the step stays first order) or ``correct`` is
+    off."""
     d = (x - _evaluate(denoiser, x, s, y)) / s
     x_next = x + (s_next - s) * d
-    if s_next > 0:
+    if correct and s_next > 0:
         d_next = (x_next - _evaluate(denoiser, x_next, s_next, y)) / s_next
         x_next = x + (s_next - s) * 0.5 * (d + d_next)
     return x_next
@@ -547,10 +556,7 @@ def edm_sde(
         s_hat = s * (1 + gamma)
         if gamma > 0:
             x = x + math.sqrt(s_hat**2 - s**2) * S_noise * _randn(x.shape, x, generator)
-        if i < len(sig) - 2:
-            x = _heun_step(denoiser, x, s_hat, s_next, y)
-        else:
-            x = x + (s_next - s_hat) * (x - _evaluate(denoiser, x, s_hat, y)) / s_hat
+        x = _heun_step(denoiser, x, s_hat, s_next, y, correct=i < len(sig) - 2)
     return x
 
 

@@ -649,7 +649,6 @@ class Trainer:
         }
 
     def save_checkpoint(self) -> Path | None:
-        self._saved_step = self.step
         path = self.ckpt_dir / f"step_{self.step:08d}.pt"
         rng_states = self._gather_rng_states()
         state = self.state_dict(rng_states) if (self.dist.is_main or self.fsdp) else None
@@ -662,6 +661,7 @@ class Trainer:
                 old.unlink(missing_ok=True)
         if self.dist.distributed:
             dist.barrier()
+        self._saved_step = self.step
         return path
 
     def _read_checkpoint(self, path: Path) -> dict[str, Any]:
