@@ -46,7 +46,8 @@ QUICK_BATCH = 128
 
 _DEC = (1584, 1024, 1920, 2688)  # decoder widths, XL first (the quick case)
 _IMAGE = {"img256": {}}
-# Shape cases per op: id -> dims besides B. The first id of each op is its quick case.
+# Shape cases per op: id -> dims besides B. The first id of each op is its quick case, except
+# for attention: every head dim of QUICK_SHAPES.
 SHAPES: dict[str, dict[str, dict[str, int]]] = {
     "layer_norm": {f"D{d}": {"D": d} for d in (*_DEC, 768)},
     "ln_modulate": {f"D{d}": {"D": d} for d in _DEC},
@@ -81,6 +82,8 @@ ATTENTION_ONLY_BACKENDS = ("sdpa", "flash_attn")
 EPG_BACKENDS = tuple(b for b in _backend.BACKENDS if b != "reference")
 SDPA_PINNED = {"sdpa_flash": "FLASH_ATTENTION", "sdpa_cudnn": "CUDNN_ATTENTION",
                "sdpa_efficient": "EFFICIENT_ATTENTION"}  # fmt: skip
+# Attention's quick cases: head dims 72 (XL), 64 (B, L), 120 (XXL) and 128 (G) at 258 tokens.
+QUICK_SHAPES = {"attention": ("D1584-H22", "D768-H12", "D1920-H16", "D2688-H21")}
 # Ops whose compiled reference is in the quick subset: the memory-bound ones where the
 # compiler's fusion is the alternative to epg's kernels.
 QUICK_COMPILED = ("layer_norm", "ln_modulate", "gated_residual")
@@ -106,7 +109,7 @@ def _cpu_ops() -> tuple[str, ...]:
 def _is_quick(device: str, op: str, shape: str, batch: int, provider: str) -> bool:
     if device == "cpu":
         return op == "edm_scalings" and batch == 4096 and provider in ("ref", "cuda")
-    if shape != next(iter(SHAPES[op])) or batch != QUICK_BATCH:
+    if shape not in QUICK_SHAPES.get(op, (next(iter(SHAPES[op])),)) or batch != QUICK_BATCH:
         return False
     return provider != "ref_compiled" or op in QUICK_COMPILED
 

@@ -78,9 +78,17 @@ def time_rounds(
             fn()
         sync(device)
 
-    benchmark.pedantic(one_round, rounds=rounds, warmup_rounds=warmup_rounds, iterations=1)
+    benchmark.extra_info["calls_per_round"] = calls  # before the rounds: report.py divides by it
+    try:
+        benchmark.pedantic(one_round, rounds=rounds, warmup_rounds=warmup_rounds, iterations=1)
+    except BaseException:
+        # pytest-benchmark marks a benchmark as failed on an Exception only; one stopped by
+        # KeyboardInterrupt (gpu_check.sh's time limit) or a pytest outcome (pytest-timeout)
+        # would keep no or too few rounds, and one without rounds stops the whole JSON from
+        # being written. Drop it instead.
+        benchmark.has_error = True
+        raise
     per_call = benchmark.stats.stats.median / calls
-    benchmark.extra_info["calls_per_round"] = calls
     benchmark.extra_info["seconds_per_call"] = per_call
     return per_call
 

@@ -51,21 +51,24 @@ def _is_benchmark(item) -> bool:
     return path.name.startswith("bench_") and path.parent == common.REPO / "benchmarks"
 
 
-def _runs_late(item) -> bool:
-    """Compiled training steps cost minutes each: they run after every other case, so a time
-    budget (gpu_check.sh) spends itself on the many cheap figures first."""
+def _run_order(item) -> int:
+    """Where a case runs, so that a time budget (gpu_check.sh) spends itself on the many cheap
+    op figures first: the op cases, then the op cases that compile the reference (a compile
+    each), loaders, sampling, eager training steps, and compiled training steps (minutes each)."""
     params = getattr(getattr(item, "callspec", None), "params", {})
-    path = str(params.get("path", ""))
-    return getattr(item.module, "KIND", None) == "train" and path.startswith("compiled")
+    kind = getattr(item.module, "KIND", None)
+    if kind == "op":
+        return 1 if params.get("provider") == "ref_compiled" else 0
+    if kind == "train":
+        return 5 if str(params.get("path", "")).startswith("compiled") else 4
+    return 3 if kind == "sampling" else 2
 
 
 def pytest_collection_modifyitems(config, items):
     bench = [i for i in items if _is_benchmark(i)]
     if bench:
-        late = [i for i in bench if _runs_late(i)]
-        early = [i for i in bench if not _runs_late(i)]
         others = [i for i in items if not _is_benchmark(i)]
-        items[:] = others + early + late
+        items[:] = others + sorted(bench, key=_run_order)  # stable: file order within a rank
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="no CUDA GPU on this machine: not measured on a GPU")

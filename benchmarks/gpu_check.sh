@@ -12,7 +12,9 @@
 # OMP_NUM_THREADS is set), so CI can run the script end to end in a minute or two.
 #
 # usage: benchmarks/gpu_check.sh [OUT_DIR]
-#   results go to $OUT when set, else OUT_DIR, else ./bench-out
+#   results go to $OUT when set, else OUT_DIR, else ./bench-out: at most 8 files (what the lent
+#   GPU machine sends back): steps.tsv, check.log (probe, venv, report), build.log, gpu-tests.log,
+#   benchmarks.log, benchmarks.json, summary.md, summary.json
 # environment:
 #   PYTHON              interpreter (default: .venv/bin/python when present, else python3)
 #   EPG_CHECK_BUDGET_S  total seconds to plan for (default 470); later steps shrink to fit
@@ -65,7 +67,8 @@ if [ "${EPG_CHECK_CPU_ONLY:-0}" = "1" ]; then
 fi
 export PYTHONDONTWRITEBYTECODE=1
 
-PROBE=$("$PY" - <<'EOF' 2>"$OUT_DIR/probe.log"
+CHECK_LOG="$OUT_DIR/check.log"  # the small logs: interpreter probe, venv, report
+PROBE=$("$PY" - <<'EOF' 2>"$CHECK_LOG"
 import torch
 gpu = torch.cuda.is_available()
 arch = ""
@@ -77,7 +80,7 @@ print(torch.cuda.get_device_name(0) if gpu else "no GPU")
 EOF
 )
 if [ -z "$PROBE" ]; then
-    step "environment" "failed" "$PY cannot import torch (see probe.log)"
+    step "environment" "failed" "$PY cannot import torch (see check.log)"
     exit 1
 fi
 read -r HAVE_GPU ARCH TORCH_V CUDA_V <<< "$(echo "$PROBE" | head -n 1)"
@@ -107,9 +110,9 @@ MISSING="$(missing_modules required) $(missing_modules optional)"
 WHEELS=${EPG_WHEELS:-$ROOT/.whl}
 if [ -n "${MISSING// /}" ] && [ -d "$WHEELS" ]; then
     VENV=$(mktemp -d)/venv
-    if "$PY" -m venv --system-site-packages "$VENV" > "$OUT_DIR/venv.log" 2>&1 &&
+    if "$PY" -m venv --system-site-packages "$VENV" >> "$CHECK_LOG" 2>&1 &&
         "$VENV/bin/python" -m pip install --no-index --find-links "$WHEELS" $MISSING \
-            >> "$OUT_DIR/venv.log" 2>&1; then
+            >> "$CHECK_LOG" 2>&1; then
         PY="$VENV/bin/python"
         say "installed $MISSING from $WHEELS into $VENV"
     fi
@@ -153,7 +156,7 @@ else
     LIMIT=$(min 200 $(( $(left) - 170 )))
     say "GPU tests: pytest -m 'cuda or triton' tests (limit ${LIMIT}s, log gpu-tests.log)"
     run_limited "$LIMIT" "$OUT_DIR/gpu-tests.log" "$PY" -m pytest tests -m "cuda or triton" -q \
-        -p no:cacheprovider --junitxml="$OUT_DIR/gpu-tests.xml"
+        -p no:cacheprovider
     RC=$?
     SUMMARY=$(pytest_summary "$OUT_DIR/gpu-tests.log")
     case $RC in
@@ -191,8 +194,8 @@ fi
 # --- 4. report ---------------------------------------------------------------------------------------
 say "report: summary.md, summary.json"
 if ! "$PY" benchmarks/report.py "$OUT_DIR/benchmarks.json" --steps "$STEPS" \
-    --markdown "$OUT_DIR/summary.md" --summary-json "$OUT_DIR/summary.json" 2> "$OUT_DIR/report.log"; then
-    step "report" "failed" "see report.log"
+    --markdown "$OUT_DIR/summary.md" --summary-json "$OUT_DIR/summary.json" 2>> "$CHECK_LOG"; then
+    step "report" "failed" "see check.log"
 fi
 say "done in $(( $(date +%s) - START ))s; results in $OUT_DIR"
 echo

@@ -12,7 +12,11 @@ not-run entries. GPU and CPU figures go to separate sections, the CPU ones marke
 
 Figures (per call = median round time / calls per round):
   op        µs per call; GB/s = bytes / time and its fraction of the run's measured copy
-            bandwidth; TFLOP/s = matmul FLOPs / time and its fraction of the measured matmul rate
+            bandwidth; TFLOP/s = matmul FLOPs / time and its fraction of the measured matmul rate;
+            on the epg providers (epg, triton, cuda) the speed-up = time of the fastest baseline
+            measured in the same run for the same case / this time: for attention the fastest
+            of SDPA (its own choice, each pinned kernel, the sdpa backend) and flash-attn, for
+            every other op torch.compile of the reference (ref_compiled)
   train     images/s = batch / step time; MFU = images/s × model FLOPs per image / the device's
             dense bf16 peak (GPU); on a CPU the fraction of the measured float32 matmul rate
   sampling  images/s = batch / time of one Heun-32 batch; the same FLOP-based fraction
@@ -47,6 +51,10 @@ MFU_BASIS = (
     "2 × forward) per second / the GPU's dense bf16 peak"
 )
 CPU_BASIS = "in brackets: model FLOP/s as a fraction of the float32 matmul rate measured in the run"
+EPG_PROVIDERS = ("epg", "triton", "cuda")  # the op rows that get a speed-up
+ATTENTION_BASELINES = ("ref", "sdpa", "sdpa_flash", "sdpa_cudnn", "sdpa_efficient", "flash_attn",
+                       "flash_attn_lib")  # fmt: skip
+OP_BASELINES = ("ref_compiled",)
 
 
 # --- numbers --------------------------------------------------------------------------------------
@@ -60,6 +68,13 @@ def fmt(x: float | None, digits: int = 3) -> str:
         return "0"
     decimals = max(0, digits - 1 - math.floor(math.log10(abs(x))))
     return f"{x:,.{decimals}f}"
+
+
+def speedup_text(row: dict) -> str:
+    """'1.42× vs sdpa_flash' for an op row with a speed-up (see add_speedups), else '—'."""
+    if row.get("speedup") is None:
+        return "—"
+    return f"{row['speedup']:.2f}× vs {row['baseline']}"
 
 
 def pct(x: float | None) -> str:
@@ -133,11 +148,51 @@ def derive(bench: dict, run: Run) -> dict | None:
     return row
 
 
+def _case(row: dict) -> tuple:
+    """An op row's case: its run, device, op, shape, batch and mode (every provider shares it)."""
+    f = row["fields"]
+    return row["run"].index, row["device"], f["op"], f["shape"], f["batch"], f["mode"]
+
+
+def add_speedups(measured: list[dict]) -> None:
+    """Give each op row of an epg provider ``speedup``, ``baseline`` and ``baseline_seconds``
+    (see the module docstring): the fastest baseline measured in the same run for the case."""
+    best: dict[tuple, dict] = {}
+    for row in measured:
+        if row["kind"] != "op":
+            continue
+        f = row["fields"]
+        if f["provider"] not in (ATTENTION_BASELINES if f["op"] == "attention" else OP_BASELINES):
+            continue
+        key = _case(row)
+        if key not in best or row["seconds"] < best[key]["seconds"]:
+            best[key] = row
+    for row in measured:
+        base = best.get(_case(row)) if row["kind"] == "op" else None
+        if base is not None and row["fields"]["provider"] in EPG_PROVIDERS:
+            row.update(speedup=base["seconds"] / row["seconds"],
+                       baseline=base["fields"]["provider"], baseline_seconds=base["seconds"])
+
+
+def _read(path: str) -> dict | None:
+    """A results file, or None (said on stderr) when it cannot be read: the other files and the
+    step statuses still make a report."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as exc:  # ValueError: cut short or not JSON
+        print(f"report.py: {path} cannot be read, left out ({exc})", file=sys.stderr)
+        return None
+    if not isinstance(data, dict):
+        print(f"report.py: {path} is not pytest-benchmark JSON, left out", file=sys.stderr)
+        return None
+    return data
+
+
 def load(paths: list[str]) -> tuple[list[Run], list[dict], list[dict]]:
     """(runs, measured rows, not-run rows); a case measured anywhere drops its not-run entries."""
     runs, measured, not_run = [], [], []
-    for i, path in enumerate(paths, start=1):
-        data = json.loads(Path(path).read_text())
+    readable = [(path, data) for path in paths if (data := _read(path)) is not None]
+    for i, (path, data) in enumerate(readable, start=1):
         run = Run(i, path, data)
         runs.append(run)
         for bench in data.get("benchmarks", []):
@@ -149,6 +204,7 @@ def load(paths: list[str]) -> tuple[list[Run], list[dict], list[dict]]:
                 not_run.append({**entry, "fields": entry["params"], "run": run,
                                 "device": entry["params"].get("device", "cpu"),
                                 "key": _key(entry["kind"], entry["params"])})  # fmt: skip
+    add_speedups(measured)
     seen = {row["key"] for row in measured}
     kept: dict[tuple, dict] = {}
     for entry in not_run:
@@ -266,12 +322,15 @@ def _op_section(measured: list[dict], not_run: list[dict]) -> list[str]:
             provider += f" → {ran}"
         rows.append([f["op"], f["shape"], str(f["batch"]), f["mode"], provider,
                      fmt(row["seconds"] * 1e6), fmt(row["gbps"]), pct(row["copy_fraction"]),
-                     fmt(row["tflops"]), pct(row["matmul_fraction"]), row["run"].ref])  # fmt: skip
+                     fmt(row["tflops"]), pct(row["matmul_fraction"]), speedup_text(row),
+                     row["run"].ref])  # fmt: skip
     if rows:
         header = ["op", "shape", "batch", "mode", "provider (→ backend that ran)", "µs", "GB/s",
-                  "of copy", "TFLOP/s", "of matmul", "run"]  # fmt: skip
+                  "of copy", "TFLOP/s", "of matmul", "speed-up", "run"]  # fmt: skip
         out += ["Ops (µs per call; GB/s of minimum traffic and its share of the measured copy "
-                "bandwidth; matmul TFLOP/s and its share of the measured matmul rate):", "",
+                "bandwidth; matmul TFLOP/s and its share of the measured matmul rate; speed-up of "
+                "an epg provider over the fastest baseline of the same run: SDPA or flash-attn "
+                "for attention, torch.compile of the reference for the other ops):", "",
                 *_table(header, rows), ""]  # fmt: skip
     if not_run:
         counts: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
@@ -329,7 +388,10 @@ def _value(row: dict) -> str:
     if row["kind"] == "op":
         value = (f"{fmt(row['seconds'] * 1e6)} µs, {fmt(row['gbps'])} GB/s "
                  f"({pct(row['copy_fraction'])} of copy)")  # fmt: skip
-        return value + (f", {fmt(row['tflops'])} TFLOP/s" if row.get("tflops") else "")
+        value += f", {fmt(row['tflops'])} TFLOP/s" if row.get("tflops") else ""
+        if row.get("speedup") is not None:
+            value += f", {speedup_text(row)} ({fmt(row['baseline_seconds'] * 1e6)} µs)"
+        return value
     value = f"{fmt(row['images_per_s'])} img/s"
     if row.get("mfu") is not None:
         value += f", MFU {pct(row['mfu'])}"
@@ -347,8 +409,19 @@ def render_compact(runs: list[Run], measured: list[dict], not_run: list[dict],
                      f"torch {env.get('torch')}  Triton {env.get('triton') or '—'}  "
                      f"CUDA {run.cuda_text()}  git {env.get('git_revision')}")  # fmt: skip
     rows = [(name, f"{status}: {det}" if det else status) for name, status, det in steps or []]
+    # The other providers of an op case with a speed-up are in it (and in summary.md): the
+    # table stays short enough for the end of a log that is cut to its last 12,000 characters.
+    summarised = {_case(row) for row in measured if row.get("speedup") is not None}
+
+    def folded(row: dict) -> bool:
+        return (row["kind"] == "op" and row["fields"]["provider"] not in EPG_PROVIDERS
+                and _case(row) in summarised)  # fmt: skip
+
     for kind in ("train", "sampling", "loader", "op"):
-        rows += [(_label(row), _value(row)) for row in measured if row["kind"] == kind]
+        rows += [(_label(r), _value(r)) for r in measured if r["kind"] == kind and not folded(r)]
+    count = sum(map(folded, measured))
+    if count:
+        rows.append(("baseline op rows", f"{count} in the speed-ups above (all in summary.md)"))
     other = [e for e in not_run if not_run_text(e) != NOT_ON_GPU]
     if other:
         rows.append(("other cases not run", f"{len(other)} (reasons in summary.md)"))

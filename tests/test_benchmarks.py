@@ -10,6 +10,7 @@ import importlib
 import inspect
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -165,6 +166,53 @@ def test_every_op_case_runs_forward_and_backward_on_cpu(op):
         assert flops.op_counts(op, mode, dims, bench_ops.byte_sizes(torch.bfloat16)).bytes > 0
 
 
+def test_the_quick_gpu_subset_times_attention_at_every_paper_head_dim():
+    """gpu_check.sh's figures include attention at 258 tokens and head dims 64, 72, 120, 128
+    against SDPA, each kernel pinned, forward and backward."""
+    bench_ops = _bench_ops()
+    quick = {}
+    for case in bench_ops._cases():
+        device, op, shape, batch, mode, provider = case.values
+        if device == "cuda" and op == "attention" and any(m.name == "quick" for m in case.marks):
+            dh = bench_ops.dims_of(op, shape, batch)["Dh"]
+            quick.setdefault(dh, set()).add((mode, provider))
+    assert set(quick) == {64, 72, 120, 128}
+    for cases in quick.values():
+        for mode in ("fwd", "bwd"):
+            assert {(mode, p) for p in ("triton", "ref", "sdpa_flash", "sdpa_cudnn")} <= cases
+
+
+@pytest.fixture(scope="module")
+def quick_gpu_order():
+    """The order pytest runs gpu_check.sh's GPU subset in (collected only; no GPU needed)."""
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", "benchmarks", "-m", "quick and gpu", "--collect-only",
+         "-q", "-p", "no:cacheprovider", "-o", "addopts="],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return [line for line in proc.stdout.splitlines() if "::" in line]
+
+
+def test_the_op_figures_run_before_compiles_and_end_to_end_cases(quick_gpu_order):
+    """Under gpu_check.sh's time budget the cheap op cases (attention, the extension's ops) come
+    first; the reference compiles, loaders, sampling and training steps after them."""
+
+    def first(pattern):
+        return min(i for i, name in enumerate(quick_gpu_order) if pattern in name)
+
+    def last(pattern):
+        return max(i for i, name in enumerate(quick_gpu_order) if pattern in name)
+
+    plain_ops = [i for i, name in enumerate(quick_gpu_order)
+                 if "bench_ops.py" in name and "-ref_compiled]" not in name]  # fmt: skip
+    assert max(plain_ops) < first("-ref_compiled]")
+    assert last("-ref_compiled]") < min(first("bench_loader.py"), first("bench_folder_loader.py"))
+    assert last("bench_loader.py") < first("bench_sampling.py") < first("bench_train.py")
+    assert last("-eager_epg-") < first("-compiled_epg-")
+
+
 # --- report.py -----------------------------------------------------------------------------------
 
 
@@ -229,7 +277,7 @@ def test_report_turns_a_cpu_run_into_tables_and_lists_gpu_rows_as_not_measured(t
     # CPU: 16 images / 0.5 s = 32 images/s; 32 × 2 GFLOP = 64 GFLOP/s = 64% of 0.1 TFLOP/s.
     assert "| epg-tiny | diffusion | 16 | 32.0 (64% of fp32 matmul) | — | — | — | [1] |" in cpu
     # 2 MB in 100 µs = 20 GB/s = 200% of the 10 GB/s copy rate (a cached working set).
-    assert "| edm_scalings | edm | 4096 | fwd | cuda | 100 | 20.0 | 200% | — | — | [1] |" in cpu
+    assert "| edm_scalings | edm | 4096 | fwd | cuda | 100 | 20.0 | 200% | — | — | — | [1] |" in cpu
     assert "1 not run: Triton runs on a CPU only in its interpreter" in cpu
     compact = report.render_compact(*report.load([path]))
     assert "train diffusion epg-tiny B16 PyTorch eager [cpu]" in compact
@@ -254,7 +302,107 @@ def test_report_measured_gpu_row_wins_and_gives_mfu(tmp_path):
     assert "not measured on a GPU" not in text
 
 
-# --- gpu_check.sh --------------------------------------------------------------------------------
+def _op_bench(provider, median, op="attention", mode="fwd", device="cuda"):
+    params = {"device": device, "op": op, "shape": "D1584-H22", "batch": 128, "mode": mode,
+              "provider": provider}  # fmt: skip
+    return _bench(params, {"kind": "op", **params, "bytes": 10**9, "flops": 0}, median, calls=10)
+
+
+def test_report_gives_speedups_over_the_fastest_baseline_of_the_same_case(tmp_path):
+    benchmarks = [
+        # attention: against the fastest of SDPA (own choice or pinned) and flash-attn
+        _op_bench("ref", 300e-6), _op_bench("sdpa_flash", 200e-6), _op_bench("sdpa_cudnn", 250e-6),
+        _op_bench("triton", 100e-6), _op_bench("epg", 160e-6),
+        _op_bench("triton", 500e-6, mode="bwd"),  # no baseline measured for the backward
+        # other ops: against torch.compile of the reference, even where eager is faster
+        _op_bench("ref", 50e-6, op="layer_norm"),
+        _op_bench("ref_compiled", 120e-6, op="layer_norm"),
+        _op_bench("triton", 100e-6, op="layer_norm"), _op_bench("cuda", 80e-6, op="layer_norm"),
+    ]  # fmt: skip
+    path = _results(tmp_path, "gpu.json", GPU_ENV, benchmarks, [])
+    runs, measured, not_run = report.load([path])
+    speedups = {(r["fields"]["op"], r["fields"]["mode"], r["fields"]["provider"]):
+                (r.get("speedup"), r.get("baseline")) for r in measured}  # fmt: skip
+    assert speedups[("attention", "fwd", "triton")] == (pytest.approx(2.0), "sdpa_flash")
+    assert speedups[("attention", "fwd", "epg")] == (pytest.approx(1.25), "sdpa_flash")
+    assert speedups[("attention", "fwd", "sdpa_cudnn")] == (None, None)
+    assert speedups[("attention", "bwd", "triton")] == (None, None)
+    assert speedups[("layer_norm", "fwd", "triton")] == (pytest.approx(1.2), "ref_compiled")
+    assert speedups[("layer_norm", "fwd", "cuda")] == (pytest.approx(1.5), "ref_compiled")
+    text = report.render_markdown(runs, measured, not_run)
+    assert ("| attention | D1584-H22 | 128 | fwd | triton | 100 | 10,000 | 250% | — | — | "
+            "2.00× vs sdpa_flash | [1] |") in text
+    compact = report.render_compact(runs, measured, not_run)
+    assert "op attention D1584-H22 B128 fwd triton [cuda]" in compact
+    assert "2.00× vs sdpa_flash (200 µs)" in compact
+    assert "fwd sdpa_flash [cuda]" not in compact  # in the speed-ups; all rows in summary.md
+    assert "op attention D1584-H22 B128 bwd triton [cuda]" in compact
+    assert json.loads(json.dumps(report.summary(runs, measured, not_run), default=str))
+
+
+def test_report_leaves_out_an_unreadable_results_file_and_still_reports(tmp_path, capsys):
+    good = _results(tmp_path, "gpu.json", GPU_ENV, [_op_bench("triton", 1e-4)], [])
+    cut = tmp_path / "cut.json"
+    cut.write_text(Path(good).read_text()[:200])  # a file written only in part
+    steps = tmp_path / "steps.tsv"
+    steps.write_text("build CUDA extension\tok\tin 90s\n")
+    md = tmp_path / "summary.md"
+    assert report.main([str(cut), good, "--steps", str(steps), "--markdown", str(md),
+                        "--compact"]) == 0  # fmt: skip
+    out, err = capsys.readouterr()
+    assert "cut.json cannot be read" in err
+    assert "build CUDA extension" in out and "op attention D1584-H22 B128 fwd triton" in out
+    assert "| [1] | 2026-12-01 | NVIDIA H200" in md.read_text()
+
+
+# --- gpu_check.sh and timing ----------------------------------------------------------------------
+
+INTERRUPTED_BENCH = """
+import os, signal
+
+import torch
+
+from benchmarks import common
+
+
+def test_measured(benchmark):
+    common.time_rounds(benchmark, lambda: None, torch.device("cpu"), rounds=3)
+
+
+def test_interrupted(benchmark):
+    calls = []
+
+    def fn():  # gpu_check.sh's time limit (SIGINT) arrives in the first warm-up round
+        calls.append(1)
+        if len(calls) == 1:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    common.time_rounds(benchmark, fn, torch.device("cpu"), rounds=3, warmup_rounds=2)
+"""
+
+
+def test_a_benchmark_stopped_at_the_time_limit_leaves_the_others_in_the_json(tmp_path):
+    (tmp_path / "test_interrupted_bench.py").write_text(INTERRUPTED_BENCH)
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-o", "addopts=",
+         "--benchmark-json=out.json", "test_interrupted_bench.py"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 2, proc.stdout[-3000:] + proc.stderr[-3000:]  # interrupted
+    assert (tmp_path / "out.json").is_file(), proc.stdout[-3000:] + proc.stderr[-3000:]
+    results = json.loads((tmp_path / "out.json").read_text())
+    assert [b["name"] for b in results["benchmarks"]] == ["test_measured"]
+    assert results["benchmarks"][0]["extra_info"]["calls_per_round"] == 1
+
+
+def test_gpu_check_writes_at_most_eight_files():
+    """The lent GPU machine sends back at most 8 files from $OUT; gpu_check.sh writes no more."""
+    script = (REPO / "benchmarks" / "gpu_check.sh").read_text()
+    names = set(re.findall(r"\$OUT_DIR/([A-Za-z0-9_.-]+)", script))
+    assert {"benchmarks.json", "summary.md", "summary.json", "steps.tsv"} <= names
+    assert len(names) <= 8, sorted(names)
+
 
 
 @pytest.mark.slow
