@@ -171,7 +171,7 @@ def _cmd_sample(args: argparse.Namespace) -> int:
     import torch.distributed as torch_dist
 
     from . import distributed
-    from .generate import GUIDANCE_SCALES, SampleSettings, load_network, run_sampling
+    from .generate import GUIDANCE_SCALES, SampleSettings, load_network, run_sampling, training_class_counts
 
     dist_info = distributed.setup(args.device)
     try:
@@ -187,11 +187,16 @@ def _cmd_sample(args: argparse.Namespace) -> int:
         labels = args.labels
         if net.config.num_classes == 0:
             labels = "none"
+        class_counts = None
+        if args.class_counts:
+            if labels != "random":
+                raise ValueError("--class-counts goes with --labels random")
+            class_counts = training_class_counts(args.class_counts)
         interval = (0.0, float("inf")) if args.no_interval else tuple(args.interval)
         settings = SampleSettings(
             num_images=args.num_images, mode=mode, sampler=sampler, steps=steps, guidance=guidance,
             guidance_interval=interval, trailing_zero=args.trailing_zero, clamp=not args.no_clamp,
-            labels=labels, seed=args.seed, convention=args.convention or info.get("convention", "imagenet"),
+            labels=labels, class_counts=class_counts, seed=args.seed, convention=args.convention or info.get("convention", "imagenet"),
             precision=args.precision, model=info["source"],
         )  # fmt: skip
         if dist_info.is_main:
@@ -317,7 +322,11 @@ def build_parser() -> argparse.ArgumentParser:
     smp.add_argument("--trailing-zero", action="store_true", help="EDM grid ending in sigma=0")
     smp.add_argument("--no-clamp", action="store_true", help="do not clamp the denoised image to [-1, 1]")
     smp.add_argument("--labels", choices=("balanced", "random", "none"), default="balanced",
-                     help="class labels: i mod K (default), i.i.d. uniform, or unconditional")
+                     help="class labels: i mod K (default), i.i.d. (uniform, or see --class-counts), or "
+                     "unconditional")
+    smp.add_argument("--class-counts", metavar="DATA",
+                     help="with --labels random: draw labels from the class frequencies of this training "
+                     "image folder (root/<class>/<image>) or file list, as the released sampler does")
     smp.add_argument("--seed", type=int, default=0)
     smp.add_argument("--convention", choices=("imagenet", "simple"),
                      help="the data normalisation to invert (default: from the checkpoint, else imagenet)")

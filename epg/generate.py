@@ -29,6 +29,7 @@ import json
 import math
 import os
 import time
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -73,6 +74,9 @@ class SampleSettings:
     trailing_zero: bool = False
     clamp: bool = True
     labels: str = "balanced"  # "balanced" | "random" | "none" (unconditional)
+    # With labels="random": per-class training image counts; labels are drawn from these
+    # frequencies, as the released sampler does without balanced sampling (§8). None: uniform.
+    class_counts: tuple[int, ...] | None = None
     seed: int = 0
     convention: str = "imagenet"
     precision: str = "fp32"  # "fp32" | "bf16" (autocast around the network)
@@ -87,6 +91,12 @@ class SampleSettings:
             raise ValueError(f"unknown sampler {self.sampler!r}; expected one of {sorted(sampling.SAMPLERS)}")
         if self.labels not in ("balanced", "random", "none"):
             raise ValueError(f"labels must be 'balanced', 'random' or 'none', got {self.labels!r}")
+        if self.class_counts is not None:
+            if self.labels != "random":
+                raise ValueError(f"class_counts is only used with labels='random', not {self.labels!r}")
+            counts = self.class_counts
+            if not counts or any(not isinstance(c, int) or c < 0 for c in counts) or sum(counts) == 0:
+                raise ValueError("class_counts must be non-negative ints with a positive sum (one per class)")
         if self.convention not in CONVENTIONS:
             raise ValueError(f"convention must be one of {CONVENTIONS}, got {self.convention!r}")
         if self.precision not in ("fp32", "bf16"):
@@ -100,12 +110,16 @@ class SampleSettings:
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d["guidance_interval"] = [float(v) for v in self.guidance_interval]
+        if self.class_counts is not None:
+            d["class_counts"] = list(self.class_counts)
         return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> SampleSettings:
         d = dict(d)
         d["guidance_interval"] = tuple(d["guidance_interval"])
+        if d.get("class_counts") is not None:
+            d["class_counts"] = tuple(d["class_counts"])
         return cls(**d)
 
 
@@ -294,36 +308,61 @@ def _shard(n: int, rank: int, world_size: int) -> range:
     return range(n * rank // world_size, n * (rank + 1) // world_size)
 
 
+def training_class_counts(source: str | os.PathLike) -> tuple[int, ...]:
+    """Images per class of a training set: an image folder ``root/<class>/<image>`` (classes in
+    sorted order, as training labels them) or a file list; for ``SampleSettings.class_counts``."""
+    from .data.folder import open_index
+
+    index = open_index(source, allow_empty_classes=True)
+    return tuple(int(c) for c in np.bincount(index.labels, minlength=index.num_classes))
+
+
 def labels_for(settings: SampleSettings, num_classes: int) -> Tensor | None:
     """The label of every image 0..N−1 (None when unconditional)."""
     if settings.labels == "none":
         return None
     if num_classes < 1:
         raise ValueError("this network is unconditional (num_classes 0): use labels='none'")
+    counts = settings.class_counts
+    if counts is not None and len(counts) != num_classes:
+        raise ValueError(f"class_counts gives {len(counts)} classes; this network has {num_classes}")
     return sampling.class_labels(
-        settings.num_images, num_classes, balanced=settings.labels == "balanced", seed=settings.seed
-    )
+        settings.num_images, num_classes, balanced=settings.labels == "balanced", seed=settings.seed,
+        class_counts=counts,
+    )  # fmt: skip
 
 
-def write_npz(out_dir: str | os.PathLike, num_images: int, labels: Tensor | None) -> Path:
-    """Read images 0..N−1 back from their PNGs into ``samples.npz`` (arr_0 NHWC uint8, arr_1)."""
+def write_npz(
+    out_dir: str | os.PathLike, num_images: int, labels: Tensor | None, progress: bool = True
+) -> Path:
+    """Read images 0..N−1 back from their PNGs into ``samples.npz`` (arr_0 NHWC uint8, arr_1).
+
+    The file is what ``np.savez`` writes, but streamed one image at a time: the whole arr_0 is
+    N·H·W·C bytes (9.8 GB for 50k images at 256 px, 39 GB at 512 px).
+    """
     out_dir = Path(out_dir)
     first = _read_png(image_path(out_dir, 0))
     if first is None:
         raise FileNotFoundError(f"{image_path(out_dir, 0)} is missing or corrupt")
-    images = np.empty((num_images, *first.shape), np.uint8)
-    for i in tqdm(range(num_images), desc="npz", unit="img", leave=False):
-        pixels = first if i == 0 else _read_png(image_path(out_dir, i))
-        if pixels is None or pixels.shape != first.shape:
-            raise ValueError(f"{image_path(out_dir, i)} is missing, corrupt or of another size")
-        images[i] = pixels
-    arrays = {"arr_0": images}
-    if labels is not None:
-        arrays["arr_1"] = labels.numpy().astype(np.int64)
+    header = {"descr": "|u1", "fortran_order": False, "shape": (num_images, *first.shape)}
     path = out_dir / NPZ_NAME
+
     def save(tmp: str) -> None:
-        with open(tmp, "wb") as f:  # a file object: np.savez would append ".npz" to a name
-            np.savez(f, **arrays)
+        # np.savez's layout: uncompressed members arr_0.npy, arr_1.npy, zip64 for > 4 GiB.
+        with zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED, allowZip64=True) as zf:
+            with zf.open("arr_0.npy", "w", force_zip64=True) as f:
+                np.lib.format.write_array_header_1_0(f, header)
+                for i in tqdm(range(num_images), desc="npz", unit="img", disable=not progress,
+                              leave=False):  # fmt: skip
+                    pixels = first if i == 0 else _read_png(image_path(out_dir, i))
+                    if pixels is None or pixels.shape != first.shape:
+                        raise ValueError(
+                            f"{image_path(out_dir, i)} is missing, corrupt or of another size"
+                        )
+                    f.write(np.ascontiguousarray(pixels).tobytes())
+            if labels is not None:
+                with zf.open("arr_1.npy", "w", force_zip64=True) as f:
+                    np.lib.format.write_array(f, labels.numpy().astype(np.int64))
 
     atomic_write(path, save)
     return path
@@ -361,6 +400,25 @@ def run_sampling(
     labels = labels_for(settings, cfg.num_classes)
     if sampling.guidance_applies(settings.guidance) and labels is None:
         raise ValueError("classifier-free guidance needs class labels (labels='none' given)")
+    denoiser = make_denoiser(net, settings.mode, settings.precision, compile, cuda_graph)
+    counter = PassCounter(denoiser)
+    null_class = cfg.num_classes if cfg.num_classes > 0 else None  # the null label is K
+    sample_kwargs = dict(
+        guidance_interval=settings.guidance_interval, clamp=settings.clamp,
+        trailing_zero=settings.trailing_zero, seed=settings.seed, batch_size=batch_size,
+        device=device, progress=False,
+    )  # fmt: skip
+    # Everything that can refuse these settings (the sampler's grid, the seed, the convention's
+    # channels) runs here, on zero images, before the folder is touched: failing later, after
+    # rank 0 discarded the old images (--overwrite) or wrote its settings.json, loses them or
+    # leaves a folder that refuses a corrected rerun.
+    sampling.image_generators([], settings.seed)
+    sampling.sample(
+        counter, None if labels is None else labels[:0], cfg.img_size, cfg.in_channels,
+        settings.steps, settings.sampler, settings.guidance, null_class=null_class, indices=[],
+        **sample_kwargs,
+    )  # fmt: skip
+    to_uint8(torch.zeros(0, cfg.in_channels, 1, 1), settings.convention)
 
     if rank == 0:
         _check_settings(out_dir, settings, overwrite)
@@ -374,9 +432,11 @@ def run_sampling(
 
     (out_dir / IMAGES_DIR).mkdir(parents=True, exist_ok=True)
     mine = _shard(settings.num_images, rank, world_size)
-    todo = [i for i in mine if _read_png(image_path(out_dir, i)) is None]
-    counter = PassCounter(make_denoiser(net, settings.mode, settings.precision, compile, cuda_graph))
-    null_class = cfg.num_classes if cfg.num_classes > 0 else None  # the null label is K
+    # Every existing PNG is decoded (a file cut short by a crash must be resampled): minutes
+    # for 50k images, so it gets a bar of its own.
+    check = tqdm(mine, desc="checking existing images", unit="img", disable=not progress,
+                 leave=False)  # fmt: skip
+    todo = [i for i in check if _read_png(image_path(out_dir, i)) is None]
     start = time.perf_counter()
     bar = tqdm(total=len(mine), initial=len(mine) - len(todo), desc=f"sampling ({settings.sampler})",
                unit="img", disable=not progress, dynamic_ncols=True)
@@ -385,9 +445,7 @@ def run_sampling(
         y = None if labels is None else labels[batch]
         images = sampling.sample(
             counter, y, cfg.img_size, cfg.in_channels, settings.steps, settings.sampler,
-            settings.guidance, null_class=null_class, guidance_interval=settings.guidance_interval,
-            clamp=settings.clamp, trailing_zero=settings.trailing_zero, seed=settings.seed,
-            indices=batch, batch_size=batch_size, device=device, progress=False,
+            settings.guidance, null_class=null_class, indices=batch, **sample_kwargs,
         )  # fmt: skip
         pixels = to_uint8(images, settings.convention)
         for i, px in zip(batch, pixels):
@@ -410,7 +468,7 @@ def run_sampling(
     }
     if rank == 0:
         if write_archive:
-            summary["npz"] = str(write_npz(out_dir, settings.num_images, labels))
+            summary["npz"] = str(write_npz(out_dir, settings.num_images, labels, progress))
             preview = torch.from_numpy(
                 np.stack([_read_png(image_path(out_dir, i)) for i in range(min(64, settings.num_images))])
             ).permute(0, 3, 1, 2).float() / 127.5 - 1.0  # fmt: skip

@@ -488,6 +488,34 @@ def test_bad_batches_are_reported(tmp_path, monkeypatch):
         evaluate(tmp_path / "three.npz", good)
 
 
+def test_inputs_that_cannot_be_evaluated_are_refused_before_the_network_runs(
+    tmp_path, monkeypatch
+):
+    # No weights anywhere: each error must come from checking the inputs, before Inception is
+    # loaded and every sample has gone through it.
+    monkeypatch.delenv("EPG_INCEPTION_WEIGHTS", raising=False)
+    good, three = tmp_path / "good.npz", tmp_path / "three.npz"
+    np.savez(good, arr_0=_images(0))
+    np.savez(three, arr_0=_images(0, n=3))
+    with pytest.raises(ValueError, match=r"three\.npz\[arr_0\] holds 3 images; need at least 4"):
+        evaluate(good, three)
+    stats = tmp_path / "stats.npz"
+    np.savez(stats, mu=np.zeros(2048), sigma=np.eye(2048), mu_s=np.zeros(2023),
+             sigma_s=np.eye(2023), pool_features=np.zeros((3, 2048), np.float32))  # fmt: skip
+    with pytest.raises(ValueError, match=r"\[pool_features\] holds 3 images; need at least 4"):
+        evaluate(good, stats)
+    for batch_size in (0, -1, 2.5):
+        with pytest.raises(ValueError, match="batch_size must be a positive int"):
+            evaluate(good, good, batch_size=batch_size)
+        with pytest.raises(ValueError, match="batch_size must be a positive int"):
+            save_reference_statistics(good, tmp_path / "out.npz", batch_size=batch_size)
+    # A folder of reference images exists: say what a reference must be instead.
+    folder = tmp_path / "ref_pngs"
+    folder.mkdir()
+    with pytest.raises(ValueError, match=r"ref_pngs is a folder; the reference must be an \.npz"):
+        evaluate(good, folder)
+
+
 def test_truncated_batch_fails_while_streaming(tmp_path, weights_file):
     # A valid header for 4 images followed by half an image: found by the reader thread and
     # raised in the caller.

@@ -50,6 +50,33 @@ def test_judge_checks_its_input(judge):
         DigitsJudge().predict(torch.zeros(2, 1, 16, 16))
 
 
+def test_judge_refuses_uint8_pixels_and_labels_of_another_shape(judge, digits):
+    _, (x_te, y_te) = digits
+    # uint8 pixels (e.g. PNGs read back) are not in [−1, 1]; judged as they are, they would give
+    # a meaningless accuracy and distance.
+    pixels = ((x_te[:20] + 1) * 127.5).round().to(torch.uint8)
+    with pytest.raises(ValueError, match=r"float images in \[-1, 1\], got torch.uint8"):
+        judge.predict(pixels)
+    with pytest.raises(ValueError, match="float images"):
+        digits_report(pixels, y_te[:20], judge, x_te)
+    # (N, 1) labels would be compared with (N,) predictions as an (N, N) table.
+    column = y_te[:20, None]
+    message = r"sample_labels must be \(20,\), one per image, got \(20, 1\)"
+    with pytest.raises(ValueError, match=message):
+        digits_report(x_te[:20], column, judge, x_te)
+    with pytest.raises(ValueError, match=r"labels must be \(20,\)"):
+        judge.accuracy(x_te[:20], column)
+    with pytest.raises(ValueError, match=r"labels must be \(20,\)"):
+        digits_report(x_te[:30], y_te[:30], judge, (x_te[:20], column))
+    unfitted = DigitsJudge()
+    with pytest.raises(ValueError, match=r"labels must be \(20,\)"):
+        unfitted.fit(x_te[:20], column, epochs=1)
+    with pytest.raises(ValueError, match="float images"):
+        unfitted.fit(pixels, y_te[:20], epochs=1)
+    with pytest.raises(RuntimeError, match="not fitted"):  # a failed fit leaves no network
+        unfitted.predict(x_te[:20])
+
+
 def test_frechet_distance_of_a_set_with_itself_is_zero():
     rng = np.random.default_rng(0)
     a = rng.normal(size=(500, 8)) @ rng.normal(size=(8, 8))

@@ -1,6 +1,8 @@
 """`epg sample` and epg.generate: files, resume, sharding, official checkpoints, pass counts."""
 
+import dataclasses
 import json
+import tracemalloc
 from pathlib import Path
 
 import numpy as np
@@ -317,3 +319,84 @@ def test_sample_then_evaluate_end_to_end_with_a_random_inception(tiny_ckpt, tmp_
     # Neither or both of --ref / --save-ref: one line on stderr.
     assert main(["evaluate", str(tmp_path / "samples" / "samples.npz"), *common]) == 2
     assert "--ref" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("bad", [dict(seed=-1), dict(steps=1), dict(convention="imagenet")])
+def test_settings_that_cannot_sample_are_refused_before_the_folder_is_touched(tmp_path, bad):
+    # A gray network: the "imagenet" convention needs 3 channels. Heun needs 2 grid points.
+    net = _tiny(in_channels=1)
+    good = SampleSettings(num_images=2, steps=2, convention="simple", labels="random")
+    out = tmp_path / "s"
+    run_sampling(net, out, good, batch_size=2, progress=False)
+    before, settings = _png_stack(out, 2), (out / "settings.json").read_text()
+    with pytest.raises(ValueError):
+        run_sampling(net, out, dataclasses.replace(good, **bad), overwrite=True, progress=False)
+    np.testing.assert_array_equal(_png_stack(out, 2), before)  # --overwrite discarded nothing
+    assert (out / "settings.json").read_text() == settings and (out / "samples.npz").exists()
+    # A fresh folder keeps no settings.json either, which would refuse the corrected rerun.
+    with pytest.raises(ValueError):
+        run_sampling(net, tmp_path / "fresh", dataclasses.replace(good, **bad), progress=False)
+    assert not (tmp_path / "fresh" / "settings.json").exists()
+
+
+def test_progress_bars_follow_the_progress_flag(tiny_ckpt, tmp_path, capsys):
+    net, _ = load_network(tiny_ckpt)
+    settings = SampleSettings(num_images=2, steps=2, convention="simple")
+    run_sampling(net, tmp_path, settings, batch_size=2, progress=False)
+    assert capsys.readouterr().err == ""  # the npz bar too
+    # A rerun decodes every existing PNG before it samples: long for 50k images, so a bar.
+    run_sampling(net, tmp_path, settings, batch_size=2, progress=True)
+    assert "checking existing images" in capsys.readouterr().err
+
+
+def test_npz_is_written_one_image_at_a_time(tmp_path):
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, size=(64, 64, 64, 3), dtype=np.uint8)
+    (tmp_path / "images").mkdir()
+    for i, img in enumerate(images):
+        generate._write_png(image_path(tmp_path, i), img)
+    labels = torch.arange(64) % 10
+    generate.write_npz(tmp_path, 64, labels, progress=False)  # imports and caches warmed up
+    tracemalloc.start()
+    try:
+        path = generate.write_npz(tmp_path, 64, labels, progress=False)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    # Holding the whole arr_0 (768 KB here) would take 39 GB for 50k images at 512 px.
+    assert peak < images.nbytes / 4, peak
+    with np.load(path) as npz:  # np.savez's format: np.load and the ADM evaluator read it
+        np.testing.assert_array_equal(npz["arr_0"], images)
+        np.testing.assert_array_equal(npz["arr_1"], labels.numpy())
+    image_path(tmp_path, 5).write_bytes(b"not a png")
+    with pytest.raises(ValueError, match="000005.png is missing, corrupt"):
+        generate.write_npz(tmp_path, 64, labels, progress=False)
+    np.testing.assert_array_equal(np.load(path)["arr_0"], images)  # the old archive stays whole
+
+
+def test_random_labels_follow_the_training_class_counts(tiny_ckpt, tmp_path, capsys):
+    # The released sampler without balanced sampling draws labels from the training set's class
+    # frequencies (§8): here only classes 3 and 7 have images, 1 : 3.
+    data = tmp_path / "train"
+    for k in range(10):
+        (data / f"c{k}").mkdir(parents=True)
+    for name, n in (("c3", 1), ("c7", 3)):
+        for i in range(n):
+            Image.new("RGB", (4, 4)).save(data / name / f"{i}.png")
+    assert generate.training_class_counts(data) == (0, 0, 0, 1, 0, 0, 0, 3, 0, 0)
+    out = tmp_path / "s"
+    assert _sample_cli(tiny_ckpt, out, "--num-images", "40", "--steps", "2", "--labels", "random",
+                       "--class-counts", str(data)) == 0  # fmt: skip
+    settings = SampleSettings.from_dict(json.loads((out / "settings.json").read_text()))
+    assert settings.class_counts == (0, 0, 0, 1, 0, 0, 0, 3, 0, 0)  # recorded: a resume must match
+    labels = np.load(out / "samples.npz")["arr_1"]
+    assert set(labels.tolist()) == {3, 7} and (labels == 7).sum() > (labels == 3).sum()
+
+    assert _sample_cli(tiny_ckpt, tmp_path / "b", "--class-counts", str(data)) == 2
+    assert "--class-counts goes with --labels random" in capsys.readouterr().err
+    wrong = SampleSettings(num_images=2, steps=2, labels="random", class_counts=(1, 2, 3))
+    with pytest.raises(ValueError, match="class_counts gives 3 classes; this network has 10"):
+        run_sampling(load_network(tiny_ckpt)[0], tmp_path / "c", wrong, progress=False)
+    assert not (tmp_path / "c").exists()
+    with pytest.raises(ValueError, match="only used with labels='random'"):
+        SampleSettings(class_counts=(1,) * 10).validate()

@@ -31,6 +31,7 @@ implementation, and the network's layout against the port's.
 from __future__ import annotations
 
 import contextlib
+import numbers
 import os
 import queue
 import threading
@@ -297,6 +298,18 @@ def _read_exactly(f, size: int, what: str) -> bytes:
     return b"".join(chunks)
 
 
+def _check_batch_size(batch_size) -> None:
+    integral = isinstance(batch_size, numbers.Integral) and not isinstance(batch_size, bool)
+    if not integral or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+
+
+def _check_count(what: str, n: int) -> None:
+    # Each point's radius is its k-th neighbour among the others of its set.
+    if n < PR_NEIGHBOURHOOD + 1:
+        raise ValueError(f"{what} holds {n} images; need at least {PR_NEIGHBOURHOOD + 1}")
+
+
 def _check_images_shape(shape, dtype, what: str) -> None:
     if dtype != np.uint8 or len(shape) != 4 or shape[-1] != 3 or shape[0] < 1:
         raise ValueError(
@@ -503,6 +516,7 @@ def compute_activations(
         images: an .npz path (``arr_0``, uint8 (N, H, W, 3)), a folder of image files, or a
             uint8 (N, H, W, 3) array.
     """
+    _check_batch_size(batch_size)
     source = images if hasattr(images, "batches") else _open_images(images)
     device = model.fc.weight.device
     out: list[list[np.ndarray]] = [[], [], []]
@@ -521,6 +535,12 @@ class _Reference:
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
+        if self.path.is_dir():
+            raise ValueError(
+                f"{self.path} is a folder; the reference must be an .npz: an ADM reference batch, "
+                "or the statistics that save_reference_statistics (epg evaluate FOLDER "
+                "--save-ref OUT.npz) writes from a folder of images"
+            )
         if not self.path.is_file():
             raise FileNotFoundError(f"no such reference .npz: {self.path}")
         if not zipfile.is_zipfile(self.path):
@@ -596,13 +616,16 @@ def evaluate(
     Values match the ADM evaluator up to the TF→PyTorch Inception port's small differences
     (see the module docstring); with fewer than ~2048 samples FID is strongly biased upward.
     """
+    _check_batch_size(batch_size)
     sample_source = _open_images(samples)
     ref = _Reference(reference)
-    if len(sample_source) < PR_NEIGHBOURHOOD + 1:
-        raise ValueError(
-            f"{sample_source.name} holds {len(sample_source)} images; need at least "
-            f"{PR_NEIGHBOURHOOD + 1}"
-        )
+    _check_count(sample_source.name, len(sample_source))
+    # The reference points of precision/recall (and of FID without stored statistics) are
+    # counted here too, not after every sample has gone through the network.
+    if ref.pool_features is not None:
+        _check_count(f"{ref.path}[{POOL_FEATURES_KEY}]", len(ref.pool_features))
+    elif ref.images is not None:
+        _check_count(ref.images.name, len(ref.images))
     dev = _device(device)
     weights_path = resolve_weights(weights)
     model = load_inception(weights_path, dev)
@@ -686,11 +709,9 @@ def save_reference_statistics(
     """
     from ..checkpoint import atomic_write
 
+    _check_batch_size(batch_size)
     images = _open_images(source)
-    if len(images) < PR_NEIGHBOURHOOD + 1:
-        raise ValueError(
-            f"{images.name} holds {len(images)} images; need at least {PR_NEIGHBOURHOOD + 1}"
-        )
+    _check_count(images.name, len(images))
     model = load_inception(weights, _device(device))
     acts = compute_activations(
         images, model, batch_size=batch_size, progress=progress, desc="Inception (reference)"

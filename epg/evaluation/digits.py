@@ -45,6 +45,13 @@ class _JudgeNet(nn.Module):
         return self.head(self.features(x))  # (B, num_classes)
 
 
+def _check_labels(labels: Tensor, n: int, what: str = "labels") -> Tensor:
+    # (N, 1) labels would broadcast against (N,) predictions into an (N, N) comparison.
+    if labels.shape != (n,):
+        raise ValueError(f"{what} must be ({n},), one per image, got {tuple(labels.shape)}")
+    return labels
+
+
 def _random_shift(x: Tensor, max_shift: int, generator: torch.Generator) -> Tensor:
     """Translate each image by an integer offset in [−max_shift, max_shift]², zero (= −1) fill."""
     if max_shift == 0:
@@ -83,14 +90,20 @@ class DigitsJudge:
         self.device = torch.device(device)
         self.net: _JudgeNet | None = None
 
-    def _check(self, images: Tensor) -> Tensor:
+    def _check(self, images: Tensor, fitted: bool = True) -> Tensor:
         expected = (self.channels, self.image_size, self.image_size)
         if images.dim() != 4 or tuple(images.shape[1:]) != expected:
             raise ValueError(
                 f"the judge takes (N, {', '.join(map(str, expected))}) images, "
                 f"got {tuple(images.shape)}"
             )
-        if self.net is None:
+        if not images.is_floating_point():
+            # uint8 pixels would pass as values far outside [−1, 1] and be judged as such.
+            raise ValueError(
+                f"the judge takes float images in [-1, 1], got {images.dtype} (for uint8 "
+                "pixels: x / 127.5 - 1)"
+            )
+        if fitted and self.net is None:
             raise RuntimeError("the judge is not fitted: call fit() first")
         return images.detach().to(self.device, torch.float32)
 
@@ -129,9 +142,9 @@ class DigitsJudge:
             torch.manual_seed(seed)
             in_dim = self.channels * self.image_size**2
             net = _JudgeNet(in_dim, self.num_classes, self.hidden, self.feature_dim)
-        self.net = net.to(self.device)
-        x = self._check(images)
-        y = labels.to(self.device, torch.int64)
+        net = net.to(self.device)
+        x = self._check(images, fitted=False)
+        y = _check_labels(labels, len(x)).to(self.device, torch.int64)
         g = torch.Generator().manual_seed(seed)
         opt = torch.optim.Adam(net.parameters(), lr=lr)
         steps_per_epoch = math.ceil(len(y) / batch_size)
@@ -147,7 +160,9 @@ class DigitsJudge:
                 loss.backward()
                 opt.step()
                 sched.step()
-        net.eval()
+        # Only a finished training makes the judge fitted: a failed fit must not leave an
+        # untrained (or half-trained) network that judges samples without complaint.
+        self.net = net.eval()
 
     @torch.no_grad()
     def _batched(self, images: Tensor, fn, batch_size: int = 1024) -> Tensor:
@@ -164,7 +179,8 @@ class DigitsJudge:
 
     def accuracy(self, images: Tensor, labels: Tensor) -> float:
         """Fraction of images whose predicted class equals ``labels`` (N,)."""
-        return float((self.predict(images) == labels.cpu()).double().mean())
+        pred = self.predict(images)
+        return float((pred == _check_labels(labels, len(pred)).cpu()).double().mean())
 
     def features(self, images: Tensor) -> np.ndarray:
         """(N, feature_dim) float64 penultimate-layer activations (after ReLU)."""
@@ -215,9 +231,7 @@ def digits_report(
         ``num_reference``.
     """
     real_images, real_labels = real_test if isinstance(real_test, tuple) else (real_test, None)
-    sample_labels = sample_labels.cpu().to(torch.int64)
-    if len(samples) != len(sample_labels):
-        raise ValueError(f"{len(samples)} samples but {len(sample_labels)} labels")
+    sample_labels = _check_labels(sample_labels, len(samples), "sample_labels").cpu().long()
     pred = judge.predict(samples)
     correct = pred == sample_labels
     class_accuracy = []
