@@ -270,6 +270,11 @@ def sample_preview(trainer: Trainer, step: int) -> Path | None:
     return path
 
 
+class NonFiniteStop(RuntimeError):
+    """``max_bad_steps`` non-finite steps in a row. The count comes from all-reduced values, so
+    every rank raises it at the same step."""
+
+
 def _step_seed(seed: int, step: int, stream: int, rank: int = 0, attempt: int = 0) -> int:
     # attempt: how many non-finite tries of this step came before (a retry draws afresh)
     return (seed * 1_000_003 + step * 8_191 + stream * 131 + rank + attempt * 2_147_483_647) % (2**63 - 1)
@@ -864,7 +869,7 @@ class Trainer:
             self.optimizer.zero_grad(set_to_none=True)
             if self.bad_in_a_row - self._bad_before_resume >= self.cfg.max_bad_steps:
                 shown = ", ".join(f"{k}={v:.4g}" for k, v in values.items())
-                raise RuntimeError(
+                raise NonFiniteStop(
                     f"stopping: {self.bad_in_a_row} non-finite steps in a row, the last at step "
                     f"{step} ({shown}); the newest checkpoint is in {self.ckpt_dir}"
                 )
@@ -928,8 +933,8 @@ class Trainer:
                         self.save_checkpoint()
                     if self.preview and cfg.preview_every and self.step % cfg.preview_every == 0:
                         self.preview(self, self.step)  # every rank: a sharded EMA samples collectively
-            except Exception:
-                self._save_before_failing()
+            except Exception as exc:
+                self._save_before_failing(collective=isinstance(exc, NonFiniteStop))
                 raise
             finally:
                 bar.close()
@@ -968,11 +973,12 @@ class Trainer:
         finally:
             signal.signal(signal.SIGINT, previous)
 
-    def _save_before_failing(self) -> None:
+    def _save_before_failing(self, collective: bool) -> None:
         """On an error between steps (a bad image, a stop after non-finite steps), keep the steps
-        made since the last checkpoint. Single-process runs only: with several ranks the others
-        would wait in the checkpoint's collectives for a rank that has failed."""
-        if self.dist.distributed or self._updating or self.step <= self._saved_step:
+        made since the last checkpoint. With several ranks only for a ``collective`` error, one
+        every rank raises at the same step (the non-finite stop, decided on all-reduced values):
+        after one rank's own error the others would wait in the checkpoint's collectives."""
+        if (self.dist.distributed and not collective) or self._updating or self.step <= self._saved_step:
             return
         try:
             path = self.save_checkpoint()

@@ -364,6 +364,36 @@ def test_two_process_resume_continues_each_ranks_dropout_stream(tmp_path):
     assert results[2] == results[0]  # bit for bit
 
 
+_NON_FINITE_SCRIPT = """
+import json, sys
+from epg.train import TrainConfig, Trainer
+trainer = Trainer(TrainConfig(**json.loads(sys.argv[1])))
+real_loss = trainer.loss_fn
+def inf_on_rank1_from_step_2(batch, draws):
+    loss, terms = real_loss(batch, draws)
+    return (loss * float("inf"), terms) if trainer.step >= 2 and trainer.dist.rank == 1 else (loss, terms)
+trainer.loss_fn = inf_on_rank1_from_step_2
+trainer.fit()
+"""
+
+
+@pytest.mark.slow
+def test_two_process_non_finite_stop_saves_the_steps_made(tmp_path):
+    # One rank's non-finite loss stops both ranks at the same step, so they can write the
+    # checkpoint together before failing (a rank's own error, like a bad image, cannot).
+    script = tmp_path / "run.py"
+    script.write_text(_NON_FINITE_SCRIPT)
+    cfg = _cfg(tmp_path / "run", "diffusion", steps=6, ckpt_every=0, max_bad_steps=2)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+           "--master_port", "29547", str(script), json.dumps(cfg.to_dict())]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode != 0
+    assert "2 non-finite steps in a row, the last at step 2" in proc.stderr
+    assert "(step 2) before stopping" in proc.stderr, proc.stderr[-3000:]
+    assert Trainer(cfg).step == 2
+
+
 def test_previews_and_logs_are_written(tmp_path):
     trainer = Trainer(_cfg(tmp_path, "diffusion", steps=2, preview_every=2, log_every=2))
     trainer.fit()
