@@ -378,7 +378,7 @@ def test_consistency_draws():
     obj, _, _ = make_consistency()
     B = 512
     d = obj.draw(250_000, B, SHAPE, gen(8), "cpu")
-    assert d.keys() == {"t", "r", "weight", "eps", "drop"}
+    assert d.keys() == {"t", "r", "weight", "eps", "drop", "denoise"} and not d["denoise"].any()
     for key, value in obj.draw(250_000, B, SHAPE, gen(8), "cpu").items():
         assert torch.equal(value, d[key]), key
     assert d["t"].shape == d["r"].shape == d["weight"].shape == (B,) and not d["drop"].any()
@@ -429,6 +429,40 @@ def test_consistency_loss_matches_formula():
     assert_close(terms["consistency"], cons.mean(), atol=1e-5, rtol=1e-4, what="consistency")
     assert_close(terms["aux"], aux.mean(), atol=1e-5, rtol=1e-5, what="aux")
     assert_close(loss, (cons + aux).mean(), atol=1e-5, rtol=1e-4, what="loss")
+
+
+def test_consistency_stage_0_is_the_codes_denoising_warm_up():
+    # first_stage=0 (the code's delta = 0): the first stage_length steps regress D_θ(x_t, t) on
+    # x0 with the weight 1/(σ_i − σ_{i+1}) of the 2560-point grid point nearest to t, no L_aux;
+    # the ECT stages 1, 2, … follow.
+    obj, net, perceptual = make_consistency(first_stage=0, stage_length=10)
+    assert [obj.stage(s) for s in (0, 9, 10, 25)] == [0, 0, 1, 2]
+    B = 4
+    draws = obj.draw(9, B, SHAPE, gen(3), "cpu")
+    assert draws["denoise"].all() and not obj.draw(10, B, SHAPE, gen(3), "cpu")["denoise"].any()
+    t_raw = draws["t"].double() / SHIFT
+    grid = karras_sigmas(2560)
+    i = (t_raw[:, None] - grid[None, :-1]).abs().argmin(dim=1)
+    assert_close(draws["weight"], (1 / (grid[i] - grid[i + 1])).float(), rtol=1e-4, what="weight")
+    assert ect_r(t_raw, 9, 10, first_stage=0).tolist() == [0.002] * B
+
+    x0 = torch.randn(B, *SHAPE) * 0.5
+    label = torch.tensor([1, 2, 3, 4])
+    loss, terms = obj.loss({"image": x0, "label": label}, draws)
+    t = draws["t"]
+    smin = 0.002 * SHIFT
+    v = t.view(B, 1, 1, 1)
+    with torch.no_grad():
+        x_t = x0 + v * draws["eps"]
+        d_t = SD**2 / ((v - smin) ** 2 + SD**2) * x_t + (v - smin) * SD / torch.sqrt(v**2 + SD**2) * net(
+            c_in(v) * x_t, t_cond(t), label
+        )
+        delta2 = ((d_t - x0) ** 2).sum(dim=(1, 2, 3))
+        expected = draws["weight"] * delta2 / torch.sqrt(delta2 + 0.06**2)
+    assert float(terms["aux"].detach()) == 0.0
+    assert_close(terms["consistency"], expected.mean(), atol=1e-5, rtol=1e-4, what="stage-0 loss")
+    with pytest.raises(ValueError, match="first_stage must be 0"):
+        make_consistency(first_stage=2)
 
 
 def test_consistency_pseudo_huber_gradient():

@@ -4,6 +4,8 @@
     Δ² = Σ_pixels (D_θ(x0 + tε, t) − D_sgθ(x0 + rε, r))²,   ℓ = Δ² / sqrt(sg(Δ²) + c²)
     L_aux = NT(W_φ(c_in(σ̃_min)·D_θ, σ̃_min), sg W_φ(c_in(σ̃_min)·x0, σ̃_min); τ_aux)
     L = mean_batch(w·ℓ + aux_weight·L_aux),   w = 1/(t − r) on shifted t, r.
+With ``first_stage=0`` the first stage is the code's denoising warm-up: D_sgθ(x_r, r) → x0,
+w = 1/(σ_i − σ_{i+1}) on a Karras grid, no L_aux.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import torch
 from torch import Tensor
 
 from .. import ops
-from ..schedules import SIGMA_DATA, SIGMA_MIN, resolution_shift
+from ..schedules import RHO, SIGMA_DATA, SIGMA_MAX, SIGMA_MIN, karras_sigmas, resolution_shift
 from .infonce import info_nce
 
 __all__ = ["ect_r", "ConsistencyObjective"]
@@ -26,14 +28,15 @@ def ect_r(
     k: float = 8.0,
     b: float = 1.0,
     sigma_min: float = SIGMA_MIN,
+    first_stage: int = 1,
 ) -> Tensor:
     """The ECT "sigmoid" mapping t → r at training step ``step`` (epg-method.md §7.2).
 
-    s = floor(step / stage_length) + 1,  r = max(t·(1 − q^(−s)·(1 + k·sigmoid(−b·t))), σ_min),
-    t and r unshifted. Stage 1: r/t → 0.5 for large t and r = σ_min for t ≲ 1; stage 7:
-    r/t ≈ 0.96–0.99.
+    s = floor(step / stage_length) + first_stage,
+    r = max(t·(1 − q^(−s)·(1 + k·sigmoid(−b·t))), σ_min), t and r unshifted. Stage 1: r/t → 0.5
+    for large t and r = σ_min for t ≲ 1; stage 7: r/t ≈ 0.96–0.99; stage 0: r = σ_min.
     """
-    stage = step // stage_length + 1
+    stage = step // stage_length + first_stage
     ratio = 1.0 - q ** (-stage) * (1.0 + k * torch.sigmoid(-b * t))
     return (t * ratio).clamp(min=sigma_min)
 
@@ -57,6 +60,12 @@ class ConsistencyObjective:
         aux_weight: weight of L_aux (1.0); tau_aux: its temperature (0.1).
         label_dropout: probability of the null label; the latest official consistency config
             uses 0.0, so it is off by default.
+        first_stage: the stage of the first ``stage_length`` steps (the code's ``delta``): 1 as
+            released; 0 turns them into the code's denoising warm-up ("stage 0", unreachable in
+            the released config): target x0 instead of the stop-gradient network, weight
+            1/(σ_i − σ_{i+1}) at the point of a ``denoise_grid_scales``-point unshifted Karras
+            grid nearest to t (2560 in the code; t itself is not snapped), no auxiliary term.
+            The ECT stages 1, 2, … follow it.
         match_dropout: save and restore the RNG around the online pass so the target pass sees
             the same dropout masks (True, as the official code). Set False when the net has no
             dropout to avoid the graph breaks described below.
@@ -75,7 +84,8 @@ class ConsistencyObjective:
 
     draw(...) keys (all per-sample):
         "t", "r" (B,) float32 shifted; "weight" (B,) float32 = 1/(t − r) (0 where t = r);
-        "eps" (B, C, H, W) float32; "drop" (B,) bool label-dropout mask.
+        "eps" (B, C, H, W) float32; "drop" (B,) bool label-dropout mask; "denoise" (B,) bool,
+        all True in stage 0.
     loss terms: "consistency" = mean(w·ℓ), "aux" = mean(L_aux) (unweighted; 0 without
     ``perceptual``).
     """
@@ -99,11 +109,17 @@ class ConsistencyObjective:
         b: float = 1.0,
         label_dropout: float = 0.0,
         match_dropout: bool = True,
+        first_stage: int = 1,
+        denoise_grid_scales: int = 2560,
     ):
         if num_classes < 0:
             raise ValueError(f"num_classes must be >= 0, got {num_classes}")
         if stage_length <= 0:
             raise ValueError(f"stage_length must be positive, got {stage_length}")
+        if first_stage not in (0, 1):
+            raise ValueError(f"first_stage must be 0 (denoising warm-up) or 1, got {first_stage}")
+        if denoise_grid_scales < 2:
+            raise ValueError(f"denoise_grid_scales must be >= 2, got {denoise_grid_scales}")
         self.net = net
         self.perceptual = perceptual
         self.img_size = img_size
@@ -120,6 +136,14 @@ class ConsistencyObjective:
         self.q, self.k, self.b = q, k, b
         self.label_dropout = label_dropout
         self.match_dropout = match_dropout
+        self.first_stage = first_stage
+        # Stage 0's weights: σ_i − σ_{i+1} of the grid, for i = 0..N−2 (the index is clamped there).
+        grid = karras_sigmas(denoise_grid_scales, sigma_min, SIGMA_MAX, RHO)
+        self.denoise_grid, self.denoise_weights = grid[:-1], 1.0 / (grid[:-1] - grid[1:])
+
+    def stage(self, step: int) -> int:
+        """The ECT stage of ``step`` (0: the denoising warm-up)."""
+        return step // self.stage_length + self.first_stage
 
     def draw(
         self,
@@ -135,16 +159,23 @@ class ConsistencyObjective:
         eps = torch.randn((batch_size, *image_shape), generator=generator, device=gen_device)
         drop = torch.rand(batch_size, generator=generator, device=gen_device) < self.label_dropout
         t = (log_t.double() * self.P_std + self.P_mean).exp().clamp(min=self.sigma_min)
-        r = ect_r(t, step, self.stage_length, self.q, self.k, self.b, self.sigma_min)
+        r = ect_r(t, step, self.stage_length, self.q, self.k, self.b, self.sigma_min, self.first_stage)
+        denoise = self.stage(step) == 0
+        if denoise:
+            # argmin over |t − σ_i| for i ≤ N−2: the code's nearest index clamped to N−2.
+            index = (t.cpu()[:, None] - self.denoise_grid[None, :]).abs().argmin(dim=1)
+            weight = self.denoise_weights[index].to(t.device)
         t, r = t * self.shift, r * self.shift
-        gap = t - r
-        weight = torch.where(gap > 0, 1.0 / gap, torch.zeros_like(gap))
+        if not denoise:
+            gap = t - r
+            weight = torch.where(gap > 0, 1.0 / gap, torch.zeros_like(gap))
         return {
             "t": t.float().to(device),
             "r": r.float().to(device),
             "weight": weight.float().to(device),
             "eps": eps.to(device),
             "drop": drop.to(device),
+            "denoise": torch.full((batch_size,), denoise, dtype=torch.bool, device=device),
         }
 
     def denoise(self, x0: Tensor, eps: Tensor, sigma: Tensor, y: Tensor | None) -> Tensor:
@@ -169,7 +200,7 @@ class ConsistencyObjective:
         self, batch: dict[str, Tensor], draws: dict[str, Tensor]
     ) -> tuple[Tensor, dict[str, Tensor]]:
         x0 = batch["image"]
-        t, r, weight = draws["t"], draws["r"], draws["weight"]
+        t, r, weight, denoise = draws["t"], draws["r"], draws["weight"], draws["denoise"]
         eps = draws["eps"].to(x0.dtype)
         y = None
         if self.num_classes > 0:
@@ -186,6 +217,9 @@ class ConsistencyObjective:
                 torch.cuda.set_rng_state(cuda_state, x0.device)
         with torch.no_grad():
             d_target = self.denoise(x0, eps, r, y)
+            # Stage 0 (denoising warm-up): the clean image is the target. A per-sample select,
+            # not a branch, so one compiled graph serves every stage.
+            d_target = torch.where(denoise.view(-1, 1, 1, 1), x0.to(d_target.dtype), d_target)
 
         # w·Δ²/sqrt(sg(Δ²) + c²), Δ² the per-sample squared distance (§7.3).
         consistency = ops.pseudo_huber_loss(d_online, d_target, weight, self.c)  # (B,)
@@ -194,7 +228,7 @@ class ConsistencyObjective:
             q = self.perceptual_features(d_online.to(x0.dtype))
             with torch.no_grad():
                 k = self.perceptual_features(x0)
-            aux = info_nce(q, k, self.tau_aux)  # (B,)
+            aux = torch.where(denoise, 0.0, info_nce(q, k, self.tau_aux))  # (B,), none in stage 0
         else:
             aux = torch.zeros_like(consistency)
 
