@@ -133,12 +133,12 @@ def _patch_embed_fwd_kernel(
         p1_0 = (t % CHUNKS) * ROWS
         if MASK_K:
             k_ok = k_col_ok & (k_row < P - p1_0)
-            a = tl.load(a_ptrs + (c * stride_img_c + p1_0 * stride_img_h),
+            a = tl.load(a_ptrs + (c.to(tl.int64) * stride_img_c + p1_0 * stride_img_h),
                         mask=mask_m[:, None] & k_ok[None, :], other=0.0)
             wt = tl.load(w_ptrs + (c * stride_w_c + p1_0 * stride_w_h),
                          mask=k_ok[:, None] & mask_d[None, :], other=0.0)
         else:
-            a = tl.load(a_ptrs + (c * stride_img_c + p1_0 * stride_img_h),
+            a = tl.load(a_ptrs + (c.to(tl.int64) * stride_img_c + p1_0 * stride_img_h),
                         mask=mask_m[:, None], other=0.0)
             wt = tl.load(w_ptrs + (c * stride_w_c + p1_0 * stride_w_h),
                          mask=mask_d[None, :], other=0.0)

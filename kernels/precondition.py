@@ -32,9 +32,13 @@ place, others are copied once by ``reshape``. Grid (B, chunks): program (b, c) w
 c + chunks, … of sample b, so a sample's reduction is split over ``chunks`` programs when the
 batch alone would not fill the GPU.
 
-Block size: on a GPU the launchers autotune BLOCK (1024–8192 elements) and the warp count per
-image size (``AUTOTUNE_CONFIGS``); under the Triton interpreter autotuning cannot run (it needs a
-driver), so one fixed configuration is used there. Which configuration wins, and whether the
+Block size: on a GPU the elementwise launchers autotune BLOCK (1024–8192 elements) and the warp
+count per image size (``AUTOTUNE_CONFIGS``). The kernels that reduce (the backward's σ partial
+sums, the squared distance of the consistency loss) use one fixed configuration instead: the
+block and warp count set the order of a sample's sum, and an autotuner's timing-dependent choice
+would change a loss's last bits from one process to the next (a resumed run would not repeat
+the uninterrupted one). Under the Triton interpreter autotuning cannot run (it needs a driver),
+so one fixed configuration is used there for all. Which configuration wins, and whether the
 kernels reach the copy bandwidth, only a GPU can say: ``benchmarks/bench_ops.py`` measures it.
 """
 
@@ -193,31 +197,33 @@ def _scaled_difference_kernel(
 
 _TUNED = {
     kernel: triton.autotune(configs=AUTOTUNE_CONFIGS, key=["M"])(kernel)
-    for kernel in (
-        _precondition_fwd_kernel,
-        _precondition_bwd_kernel,
-        _squared_sum_kernel,
-        _scaled_difference_kernel,
-    )
+    for kernel in (_precondition_fwd_kernel, _scaled_difference_kernel)
 }
+# The reducing kernels' one configuration on a GPU: the same sums in every process.
+_REDUCTION_CONFIG = {"BLOCK": 2048, "num_warps": 8}
 
 
 # --- launch helpers -----------------------------------------------------------------------------
 
 
 def _launch(kernel, grid: tuple[int, int], *args, **constexprs) -> None:
-    """Autotuned on a GPU; one fixed configuration under the interpreter, which cannot autotune.
-    Every kernel here only stores (no accumulation into outputs), so the autotuner's repeated
-    trial launches leave correct results."""
+    """Autotuned on a GPU (elementwise kernels) or one fixed configuration (reducing kernels, and
+    every kernel under the interpreter, which cannot autotune). Every kernel here only stores (no
+    accumulation into outputs), so the autotuner's repeated trial launches leave correct results."""
     if is_interpreter():
         kernel[grid](*args, BLOCK=_INTERPRETER_BLOCK, num_warps=4, **constexprs)
-    else:
+    elif kernel in _TUNED:
         _TUNED[kernel][grid](*args, **constexprs)
+    else:
+        kernel[grid](*args, **_REDUCTION_CONFIG, **constexprs)
 
 
-def _chunks(B: int, M: int, device: torch.device) -> int:
-    """Programs per sample: enough to give the grid ~4 programs per SM, at most one per block."""
-    return max(1, min(cdiv(M, _MIN_BLOCK), cdiv(target_programs(device), max(B, 1))))
+def _chunks(B: int, M: int, device: torch.device, kernel) -> int:
+    """Programs per sample: enough to give the grid ~4 programs per SM, at most one per block
+    (of the smallest block ``kernel`` can run with)."""
+    fixed = kernel not in _TUNED and not is_interpreter()
+    block = _REDUCTION_CONFIG["BLOCK"] if fixed else _MIN_BLOCK
+    return max(1, min(cdiv(M, block), cdiv(target_programs(device), max(B, 1))))
 
 
 def _acc(t: Tensor) -> tuple[tl.dtype, torch.dtype]:
@@ -284,7 +290,7 @@ def noise_precondition(
     scalings = [torch.empty(B, dtype=torch.float32, device=x0.device) for _ in range(4)]
     M = x0_rows.shape[1]
     if B > 0:
-        chunks = _chunks(B, M, x0.device)
+        chunks = _chunks(B, M, x0.device, _precondition_fwd_kernel)
         sigma = sigma.contiguous()
         with device_guard(x0):
             _launch(
@@ -329,7 +335,7 @@ def noise_precondition_backward(
     grad_x0 = torch.empty(x0.shape, dtype=x0.dtype, device=x0.device)
     grad_eps = torch.empty(eps.shape, dtype=eps.dtype, device=eps.device)
     M = rows[1].shape[1]
-    chunks = _chunks(B, M, x0.device)
+    chunks = _chunks(B, M, x0.device, _precondition_bwd_kernel)
     part = torch.empty((2, B, chunks), dtype=acc_torch, device=x0.device)  # every program stores
     if B > 0:
         sigma = sigma.contiguous()
@@ -364,7 +370,7 @@ def _squared_sum(name: str, pred: Tensor, target: Tensor, weight: Tensor) -> tup
     B, p, t = _loss_inputs(name, pred, target, weight)
     acc_tl, acc_torch = _acc(pred)
     M = p.shape[1]
-    chunks = _chunks(B, M, pred.device)
+    chunks = _chunks(B, M, pred.device, _squared_sum_kernel)
     part = torch.empty((B, chunks), dtype=acc_torch, device=pred.device)  # every program stores
     if B > 0:
         with device_guard(pred):
@@ -379,7 +385,7 @@ def _scaled_difference(name: str, pred: Tensor, target: Tensor, weight: Tensor, 
     out = torch.empty(pred.shape, dtype=pred.dtype, device=pred.device)
     M = p.shape[1]
     if B > 0 and M > 0:
-        chunks = _chunks(B, M, pred.device)
+        chunks = _chunks(B, M, pred.device, _scaled_difference_kernel)
         with device_guard(pred):
             _launch(_scaled_difference_kernel, (B, chunks), p, t,
                     factor.to(acc_torch).contiguous(), out, M, chunks,

@@ -108,8 +108,17 @@ def test_autotune_configs_cover_the_interpreter_block():
     assert precondition_module._INTERPRETER_BLOCK in blocks
     assert len(set(blocks)) > 1
     for B, M in ((1, 10), (1, 3 * 256 * 256), (256, 3 * 256 * 256), (7, 5000)):
-        chunks = precondition_module._chunks(B, M, torch.device(DEVICE))
+        kernel = precondition_module._scaled_difference_kernel
+        chunks = precondition_module._chunks(B, M, torch.device(DEVICE), kernel)
         assert 1 <= chunks <= max(1, math.ceil(M / min(blocks)))
+
+
+def test_reducing_kernels_are_not_autotuned():
+    """A sum's order follows the block and warp count: an autotuner's timing-dependent pick
+    would change the losses' last bits between processes (and break exact resume on a GPU)."""
+    m = precondition_module
+    assert set(m._TUNED) == {m._precondition_fwd_kernel, m._scaled_difference_kernel}
+    assert m._REDUCTION_CONFIG["BLOCK"] in [cfg.kwargs["BLOCK"] for cfg in m.AUTOTUNE_CONFIGS]
 
 
 # --- noise_precondition ----------------------------------------------------------------------------
