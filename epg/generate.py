@@ -150,14 +150,16 @@ def load_network(
             raise ValueError("--official needs --config NAME (e.g. epg-xl-16), the released files "
                              "hold weights only")
         net = ckpt.load_official(official, config, device=device)
-        info = {"config": config, "source": f"official:{official}", "convention": "imagenet",
+        info = {"config": config, "source": f"official:{Path(official).resolve()}", "convention": "imagenet",
                 "mode": "consistency" if config in RELEASED_CONSISTENCY_CONFIGS else "diffusion"}
     else:
         folder = _checkpoint_path(Path(checkpoint))
         # The recorded mode decides before the weights are read: a stage-1 folder is refused
         # without loading it.
         _, meta = ckpt.read_config(folder if folder.is_dir() else folder.parent)
-        info = {"config": None, "source": str(folder)}
+        # Absolute: settings.json records it, and a rerun from another folder (or with the
+        # other spelling of the path) is the same run.
+        info = {"config": None, "source": str(folder.resolve())}
         if meta.get("mode") in MODES:
             info["mode"] = meta["mode"]
         elif meta.get("mode") == "pretrain":
@@ -279,7 +281,10 @@ def _check_settings(out_dir: Path, settings: SampleSettings, overwrite: bool) ->
         try:
             saved = json.loads(path.read_text())
         except json.JSONDecodeError as exc:
-            raise ValueError(f"{path} is corrupt ({exc}); remove it to start over") from exc
+            raise ValueError(
+                f"{path} is corrupt ({exc}); --overwrite discards this folder's samples and starts "
+                "over (removing only the settings would let a rerun take the old images for its own)"
+            ) from exc
         mine = settings.to_dict()
         different = sorted(k for k in set(saved) | set(mine) if saved.get(k) != mine.get(k))
         if different:
@@ -300,7 +305,10 @@ def _discard_samples(out_dir: Path) -> None:
     images = out_dir / IMAGES_DIR
     if images.is_dir():
         for path in images.iterdir():
-            if path.suffix == ".png" and path.stem.isdigit():
+            # Images, and the temporary files of writes a killed run left (".000012.png.<random hex>.tmp").
+            if (path.suffix == ".png" and path.stem.isdigit()) or (
+                path.name.startswith(".") and path.name.endswith(".tmp")
+            ):
                 path.unlink()
 
 

@@ -124,8 +124,11 @@ def test_other_settings_in_the_same_folder_are_refused_without_losing_images(tin
     err = capsys.readouterr().err
     assert "other settings" in err and "seed: 0 there, 1 now" in err
     np.testing.assert_array_equal(_png_stack(out, 6), before)
+    stale = out / "images" / ".000003.png.0123abcd.tmp"  # a write a killed run left behind
+    stale.write_bytes(b"partial")
     assert _sample_cli(tiny_ckpt, out, "--seed", "1", "--overwrite") == 0
     assert not np.array_equal(_png_stack(out, 6), before)
+    assert not stale.exists()
 
 
 def test_an_interrupted_overwrite_run_resumes_with_its_own_images_only(tiny_ckpt, tmp_path, monkeypatch):
@@ -229,7 +232,7 @@ def test_a_wrong_checkpoint_path_is_named_in_the_error(tmp_path, monkeypatch, ca
         assert main(["sample", given, "--out", "o", "--device", "cpu"]) == 2
         assert f"error: {expected}" in capsys.readouterr().err, given
     _, info = load_network("f1")  # a run folder samples its exported network
-    assert info["source"] == str(Path("f1") / "final")
+    assert info["source"] == str((tmp_path / "f1" / "final").resolve())  # the same from anywhere
 
 
 def test_settings_are_validated():
