@@ -15,7 +15,8 @@ Figures (per call = median round time / calls per round):
             bandwidth; TFLOP/s = matmul FLOPs / time and its fraction of the measured matmul rate;
             on the epg providers (epg, triton, cuda) the speed-up = time of the fastest baseline
             measured in the same run for the same case / this time: for attention the fastest
-            of SDPA (its own choice, each pinned kernel, the sdpa backend) and flash-attn, for
+            of the reference provider "ref" (SDPA's own choice forward, float32 math backward),
+            each pinned SDPA kernel, the sdpa backend and flash-attn (both of its entries), for
             every other op torch.compile of the reference (ref_compiled)
   train     images/s = batch / step time; MFU = images/s × model FLOPs per image / the device's
             dense bf16 peak (GPU); on a CPU the fraction of the measured float32 matmul rate

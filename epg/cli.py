@@ -189,14 +189,21 @@ def _cmd_sample(args: argparse.Namespace) -> int:
             labels = "none"
         class_counts = None
         if args.class_counts:
+            if net.config.num_classes == 0:
+                raise ValueError("--class-counts: this network is unconditional (no class labels)")
             if labels != "random":
                 raise ValueError("--class-counts goes with --labels random")
-            class_counts = training_class_counts(args.class_counts)
+            # One scan (slow at ImageNet scale on a network file system), shared with every rank.
+            counts = [training_class_counts(args.class_counts) if dist_info.is_main else None]
+            if dist_info.distributed:
+                torch_dist.broadcast_object_list(counts, src=0)
+            class_counts = counts[0]
         interval = (0.0, float("inf")) if args.no_interval else tuple(args.interval)
         settings = SampleSettings(
             num_images=args.num_images, mode=mode, sampler=sampler, steps=steps, guidance=guidance,
             guidance_interval=interval, trailing_zero=args.trailing_zero, clamp=not args.no_clamp,
-            labels=labels, class_counts=class_counts, seed=args.seed, convention=args.convention or info.get("convention", "imagenet"),
+            labels=labels, class_counts=class_counts, seed=args.seed,
+            convention=args.convention or info.get("convention", "imagenet"),
             precision=args.precision, model=info["source"],
         )  # fmt: skip
         if dist_info.is_main:

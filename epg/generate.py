@@ -95,7 +95,9 @@ class SampleSettings:
             if self.labels != "random":
                 raise ValueError(f"class_counts is only used with labels='random', not {self.labels!r}")
             counts = self.class_counts
-            if not counts or any(not isinstance(c, int) or c < 0 for c in counts) or sum(counts) == 0:
+            if not counts or sum(counts) == 0 or any(
+                not isinstance(c, int) or isinstance(c, bool) or c < 0 for c in counts
+            ):
                 raise ValueError("class_counts must be non-negative ints with a positive sum (one per class)")
         if self.convention not in CONVENTIONS:
             raise ValueError(f"convention must be one of {CONVENTIONS}, got {self.convention!r}")
@@ -238,6 +240,10 @@ def make_denoiser(
             return denoiser(x, sigma, y).float()
 
     if cuda_graph:
+        device = next(net.parameters()).device
+        if device.type != "cuda":  # here, not at the first batch: before a folder is touched
+            raise ValueError(f"CUDA graphs need a network on a CUDA device, got {device}; sample "
+                             "without --cuda-graph")  # fmt: skip
         return sampling.CUDAGraphDenoiser(run)
     return run
 
@@ -252,7 +258,8 @@ def image_path(out_dir: str | os.PathLike, index: int) -> Path:
 
 
 def _read_png(path: Path) -> np.ndarray | None:
-    """The PNG's pixels as (H, W, C) uint8, or None when it is missing or does not decode."""
+    """The PNG's pixels as (H, W, C) uint8, or None when it is missing, does not decode or is not
+    8-bit (not one this sampler wrote: resampled, never written into the uint8 archive)."""
     from PIL import Image, UnidentifiedImageError
 
     try:
@@ -260,6 +267,8 @@ def _read_png(path: Path) -> np.ndarray | None:
             im.load()
             arr = np.asarray(im)
     except (OSError, UnidentifiedImageError, ValueError):
+        return None
+    if arr.dtype != np.uint8:
         return None
     return arr[..., None] if arr.ndim == 2 else arr
 
@@ -286,6 +295,8 @@ def _check_settings(out_dir: Path, settings: SampleSettings, overwrite: bool) ->
                 "over (removing only the settings would let a rerun take the old images for its own)"
             ) from exc
         mine = settings.to_dict()
+        if isinstance(saved.get("model"), str) and _same_source(saved["model"], mine["model"]):
+            saved["model"] = mine["model"]
         different = sorted(k for k in set(saved) | set(mine) if saved.get(k) != mine.get(k))
         if different:
             detail = ", ".join(f"{k}: {saved.get(k)!r} there, {mine.get(k)!r} now" for k in different)
@@ -293,6 +304,15 @@ def _check_settings(out_dir: Path, settings: SampleSettings, overwrite: bool) ->
                 f"{out_dir} holds images sampled with other settings ({detail}); use another "
                 "output folder, or --overwrite to discard them"
             )
+
+
+def _same_source(saved: str, now: str) -> bool:
+    """Whether a recorded weights path names ``now`` (absolute): earlier versions recorded the
+    path as given, relative to the folder the command ran in."""
+    prefix = "official:" if now.startswith("official:") else ""
+    if not saved.startswith(prefix):
+        return False
+    return Path(saved[len(prefix):]).resolve() == Path(now[len(prefix):])
 
 
 def _discard_samples(out_dir: Path) -> None:
@@ -305,7 +325,7 @@ def _discard_samples(out_dir: Path) -> None:
     images = out_dir / IMAGES_DIR
     if images.is_dir():
         for path in images.iterdir():
-            # Images, and the temporary files of writes a killed run left (".000012.png.<random hex>.tmp").
+            # Images, and the temporary files of writes a killed run left (".000012.png.<pid>.tmp").
             if (path.suffix == ".png" and path.stem.isdigit()) or (
                 path.name.startswith(".") and path.name.endswith(".tmp")
             ):

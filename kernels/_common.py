@@ -1,7 +1,7 @@
 """Small helpers shared by the kernel launchers: block sizes, launch heuristics, device guard.
 
 The launchers do not autotune (except precondition.py's elementwise kernels, which autotune their
-block size on a GPU; its reducing ones do not, so losses repeat bit for bit): each picks one configuration from the problem shape with the heuristics
+block size on a GPU and use one of the candidates under the interpreter): each picks one configuration from the problem shape with the heuristics
 below, so the configuration the Triton interpreter (``TRITON_INTERPRET=1``, kernels run on the
 CPU through numpy; it cannot autotune) tests is the one a GPU runs. The only
 interpreter-specific choice is the program count of the reduction kernels (no SMs to fill; kept

@@ -37,8 +37,9 @@ count per image size (``AUTOTUNE_CONFIGS``). The kernels that reduce (the backwa
 sums, the squared distance of the consistency loss) use one fixed configuration instead: the
 block and warp count set the order of a sample's sum, and an autotuner's timing-dependent choice
 would change a loss's last bits from one process to the next (a resumed run would not repeat
-the uninterrupted one). Under the Triton interpreter autotuning cannot run (it needs a driver),
-so one fixed configuration is used there for all. Which configuration wins, and whether the
+the uninterrupted one); the interpreter tests that same configuration. Under the interpreter
+autotuning cannot run (it needs a driver), so the elementwise kernels use one fixed
+configuration there. Which configuration wins, and whether the
 kernels reach the copy bandwidth, only a GPU can say: ``benchmarks/bench_ops.py`` measures it.
 """
 
@@ -207,22 +208,22 @@ _REDUCTION_CONFIG = {"BLOCK": 2048, "num_warps": 8}
 
 
 def _launch(kernel, grid: tuple[int, int], *args, **constexprs) -> None:
-    """Autotuned on a GPU (elementwise kernels) or one fixed configuration (reducing kernels, and
-    every kernel under the interpreter, which cannot autotune). Every kernel here only stores (no
-    accumulation into outputs), so the autotuner's repeated trial launches leave correct results."""
-    if is_interpreter():
-        kernel[grid](*args, BLOCK=_INTERPRETER_BLOCK, num_warps=4, **constexprs)
-    elif kernel in _TUNED:
-        _TUNED[kernel][grid](*args, **constexprs)
-    else:
+    """Reducing kernels: their one configuration, everywhere (the interpreter tests the block a GPU
+    runs). Elementwise kernels: autotuned on a GPU, one fixed configuration under the interpreter,
+    which cannot autotune; they only store (no accumulation into outputs), so the autotuner's
+    repeated trial launches leave correct results."""
+    if kernel not in _TUNED:
         kernel[grid](*args, **_REDUCTION_CONFIG, **constexprs)
+    elif is_interpreter():
+        kernel[grid](*args, BLOCK=_INTERPRETER_BLOCK, num_warps=4, **constexprs)
+    else:
+        _TUNED[kernel][grid](*args, **constexprs)
 
 
 def _chunks(B: int, M: int, device: torch.device, kernel) -> int:
     """Programs per sample: enough to give the grid ~4 programs per SM, at most one per block
     (of the smallest block ``kernel`` can run with)."""
-    fixed = kernel not in _TUNED and not is_interpreter()
-    block = _REDUCTION_CONFIG["BLOCK"] if fixed else _MIN_BLOCK
+    block = _MIN_BLOCK if kernel in _TUNED else _REDUCTION_CONFIG["BLOCK"]
     return max(1, min(cdiv(M, block), cdiv(target_programs(device), max(B, 1))))
 
 

@@ -403,3 +403,26 @@ def test_random_labels_follow_the_training_class_counts(tiny_ckpt, tmp_path, cap
     assert not (tmp_path / "c").exists()
     with pytest.raises(ValueError, match="only used with labels='random'"):
         SampleSettings(class_counts=(1,) * 10).validate()
+
+
+def test_a_folder_recorded_with_a_relative_model_path_resumes(tiny_ckpt, tmp_path, monkeypatch):
+    # Earlier versions recorded the checkpoint path as given; the same path from the same
+    # folder is the same run, not "other settings".
+    monkeypatch.chdir(tiny_ckpt.parent)
+    out = tmp_path / "s"
+    assert _sample_cli("final", out, "--num-images", "2") == 0
+    saved = json.loads((out / "settings.json").read_text())
+    assert saved["model"] == str(tiny_ckpt.resolve())
+    saved["model"] = "final"
+    (out / "settings.json").write_text(json.dumps(saved))
+    assert _sample_cli("final", out, "--num-images", "2") == 0
+
+
+def test_cuda_graphs_on_a_cpu_network_are_refused_before_the_folder_is_touched(tiny_ckpt, tmp_path, capsys):
+    out = tmp_path / "s"
+    assert _sample_cli(tiny_ckpt, out) == 0
+    before = _png_stack(out, 6)
+    assert _sample_cli(tiny_ckpt, out, "--seed", "1", "--overwrite", "--cuda-graph") == 2
+    assert "CUDA graphs need a network on a CUDA device" in capsys.readouterr().err
+    np.testing.assert_array_equal(_png_stack(out, 6), before)
+    assert json.loads((out / "settings.json").read_text())["seed"] == 0

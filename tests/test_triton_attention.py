@@ -51,6 +51,7 @@ CASES = {
     "Dh96_two_blocks": ((1, 100, 1, 96), (F32, F16)),  # chunks 64 + 32; two query blocks
     "Dh120": ((1, 17, 2, 120), (F32, F16)),  # one 128 chunk, columns masked past 120
     "Dh256": ((1, 9, 1, 256), (F32,)),  # the largest head dim
+    "Dh256_three_blocks": ((1, 70, 1, 256), (F32,)),  # float32's 32-row blocks: 3, a full tile
     "T258_Dh72": ((1, 258, 1, 72), (F32,)),  # EPG's token count and decoder head dim
 }
 PARAMS = [

@@ -4,8 +4,8 @@
     Δ² = Σ_pixels (D_θ(x0 + tε, t) − D_sgθ(x0 + rε, r))²,   ℓ = Δ² / sqrt(sg(Δ²) + c²)
     L_aux = NT(W_φ(c_in(σ̃_min)·D_θ, σ̃_min), sg W_φ(c_in(σ̃_min)·x0, σ̃_min); τ_aux)
     L = mean_batch(w·ℓ + aux_weight·L_aux),   w = 1/(t − r) on shifted t, r.
-With ``first_stage=0`` the first stage is the code's denoising warm-up: D_sgθ(x_r, r) → x0,
-w = 1/(σ_i − σ_{i+1}) on a Karras grid, no L_aux.
+With ``first_stage=0`` the first stage is the code's denoising warm-up: the target D_sgθ(x_r, r)
+is replaced by x0, w = 1/(σ_i − σ_{i+1}) on a Karras grid, no L_aux.
 """
 
 from __future__ import annotations
@@ -84,8 +84,8 @@ class ConsistencyObjective:
 
     draw(...) keys (all per-sample):
         "t", "r" (B,) float32 shifted; "weight" (B,) float32 = 1/(t − r) (0 where t = r);
-        "eps" (B, C, H, W) float32; "drop" (B,) bool label-dropout mask; "denoise" (B,) bool,
-        all True in stage 0.
+        "eps" (B, C, H, W) float32; "drop" (B,) bool label-dropout mask; with first_stage=0 also
+        "denoise" (B,) bool, all True in stage 0, where "weight" is the grid's 1/(σ_i − σ_{i+1}).
     loss terms: "consistency" = mean(w·ℓ), "aux" = mean(L_aux) (unweighted; 0 without
     ``perceptual``).
     """
@@ -137,9 +137,11 @@ class ConsistencyObjective:
         self.label_dropout = label_dropout
         self.match_dropout = match_dropout
         self.first_stage = first_stage
-        # Stage 0's weights: σ_i − σ_{i+1} of the grid, for i = 0..N−2 (the index is clamped there).
+        # Stage 0's weights: 1/(σ_i − σ_{i+1}) of the grid for i = 0..N−2, the code's nearest
+        # index being clamped to N−2 there (stage 2a instead continues the formula past σ_min).
         grid = karras_sigmas(denoise_grid_scales, sigma_min, SIGMA_MAX, RHO)
         self.denoise_grid, self.denoise_weights = grid[:-1], 1.0 / (grid[:-1] - grid[1:])
+        self._denoise_tables: dict[torch.device, tuple[Tensor, Tensor]] = {}
 
     def stage(self, step: int) -> int:
         """The ECT stage of ``step`` (0: the denoising warm-up)."""
@@ -162,21 +164,25 @@ class ConsistencyObjective:
         r = ect_r(t, step, self.stage_length, self.q, self.k, self.b, self.sigma_min, self.first_stage)
         denoise = self.stage(step) == 0
         if denoise:
-            # argmin over |t − σ_i| for i ≤ N−2: the code's nearest index clamped to N−2.
-            index = (t.cpu()[:, None] - self.denoise_grid[None, :]).abs().argmin(dim=1)
-            weight = self.denoise_weights[index].to(t.device)
+            if t.device not in self._denoise_tables:  # copied to the draw's device once
+                tables = (self.denoise_grid.to(t.device), self.denoise_weights.to(t.device))
+                self._denoise_tables[t.device] = tables
+            grid, weights = self._denoise_tables[t.device]
+            weight = weights[(t[:, None] - grid[None, :]).abs().argmin(dim=1)]
         t, r = t * self.shift, r * self.shift
         if not denoise:
             gap = t - r
             weight = torch.where(gap > 0, 1.0 / gap, torch.zeros_like(gap))
-        return {
+        draws = {
             "t": t.float().to(device),
             "r": r.float().to(device),
             "weight": weight.float().to(device),
             "eps": eps.to(device),
             "drop": drop.to(device),
-            "denoise": torch.full((batch_size,), denoise, dtype=torch.bool, device=device),
         }
+        if self.first_stage == 0:
+            draws["denoise"] = torch.full((batch_size,), denoise, dtype=torch.bool, device=device)
+        return draws
 
     def denoise(self, x0: Tensor, eps: Tensor, sigma: Tensor, y: Tensor | None) -> Tensor:
         """D_θ(x, σ) = c_skip·x + c_out·F_θ(c_in·x, 250·ln σ, y) at x = x0 + σ·ε, shifted σ (B,)."""
@@ -200,7 +206,8 @@ class ConsistencyObjective:
         self, batch: dict[str, Tensor], draws: dict[str, Tensor]
     ) -> tuple[Tensor, dict[str, Tensor]]:
         x0 = batch["image"]
-        t, r, weight, denoise = draws["t"], draws["r"], draws["weight"], draws["denoise"]
+        t, r, weight = draws["t"], draws["r"], draws["weight"]
+        denoise = draws.get("denoise")  # only with first_stage=0
         eps = draws["eps"].to(x0.dtype)
         y = None
         if self.num_classes > 0:
@@ -217,9 +224,11 @@ class ConsistencyObjective:
                 torch.cuda.set_rng_state(cuda_state, x0.device)
         with torch.no_grad():
             d_target = self.denoise(x0, eps, r, y)
-            # Stage 0 (denoising warm-up): the clean image is the target. A per-sample select,
-            # not a branch, so one compiled graph serves every stage.
-            d_target = torch.where(denoise.view(-1, 1, 1, 1), x0.to(d_target.dtype), d_target)
+            if denoise is not None:
+                # Stage 0 (denoising warm-up) replaces the target by the clean image. A select,
+                # not a branch, so one compiled graph serves every stage; the target and W_φ
+                # passes still run in stage 0, and are discarded.
+                d_target = torch.where(denoise.view(-1, 1, 1, 1), x0.to(d_target.dtype), d_target)
 
         # w·Δ²/sqrt(sg(Δ²) + c²), Δ² the per-sample squared distance (§7.3).
         consistency = ops.pseudo_huber_loss(d_online, d_target, weight, self.c)  # (B,)
@@ -228,7 +237,9 @@ class ConsistencyObjective:
             q = self.perceptual_features(d_online.to(x0.dtype))
             with torch.no_grad():
                 k = self.perceptual_features(x0)
-            aux = torch.where(denoise, 0.0, info_nce(q, k, self.tau_aux))  # (B,), none in stage 0
+            aux = info_nce(q, k, self.tau_aux)  # (B,)
+            if denoise is not None:
+                aux = torch.where(denoise, 0.0, aux)  # none in stage 0
         else:
             aux = torch.zeros_like(consistency)
 
