@@ -86,13 +86,15 @@ def _flash_module():
     return None, "flash-attn is not installed (pip install flash-attn; it builds for a GPU)"
 
 
+def _flash_packed(packed: Tensor) -> Tensor:
+    """flash-attn on (B, T, 3, H, Dh) -> (B, T, H, Dh)."""
+    out = _flash_module()[0].flash_attn_qkvpacked_func(packed)
+    return out[0] if isinstance(out, tuple) else out  # FA3 returns (out, softmax_lse)
+
+
 def flash_attention(qkv: Tensor, num_heads: int) -> Tensor:
-    module, _ = _flash_module()
     B, T, Dh = _heads(qkv, num_heads)
-    out = module.flash_attn_qkvpacked_func(qkv.view(B, T, 3, num_heads, Dh))
-    if isinstance(out, tuple):  # FA3 returns (out, softmax_lse)
-        out = out[0]
-    return out.reshape(B, T, num_heads * Dh)
+    return _flash_packed(qkv.view(B, T, 3, num_heads, Dh)).reshape(B, T, num_heads * Dh)
 
 
 def flash_attention_backward(grad: Tensor, qkv: Tensor, num_heads: int) -> Tensor:
@@ -101,13 +103,10 @@ def flash_attention_backward(grad: Tensor, qkv: Tensor, num_heads: int) -> Tenso
     # setup_context staticmethod"). A Python autograd.Function records its graph node even below
     # the autograd dispatch key, so plain autograd differentiates it here; the reshapes stay
     # outside the recorded part (below that key a view would record nothing).
-    module, _ = _flash_module()
     B, T, Dh = _heads(qkv, num_heads)
     with torch.enable_grad():
         packed = qkv.detach().reshape(B, T, 3, num_heads, Dh).requires_grad_()
-        out = module.flash_attn_qkvpacked_func(packed)
-        if isinstance(out, tuple):  # FA3 returns (out, softmax_lse)
-            out = out[0]
+        out = _flash_packed(packed)
         grad_out = grad.to(qkv.dtype).reshape(out.shape)
         (grad_qkv,) = torch.autograd.grad(out, packed, grad_out)
     return grad_qkv.reshape(qkv.shape).contiguous()

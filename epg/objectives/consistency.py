@@ -17,7 +17,13 @@ from .. import ops
 from ..schedules import RHO, SIGMA_DATA, SIGMA_MAX, SIGMA_MIN, karras_sigmas, resolution_shift
 from .infonce import info_nce
 
-__all__ = ["ect_r", "ConsistencyObjective"]
+__all__ = ["ect_stage", "ect_r", "ConsistencyObjective"]
+
+
+def ect_stage(step: int, stage_length: int = 100_000, first_stage: int = 1) -> int:
+    """s = floor(step / stage_length) + first_stage: the code's ``delta`` is ``first_stage`` (1 as
+    released; stage 0 is the denoising warm-up)."""
+    return step // stage_length + first_stage
 
 
 def ect_r(
@@ -36,7 +42,7 @@ def ect_r(
     r = max(t·(1 − q^(−s)·(1 + k·sigmoid(−b·t))), σ_min), t and r unshifted. Stage 1: r/t → 0.5
     for large t and r = σ_min for t ≲ 1; stage 7: r/t ≈ 0.96–0.99; stage 0: r = σ_min.
     """
-    stage = step // stage_length + first_stage
+    stage = ect_stage(step, stage_length, first_stage)
     ratio = 1.0 - q ** (-stage) * (1.0 + k * torch.sigmoid(-b * t))
     return (t * ratio).clamp(min=sigma_min)
 
@@ -145,7 +151,7 @@ class ConsistencyObjective:
 
     def stage(self, step: int) -> int:
         """The ECT stage of ``step`` (0: the denoising warm-up)."""
-        return step // self.stage_length + self.first_stage
+        return ect_stage(step, self.stage_length, self.first_stage)
 
     def draw(
         self,
