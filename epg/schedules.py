@@ -46,3 +46,25 @@ def karras_sigmas(
 def shifted_karras_sigmas(n: int, img_size: int, **kwargs) -> Tensor:
     """The Karras grid multiplied by the resolution shift H/64."""
     return karras_sigmas(n, **kwargs) * resolution_shift(img_size)
+
+
+class WeightedGrid:
+    """A fixed, decreasing σ grid with a loss weight per point (float64, built on the CPU),
+    copied to each device once, with the released code's nearest-point lookup (``find_nearest``:
+    the smallest absolute difference). Used by the diffusion objective's snapping and the
+    consistency warm-up's weights."""
+
+    def __init__(self, sigmas: Tensor, weights: Tensor):
+        self.sigmas, self.weights = sigmas, weights
+        self._copies: dict[torch.device, tuple[Tensor, Tensor]] = {}
+
+    def on(self, device: torch.device) -> tuple[Tensor, Tensor]:
+        """(σ grid, weights) on ``device``."""
+        if device not in self._copies:
+            self._copies[device] = (self.sigmas.to(device), self.weights.to(device))
+        return self._copies[device]
+
+    def nearest(self, sigma: Tensor) -> Tensor:
+        """Index of the grid point nearest to each σ of a (B,) tensor, on σ's device."""
+        sigmas, _ = self.on(sigma.device)
+        return (sigma.double()[:, None] - sigmas[None, :]).abs().argmin(dim=1)

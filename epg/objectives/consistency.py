@@ -14,7 +14,15 @@ import torch
 from torch import Tensor
 
 from .. import ops
-from ..schedules import RHO, SIGMA_DATA, SIGMA_MAX, SIGMA_MIN, karras_sigmas, resolution_shift
+from ..schedules import (
+    RHO,
+    SIGMA_DATA,
+    SIGMA_MAX,
+    SIGMA_MIN,
+    WeightedGrid,
+    karras_sigmas,
+    resolution_shift,
+)
 from .infonce import info_nce
 
 __all__ = ["ect_stage", "ect_r", "ConsistencyObjective"]
@@ -146,8 +154,7 @@ class ConsistencyObjective:
         # Stage 0's weights: 1/(σ_i − σ_{i+1}) of the grid for i = 0..N−2, the code's nearest
         # index being clamped to N−2 there (stage 2a instead continues the formula past σ_min).
         grid = karras_sigmas(denoise_grid_scales, sigma_min, SIGMA_MAX, RHO)
-        self.denoise_grid, self.denoise_weights = grid[:-1], 1.0 / (grid[:-1] - grid[1:])
-        self._denoise_tables: dict[torch.device, tuple[Tensor, Tensor]] = {}
+        self.denoise_grid = WeightedGrid(grid[:-1], 1.0 / (grid[:-1] - grid[1:]))
 
     def stage(self, step: int) -> int:
         """The ECT stage of ``step`` (0: the denoising warm-up)."""
@@ -169,12 +176,8 @@ class ConsistencyObjective:
         t = (log_t.double() * self.P_std + self.P_mean).exp().clamp(min=self.sigma_min)
         r = ect_r(t, step, self.stage_length, self.q, self.k, self.b, self.sigma_min, self.first_stage)
         denoise = self.stage(step) == 0
-        if denoise:
-            if t.device not in self._denoise_tables:  # copied to the draw's device once
-                tables = (self.denoise_grid.to(t.device), self.denoise_weights.to(t.device))
-                self._denoise_tables[t.device] = tables
-            grid, weights = self._denoise_tables[t.device]
-            weight = weights[(t[:, None] - grid[None, :]).abs().argmin(dim=1)]
+        if denoise:  # the grid's weight at the point nearest to the unshifted t
+            weight = self.denoise_grid.on(t.device)[1][self.denoise_grid.nearest(t)]
         t, r = t * self.shift, r * self.shift
         if not denoise:
             gap = t - r

@@ -12,7 +12,15 @@ import torch
 from torch import Tensor
 
 from .. import ops
-from ..schedules import RHO, SIGMA_DATA, SIGMA_MAX, SIGMA_MIN, karras_sigmas, resolution_shift
+from ..schedules import (
+    RHO,
+    SIGMA_DATA,
+    SIGMA_MAX,
+    SIGMA_MIN,
+    WeightedGrid,
+    karras_sigmas,
+    resolution_shift,
+)
 
 __all__ = ["DiffusionObjective"]
 
@@ -82,13 +90,7 @@ class DiffusionObjective:
         beyond = (sigma_min ** (1 / rho) + step) ** rho
         gaps = self.sigmas - torch.cat([self.sigmas[1:], self.sigmas.new_tensor([beyond])])
         self.weights = torch.where(gaps > 0, 1.0 / gaps, torch.zeros_like(gaps))  # (grid_scales,)
-        self._tables: dict[torch.device, tuple[Tensor, Tensor]] = {}
-
-    def _grid_on(self, device: torch.device) -> tuple[Tensor, Tensor]:
-        """(σ grid, weights) on ``device``, copied there once."""
-        if device not in self._tables:
-            self._tables[device] = (self.sigmas.to(device), self.weights.to(device))
-        return self._tables[device]
+        self.grid = WeightedGrid(self.sigmas, self.weights)
 
     def grid_weights(self) -> tuple[Tensor, Tensor]:
         """(σ_i, w(i)) for every index a draw can take, i = 0..grid_scales−1; unshifted, float64."""
@@ -96,8 +98,7 @@ class DiffusionObjective:
 
     def snap(self, sigma: Tensor) -> Tensor:
         """Index of the grid point nearest to each unshifted σ."""
-        sigmas, _ = self._grid_on(sigma.device)
-        return (sigma.double()[:, None] - sigmas[None, :]).abs().argmin(dim=1)
+        return self.grid.nearest(sigma)
 
     def draw(
         self,
@@ -114,7 +115,7 @@ class DiffusionObjective:
         eps = torch.randn((batch_size, *image_shape), generator=generator, device=gen_device)
         drop = torch.rand(batch_size, generator=generator, device=gen_device) < self.label_dropout
         index = self.snap((log_sigma.double() * self.P_std + self.P_mean).exp())
-        sigmas, weights = self._grid_on(gen_device)
+        sigmas, weights = self.grid.on(gen_device)
         sigma, weight = sigmas[index] * self.shift, weights[index]
         if self.weighting == "uniform":
             weight = torch.ones_like(weight)
