@@ -104,6 +104,17 @@ def test_overrides_accept_every_architectural_field_and_reject_unknown_ones():
         get_config("epg-tiny", img_size=30)
 
 
+@pytest.mark.parametrize(
+    "name,field",
+    [("epg-tiny", "patch_size"), ("epg-tiny", "num_heads"), ("epg-tiny", "decoder_num_heads"),
+     ("epg-tiny", "decoder_depth"), ("epg-tiny", "decoder_embed_dim"), ("epg-tiny", "mlp_ratio"),
+     ("rcm-tiny", "proj_output_dim"), ("rcm-tiny", "proj_hidden_dim")],
+)  # fmt: skip
+def test_zero_sizes_are_refused_with_a_value_error_naming_the_field(name, field):
+    with pytest.raises(ValueError, match=f"{field} must be positive, got 0"):
+        get_config(name, **{field: 0})
+
+
 # --- the forward function against an independent implementation of spec §4.3 ---------------------
 
 
@@ -245,6 +256,25 @@ def test_compiled_model_equals_eager_fullgraph():
         assert_close(g, e, atol=1e-4, rtol=1e-3, what=name)
 
 
+@pytest.mark.parametrize("num_classes", [10, 0])
+def test_bfloat16_network_runs_and_agrees_with_float32(num_classes):
+    # The float32 sinusoid must not reach adaLN_modulation of a bf16 network unconverted.
+    model = _randomised(build("epg-tiny", num_classes=num_classes)).eval()
+    x, t = torch.randn(2, 3, 32, 32), 250 * torch.log(torch.tensor([0.05, 7.0]))
+    y = torch.tensor([3, 10]) if num_classes else None
+    expected = model(x, t, y)
+    low = model.to(torch.bfloat16)
+    out = low(x.bfloat16(), t, y)
+    assert out.dtype == torch.bfloat16
+    assert_close(out.float(), expected, atol=0.1 * expected.abs().max().item(), rtol=0.1)
+
+
+def test_float64_time_input_works_on_a_float32_network():
+    model = _randomised(build("epg-tiny")).eval()
+    x, t, y = torch.randn(2, 3, 32, 32), torch.tensor([-300.0, 200.0]), torch.tensor([3, 10])
+    assert_close(model(x, t.double(), y), model(x, t, y), atol=1e-5, rtol=1e-5)
+
+
 # --- input validation -----------------------------------------------------------------------
 
 
@@ -259,6 +289,9 @@ def test_wrong_image_size_channels_and_labels_name_the_expected_values():
         model(torch.randn(2, 3, 32, 32), t, torch.tensor([0, 11]))
     with pytest.raises(ValueError, match=r"labels must be in \[0, 10\]"):
         model(torch.randn(2, 3, 32, 32), t, torch.tensor([-1, 2]))
+    with pytest.raises(ValueError, match=r"int64 or int32 class labels, got \(2,\) torch.int16"):
+        model(torch.randn(2, 3, 32, 32), t, torch.tensor([0, 1], dtype=torch.int16))
+    model(torch.randn(2, 3, 32, 32), t, torch.tensor([0, 1], dtype=torch.int32))  # accepted
     with pytest.raises(ValueError, match=r"t_cond must be \(2,\)"):
         model(torch.randn(2, 3, 32, 32), torch.zeros(3), torch.tensor([0, 1]))
     with pytest.raises(ValueError, match="expects images"):

@@ -19,24 +19,22 @@ class _ViTShape:
     qkv_bias: bool = False
 
     def validate(self) -> None:
+        # Positivity first: a zero patch_size or num_heads would otherwise surface as a
+        # ZeroDivisionError from the divisibility checks below.
+        for name in ("img_size", "patch_size", "in_channels", "embed_dim", "depth", "num_heads",
+                     "mlp_ratio"):  # fmt: skip
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
         if self.img_size % self.patch_size:
             raise ValueError(
                 f"img_size {self.img_size} is not a multiple of patch_size {self.patch_size}"
             )
         if self.embed_dim % self.num_heads:
             raise ValueError(f"embed_dim {self.embed_dim} not divisible by num_heads {self.num_heads}")
-        for name in ("img_size", "patch_size", "in_channels", "embed_dim", "depth", "num_heads"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
 
     @property
     def num_patches(self) -> int:
         return (self.img_size // self.patch_size) ** 2
-
-    @property
-    def sigma_shift(self) -> float:
-        """The resolution noise shift H/64 applied to every σ (×4 at 256 px, ×8 at 512 px)."""
-        return self.img_size / 64.0
 
 
 @dataclass(frozen=True)
@@ -52,6 +50,9 @@ class EPGConfig(_ViTShape):
 
     def validate(self) -> None:
         super().validate()
+        for name in ("decoder_embed_dim", "decoder_depth", "decoder_num_heads"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
         if self.decoder_embed_dim % self.decoder_num_heads:
             raise ValueError(
                 f"decoder_embed_dim {self.decoder_embed_dim} not divisible by "
@@ -78,6 +79,9 @@ class RCMConfig(_ViTShape):
         super().validate()
         if self.proj_layers < 1:
             raise ValueError(f"proj_layers must be >= 1, got {self.proj_layers}")
+        for name in ("proj_hidden_dim", "proj_output_dim"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
 
 
 _ENC_B = dict(embed_dim=768, depth=12, num_heads=12)

@@ -153,7 +153,9 @@ class EPGViT(_ViTEncoder):
         if y is None:
             return
         if y.shape != (batch,) or y.dtype not in (torch.int64, torch.int32):
-            raise ValueError(f"y must be ({batch},) int64 class labels, got {tuple(y.shape)} {y.dtype}")
+            raise ValueError(
+                f"y must be ({batch},) int64 or int32 class labels, got {tuple(y.shape)} {y.dtype}"
+            )
         # A data-dependent check: skipped while torch.compile traces (it would break the graph)
         # and while a CUDA graph is captured (reading y back to the host is illegal there).
         capturing = y.is_cuda and torch.cuda.is_current_stream_capturing()
@@ -178,6 +180,10 @@ class EPGViT(_ViTEncoder):
             class_emb = self.class_embed(y)  # (B, D)
             cls = cls + class_emb
             cond = time + class_emb
+        # The sinusoid is float32 (float64 for a float64 t_cond): bring the adaLN conditioning to
+        # the network's dtype, as _embed does for the tokens, or a bf16/fp16 network (or a float64
+        # t_cond) fails in adaLN_modulation. Under autocast x_in is float32: nothing changes.
+        cond = cond.to(x_in.dtype)  # (B, D)
         x = self._embed(x_in, time, cls)  # (B, N+2, D)
         skips = []
         for block in self.blocks:
