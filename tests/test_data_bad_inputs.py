@@ -190,6 +190,36 @@ def test_empty_or_flat_folders_say_which_layout_is_expected(tmp_path):
         prepare(flat, tmp_path / "out2", RES, workers=0, progress=False)
 
 
+def test_prepare_and_file_lists_keep_any_file_name(tmp_path):
+    # A POSIX file name is bytes: one that is not valid UTF-8 (here Latin-1 "café") is prepared
+    # and listed as itself, and so is one holding a character str.splitlines() breaks at. Such a
+    # name made prepare fail after all the work (writing index.txt), and the list split it.
+    src = tmp_path / "src"
+    os.makedirs(src / "n0")
+    names = ["a.png", "b\u2028c.png", os.fsdecode(b"caf\xe9.png")]
+    for k, name in enumerate(names):
+        try:
+            Image.fromarray(_photo(k)).save(os.path.join(src, "n0", name), format="PNG")
+        except (OSError, UnicodeError):
+            pytest.skip(f"this file system does not take the name {name!r}")
+    Image.fromarray(_photo(3)).save(src / "n0" / "bad name.png", format="PNG")
+    (src / "n0" / os.fsdecode(b"broken\xff.png")).write_bytes(b"not an image")
+    report = prepare(src, tmp_path / "out", RES, workers=0, progress=False)
+    assert report.written == 4 and [rel for rel, _ in report.failed] == [
+        os.fsdecode(b"n0/broken\xff.png")
+    ]
+    assert b"broken\xff.png" in (tmp_path / "out" / "skipped.txt").read_bytes()
+    listed = FolderIndex.from_file_list(report.index_list)
+    scanned = FolderIndex.scan(tmp_path / "out")
+    assert listed.paths() == scanned.paths() and len(listed) == 4
+    assert all(os.path.isfile(p) for p in listed.paths())
+    batch = next(PortableLoader(report.index_list, RES, 4, num_workers=0, convention=None))
+    assert batch["label"].tolist() == [0] * 4
+    # A rerun reads the settings line of that index.txt back and keeps every output.
+    again = prepare(src, tmp_path / "out", RES, workers=0, progress=False)
+    assert (again.written, again.existing) == (0, 4)
+
+
 # ---------------------------------------------------------------------------------------------
 # DALI: the kinds it decodes differently go through Pillow (epg.data.dali.pillow_route)
 # ---------------------------------------------------------------------------------------------
@@ -219,6 +249,34 @@ def test_dali_cpu_matches_portable_on_every_kind(kinds_tree):
     for a, b in zip(got, expected, strict=True):
         assert torch.equal(a["label"], b["label"])
         assert torch.equal(a["image"], b["image"])  # the JPEGs here decode identically
+
+
+def test_dali_takes_a_png_with_a_wrong_checksum_as_the_portable_loader_does(tmp_path, caplog):
+    # libpng (DALI) refuses a PNG whose IDAT CRC is wrong; Pillow does not check it and decodes
+    # the intact pixels. DALI stopped with "Pillow decodes every file", naming none, even with
+    # on_error="skip"; now the file goes through Pillow and both loaders give the same batches.
+    pytest.importorskip("nvidia.dali", reason="NVIDIA DALI is not installed (epg[dali])")
+    from epg.data.dali import DaliLoader, png_checksums_ok
+
+    for k in range(6):
+        os.makedirs(tmp_path / f"n{k % 2}", exist_ok=True)
+        data = _encode(Image.fromarray(_photo(k)), "PNG", compress_level=0)
+        if k == 3:
+            at = data.index(b"IDAT")
+            end = at + 4 + int.from_bytes(data[at - 4 : at], "big")  # the IDAT chunk's CRC
+            data = data[:end] + bytes(b ^ 0xFF for b in data[end : end + 4]) + data[end + 4 :]
+            assert not png_checksums_ok(data)
+            np.testing.assert_array_equal(np.asarray(Image.open(io.BytesIO(data))), _photo(k))
+        (tmp_path / f"n{k % 2}" / f"{k}.png").write_bytes(data)
+    options = dict(convention=None, seed=1)
+    expected = _uint8_batches(PortableLoader(tmp_path, RES, 2, num_workers=0, **options), 6)
+    with caplog.at_level(logging.WARNING, logger="epg.data"):
+        with DaliLoader(tmp_path, RES, 2, num_threads=1, **options) as loader:
+            got = _uint8_batches(loader, 6)
+            assert loader.bad_files == set() and loader.skipped == 0
+    assert "3.png: a PNG chunk checksum is wrong" in caplog.text
+    for a, b in zip(got, expected, strict=True):
+        assert torch.equal(a["image"], b["image"]) and torch.equal(a["label"], b["label"])
 
 
 def test_dali_cpu_decoder_itself_on_every_kind():

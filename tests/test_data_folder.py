@@ -173,6 +173,24 @@ def test_prepare_skips_bad_files_lists_them_and_resumes(tmp_path, caplog):
         prepare(src, src / "inside", 32, workers=0, progress=False)
 
 
+def test_prepare_default_workers_follow_the_cpus_it_may_use(tmp_path, monkeypatch):
+    # A batch job or container pinned to one CPU of a 64-CPU node: os.cpu_count() says 64, and
+    # prepare started 64 processes on that one CPU. It now runs in this process.
+    prepare_module = sys.modules["epg.data.prepare"]  # the package exports the function too
+    if not hasattr(os, "sched_getaffinity"):
+        pytest.skip("no CPU affinity masks on this platform")
+    _write(str(tmp_path / "raw" / "n0" / "a.png"), np.zeros((20, 20, 3), np.uint8))
+    monkeypatch.setattr(os, "cpu_count", lambda: 64)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {3})
+
+    def no_pool(*args, **kwargs):
+        raise AssertionError("prepare started worker processes on one usable CPU")
+
+    monkeypatch.setattr(prepare_module.multiprocessing, "get_context", no_pool)
+    report = prepare(tmp_path / "raw", tmp_path / "out", 8, progress=False)
+    assert report.written == 1
+
+
 # ---------------------------------------------------------------------------------------------
 # Portable loader
 # ---------------------------------------------------------------------------------------------

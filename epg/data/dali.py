@@ -35,7 +35,10 @@ Bad files: DALI stops the pipeline on a decoding error without naming the file, 
 failure the loader decodes the files of the failed batch (and of the prefetched ones)
 with Pillow to find the culprit. ``on_error="raise"`` then raises :class:`BadImageError` naming
 it; ``"skip"`` marks it bad, rebuilds the pipeline at the same position and substitutes the next
-good file in index order, as the portable loader does.
+good file in index order, as the portable loader does. A file that Pillow decodes but DALI
+refuses — a PNG with a wrong chunk checksum (libpng checks them, Pillow does not; the pixel data
+are intact when the zlib checksum holds) — is not bad: it is routed through Pillow from then on
+(:func:`png_checksums_ok`), so both loaders keep training on the same images.
 
 Only a GPU can confirm: the ``"mixed"`` decoder path (``device`` a CUDA device), i.e. GPU
 decoding of JPEG (DALI decodes PNG on host threads even in ``"mixed"`` mode), the GPU flip,
@@ -44,6 +47,7 @@ the copy into torch's CUDA tensors, and its throughput. The tests run the ``"cpu
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -61,6 +65,8 @@ from .folder import (
     decode_image,
     substitute,
 )
+
+log = logging.getLogger("epg.data")
 
 INSTALL_HINT = "pip install 'epg[dali]'  (the wheel nvidia-dali-cuda130)"
 # Max |DALI − Pillow| in uint8 levels on the same JPEG bytes with the "cpu" decoder, measured on
@@ -162,18 +168,37 @@ def pillow_route(data: bytes) -> str | None:
     return "neither PNG nor JPEG"
 
 
-def read_for_dali(path: str, resolution: int) -> np.ndarray:
+def png_checksums_ok(data: bytes) -> bool:
+    """Whether every chunk CRC of a PNG holds (True for data that is not a PNG)."""
+    import zlib
+
+    if not data.startswith(_PNG_SIGNATURE):
+        return True
+    view, pos = memoryview(data), len(_PNG_SIGNATURE)
+    while pos + 12 <= len(data):  # length (4), type (4), data, CRC (4) over type + data
+        end = pos + 8 + int.from_bytes(data[pos : pos + 4], "big")
+        if end + 4 > len(data):
+            return False
+        if zlib.crc32(view[pos + 4 : end]) != int.from_bytes(data[end : end + 4], "big"):
+            return False
+        pos = end + 4
+    return True
+
+
+def read_for_dali(path: str, resolution: int, via_pillow: bool = False) -> np.ndarray:
     """The bytes DALI decodes for ``path``: the file itself, or — for the files
-    :func:`pillow_route` names, and those whose header does not state resolution² — Pillow's
-    decoded RGB image as an uncompressed PNG (so DALI's output is Pillow's, bit for bit).
+    :func:`pillow_route` names, those whose header does not state resolution², and with
+    ``via_pillow`` — Pillow's decoded RGB image as an uncompressed PNG (so DALI's output is
+    Pillow's, bit for bit).
     Raises :class:`ImageSizeError` for an image that decodes to another size, and
     :class:`BadImageError` for a file Pillow cannot decode (DALI then fails and the loader's
     diagnosis handles it).
     """
-    data = np.fromfile(path, np.uint8)
-    encoded = data.tobytes()
-    if pillow_route(encoded) is None and header_size(encoded) == (resolution, resolution):
-        return data
+    if not via_pillow:
+        data = np.fromfile(path, np.uint8)
+        encoded = data.tobytes()
+        if pillow_route(encoded) is None and header_size(encoded) == (resolution, resolution):
+            return data
     import io
 
     from PIL import Image
@@ -203,17 +228,19 @@ class _Feeder:
         resolution: int,
         start: int,
         bad: set[int],
+        via_pillow: set[int],
         pool: ThreadPoolExecutor,
     ):
         self.folder, self.schedule, self.resolution, self.start, self.bad, self.pool = (
             folder, schedule, resolution, start, bad, pool,
         )  # fmt: skip
+        self.via_pillow = via_pillow
         self._ahead: dict[int, tuple[list[Future], np.ndarray, np.ndarray]] = {}
 
     def _submit(self, batch: int):
         files, flips = _batch_files(self.folder, self.schedule, self.bad, batch)
-        reads = [self.pool.submit(read_for_dali, self.folder.path(i), self.resolution)
-                 for i in files]  # fmt: skip
+        reads = [self.pool.submit(read_for_dali, self.folder.path(i), self.resolution,
+                                  i in self.via_pillow) for i in files]  # fmt: skip
         return reads, self.folder.labels[files], flips.astype(np.int32)
 
     def __call__(self, info) -> tuple[list[np.ndarray], np.ndarray, np.ndarray]:
@@ -273,6 +300,7 @@ class DaliLoader(FolderLoaderBase):
         self.num_threads, self.read_threads = num_threads, read_threads
         self.prefetch_queue_depth = prefetch_queue_depth
         self._bad: set[int] = set()  # file indices known bad (skip mode)
+        self._via_pillow: set[int] = set()  # good files DALI refuses: decoded by Pillow
         self._iterator: Iterator | None = None
         self._pipe = None
         self._pool: ThreadPoolExecutor | None = None
@@ -284,7 +312,7 @@ class DaliLoader(FolderLoaderBase):
         Pipeline, fn, types, DALIGenericIterator = _import_dali()
         self._pool = ThreadPoolExecutor(self.read_threads, thread_name_prefix="epg-dali-read")
         feeder = _Feeder(self.folder, self.schedule, self.resolution, self._batch_number(),
-                         set(self._bad), self._pool)  # fmt: skip
+                         set(self._bad), set(self._via_pillow), self._pool)  # fmt: skip
         pipe = Pipeline(
             batch_size=self.local_batch_size,
             num_threads=self.num_threads,
@@ -330,12 +358,16 @@ class DaliLoader(FolderLoaderBase):
     def _diagnose(self, exc: Exception) -> list[tuple[str, str]]:
         """Find, with Pillow, the bad files behind a DALI failure; raise or mark them bad.
 
-        An image of the wrong size found on the way raises its :class:`ImageSizeError`.
+        An image of the wrong size found on the way raises its :class:`ImageSizeError`. When
+        Pillow decodes every file, those DALI refuses for a reason Pillow ignores (a PNG chunk
+        checksum) are routed through Pillow from then on instead.
         """
         found: list[tuple[int, BadImageError]] = []
+        scanned: list[int] = []
         start = self._batch_number()
         for batch in range(start, start + self.prefetch_queue_depth + 2):  # + the read-ahead
             for i in _batch_files(self.folder, self.schedule, self._bad, batch)[0]:
+                scanned.append(i)
                 try:
                     decode_image(self.folder.path(i), self.resolution)
                 except BadImageError as bad:
@@ -343,6 +375,16 @@ class DaliLoader(FolderLoaderBase):
             if found:
                 break
         if not found:
+            refused = sorted(
+                i for i in set(scanned) - self._via_pillow
+                if not png_checksums_ok(np.fromfile(self.folder.path(i), np.uint8).tobytes())
+            )  # fmt: skip
+            if refused:
+                for i in refused:
+                    log.warning("%s: a PNG chunk checksum is wrong, which DALI refuses; decoding "
+                                "it with Pillow instead", self.folder.path(i))  # fmt: skip
+                self._via_pillow.update(refused)
+                return []
             raise RuntimeError(
                 f"DALI failed at epoch {self.epoch}, batch {self.index} and Pillow decodes every "
                 f"file of that batch; try loader='portable'. DALI said: {exc}"

@@ -2,8 +2,8 @@
 
 Each DataLoader item is one whole local batch: the sampler yields positions (epoch, batch index)
 from the current one on, forever, and a worker decodes that position's files (the
-:class:`~epg.data.folder.BatchSchedule` of epg/data/folder.py), centre-crops them to
-checks they are ``resolution``² (they are not cropped: see below), flips the scheduled ones and
+:class:`~epg.data.folder.BatchSchedule` of epg/data/folder.py), checks they are
+``resolution``² (they are not cropped: see below), flips the scheduled ones and
 stacks them as uint8 (B, 3, H, W). The main
 process moves the batch to the device (from pinned memory on CUDA) and normalises it there.
 Workers run batches in parallel and the DataLoader returns them in order, so the output is the

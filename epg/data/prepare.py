@@ -52,7 +52,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .folder import FolderIndex, listable, to_rgb, write_file_list
+from .folder import LIST_ENCODING, FolderIndex, listable, to_rgb, write_file_list
 
 log = logging.getLogger("epg.data")
 
@@ -141,6 +141,15 @@ def _prepare_one(task: tuple[str, str, str, int, str, int]) -> tuple[str, str, s
     return "written", rel, ""
 
 
+def _usable_cpus() -> int:
+    """CPUs this process may run on: its affinity mask (a batch job's or container's cpuset),
+    not every CPU of the machine, which ``os.cpu_count()`` gives."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):  # no affinity masks (macOS, Windows)
+        return os.cpu_count() or 1
+
+
 def _settings(fmt: str, quality: int, resolution: int) -> str:
     shown = f"quality={quality}" if fmt == "jpeg" else "lossless"
     return f"epg prepare: format={fmt} {shown} resolution={resolution}"
@@ -150,7 +159,7 @@ def _check_settings(listing: Path, settings: str) -> None:
     """Refuse to continue a DST prepared with other settings (its first line records them)."""
     if not listing.is_file():
         return
-    with open(listing) as f:
+    with open(listing, encoding=LIST_ENCODING, errors="surrogateescape") as f:
         first = f.readline().strip()
     if first.startswith("# epg prepare:") and first != f"# {settings}":
         raise ValueError(
@@ -205,7 +214,7 @@ def prepare(
             (5–10× smaller and what DALI decodes fastest, on the GPU; lossy). See the module
             docstring.
         quality: JPEG quality, 1–95 (Pillow's scale; ignored for PNG).
-        workers: processes (None: all CPUs; 0 or 1: this process).
+        workers: processes (None: the CPUs this process may run on; 0 or 1: this process).
         progress: show a tqdm progress bar.
     Returns:
         a :class:`PrepareReport`; the skipped files are also in ``dst/skipped.txt``, the
@@ -291,7 +300,7 @@ def prepare(
     for rel, reason in unlisted:
         failed.append((rel, reason))
         log.warning("prepare: skipping %s: %s", rel, reason)
-    workers = (os.cpu_count() or 1) if workers is None else workers
+    workers = _usable_cpus() if workers is None else workers
     bar = tqdm(total=len(tasks), unit="img", desc=f"prepare {resolution}px", disable=not progress,
                mininterval=1.0, smoothing=0.05)  # fmt: skip
     pool, finished = None, False
@@ -324,7 +333,8 @@ def prepare(
     failed.sort()
     listing = dst / SKIPPED_LIST
     tmp = dst / f".{SKIPPED_LIST}.tmp"
-    tmp.write_text("".join(f"{rel}\t{reason}\n" for rel, reason in failed))
+    tmp.write_text("".join(f"{rel}\t{reason}\n" for rel, reason in failed), encoding=LIST_ENCODING,
+                   errors="surrogateescape")  # names as the file system has them (see folder.py)
     os.replace(tmp, listing)
     failed_rels = {rel for rel, _ in failed}
     # Sorted by (class folder, output file name): the order FolderIndex.scan(dst) gives.
