@@ -299,8 +299,8 @@ def _check_settings(out_dir: Path, settings: SampleSettings, overwrite: bool) ->
         if different:
             detail = ", ".join(f"{k}: {saved.get(k)!r} there, {mine.get(k)!r} now" for k in different)
             raise ValueError(
-                f"{out_dir} holds images sampled with other settings ({detail}); use another "
-                "output folder, or --overwrite to discard them"
+                f"{out_dir} belongs to a sampling run with other settings ({detail}); use "
+                "another output folder, or --overwrite to discard what it sampled"
             )
 
 
