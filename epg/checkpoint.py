@@ -244,13 +244,9 @@ def _strip_prefixes(state: dict[str, Tensor]) -> dict[str, Tensor]:
     return state
 
 
-def read_official_state_dict(path: str | os.PathLike) -> dict[str, Tensor]:
-    """The tensors of an official EPG/RCM checkpoint, with a ``module.`` prefix removed.
-
-    ``path`` is a directory holding ``nnet_ema.pth`` (else ``nnet.pth``), a bare state-dict
-    ``.pth``, or a ``.pth`` of a dict wrapping one. Read with ``weights_only=True``: a file whose
-    unpickling would execute code is refused.
-    """
+def official_file(path: str | os.PathLike) -> Path:
+    """The file an official checkpoint path names: the path itself, or for a folder its
+    ``nnet_ema.pth`` (else ``nnet.pth``)."""
     path = Path(path)
     if path.is_dir():
         found = [path / n for n in OFFICIAL_NAMES if (path / n).is_file()]
@@ -258,9 +254,20 @@ def read_official_state_dict(path: str | os.PathLike) -> dict[str, Tensor]:
             raise FileNotFoundError(
                 f"{path} holds none of {OFFICIAL_NAMES} (found: {sorted(p.name for p in path.iterdir())[:20]})"
             )
-        path = found[0]
-    elif not path.is_file():
+        return found[0]
+    if not path.is_file():
         raise FileNotFoundError(f"no checkpoint at {path}")
+    return path
+
+
+def read_official_state_dict(path: str | os.PathLike) -> dict[str, Tensor]:
+    """The tensors of an official EPG/RCM checkpoint, with a ``module.`` prefix removed.
+
+    ``path`` is a directory holding ``nnet_ema.pth`` (else ``nnet.pth``), a bare state-dict
+    ``.pth``, or a ``.pth`` of a dict wrapping one. Read with ``weights_only=True``: a file whose
+    unpickling would execute code is refused.
+    """
+    path = official_file(path)
     head = _read_head(path)
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
@@ -368,5 +375,6 @@ def load_official(
 ) -> nn.Module:
     """Build ``config_name`` (e.g. ``"epg-xl-16"``) and load an official checkpoint into it,
     unchanged and strictly: missing, unexpected and shape-mismatched keys are reported by name."""
+    path = official_file(path)  # a key mismatch names the file read, not only its folder
     state = read_official_state_dict(path)
     return _materialize(lambda name: build(name, **overrides), config_name, state, device, str(path))

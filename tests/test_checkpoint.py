@@ -170,6 +170,14 @@ def test_mismatched_checkpoint_names_the_bad_keys(tmp_path):
     assert "class_embed.weight: checkpoint (5, 64) vs model (11, 64)" in msg
 
 
+def test_mismatch_in_a_folder_names_the_file_read(tmp_path):
+    sd = build("epg-tiny").state_dict()
+    sd.pop("out.bias")
+    torch.save(sd, tmp_path / "nnet.pth")  # the fallback when nnet_ema.pth is absent
+    with pytest.raises(ck.CheckpointError, match=r"nnet\.pth does not fit EPGViT.*missing key\(s\): out\.bias"):
+        ck.load_official(tmp_path, "epg-tiny")
+
+
 def test_missing_and_corrupt_files_give_clear_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="holds none of"):
         ck.load_official(tmp_path, "epg-tiny")
