@@ -14,11 +14,15 @@
 //             c_out  = (sigma - sigma_min) * sigma_data / sqrt(sigma^2 + sigma_data^2)
 //
 // Precision: c_in, c_skip and c_out are computed in the input dtype T
-// (float32 inputs stay float32). t_cond is ALWAYS computed in double and then
-// rounded to T: 1e-44 is a denormal in float32 (smallest normal is ~1.18e-38),
-// so a float32 `sigma + 1e-44f` would be inexact and becomes 0 (log -> -inf)
-// whenever denormals are flushed to zero (CUDA -ftz / --use_fast_math, CPU
-// DAZ/FTZ modes). In double, 1e-44 is a normal number, so sigma = 0 gives
+// (float32 inputs stay float32), each product and sum rounded on its own
+// (mul_rn / add_rn / sub_rn of numerics.h): nvcc would otherwise contract
+// sigma*sigma + sd2 and d*d + sd2 into fused multiply-adds, and the CUDA
+// scalings (and hence noise_precondition's x_in, which multiplies by c_in)
+// would differ from the CPU kernel's in the last bit. t_cond is ALWAYS
+// computed in double and then rounded to T: 1e-44 is a denormal in float32
+// (smallest normal is ~1.18e-38), so a float32 `sigma + 1e-44f` would be
+// inexact and becomes 0 (log -> -inf) whenever denormals are flushed to zero
+// (CUDA -ftz / --use_fast_math, CPU DAZ/FTZ modes). In double, 1e-44 is a normal number, so sigma = 0 gives
 // t_cond = 250*log(1e-44) = -25328.436... for both dtypes, which is finite in
 // float32 as well. This also makes the float32 t_cond the correctly rounded
 // value of the float64 formula.
@@ -27,6 +31,7 @@
 #include <math.h>
 
 #include "macros.h"
+#include "numerics.h"
 
 namespace epg {
 
@@ -58,15 +63,15 @@ EPG_HD_INLINE T edm_t_cond(T sigma) {
 template <typename T>
 EPG_HD_INLINE EdmScalings<T> edm_scalings_point(T sigma, T sigma_data,
                                                 T sigma_min, EdmMode mode) {
-  const T sd2 = sigma_data * sigma_data;
-  const T norm = detail::edm_sqrt(sigma * sigma + sd2);
+  const T sd2 = mul_rn(sigma_data, sigma_data);
+  const T norm = detail::edm_sqrt(add_rn(mul_rn(sigma, sigma), sd2));
   EdmScalings<T> r;
   r.c_in = T(1) / norm;
   r.t_cond = edm_t_cond(sigma);
   if (mode == EdmMode::kEdm) {
-    const T d = sigma - sigma_min;
-    r.c_skip = sd2 / (d * d + sd2);
-    r.c_out = d * sigma_data / norm;
+    const T d = sub_rn(sigma, sigma_min);
+    r.c_skip = sd2 / add_rn(mul_rn(d, d), sd2);
+    r.c_out = mul_rn(d, sigma_data) / norm;
   } else {
     r.c_skip = T(0);
     r.c_out = T(1);

@@ -2,7 +2,8 @@
 //
 // Both losses compare a prediction p with a target t, sample by sample, through
 // S_b = sum over the sample's M elements of (p - t)^2 (each square rounded in
-// the compute type A = acc_t of the prediction dtype, then accumulated):
+// the compute type A = acc_t of the prediction dtype, then accumulated in
+// float64 by both the CPU and the CUDA kernel, and S_b rounded to A once):
 //
 //   weighted_mse_loss:  loss_b = w_b * mse_b,             mse_b = S_b / M
 //       d loss_b / d p  = w_b * 2 (p - t) / M

@@ -497,10 +497,13 @@ def test_cuda_noise_precondition_matches_cpu_kernel_and_reference(dtype):
         ref = reference.noise_precondition(*_on(dev, args))
         for o, r in zip(out, ref):
             assert_close(o.cpu(), r.cpu(), **tol(o.dtype))
-        # x_in uses unfused products and sums on both devices: bit-identical to the CPU kernel
-        # (the scalings come from edm_scalings, whose CUDA build may use FMA: compare loosely).
+        # x_in, c_in, c_skip and c_out use unfused products and sums on both devices: bit-identical
+        # to the CPU kernel (x_in multiplies by c_in, so it can only match if c_in does).
+        # t_cond goes through the device's log(): compare loosely.
         cpu = E.noise_precondition(*args)
-        assert torch.equal(out[0].cpu(), cpu[0])
+        for k in range(4):
+            assert torch.equal(out[k].cpu(), cpu[k]), k
+        assert_close(out[4].cpu(), cpu[4], **tol(cpu[4].dtype))
     base = randn((3 * 5 * 7 + 1,), dtype, 5)
     unaligned = (lambda t: t[1:].view(3, 5, 7))  # every sample starts off a 16-byte boundary
     _same_on_cuda("noise_precondition", (base, base.clone(), sigmas(3, sdt), SD, SMIN, "x0"), False, unaligned)
@@ -522,6 +525,41 @@ def test_cuda_losses_match_cpu_kernel(dtypes):
     unaligned = (lambda t: t[1:].view(2, 33))
     _same_on_cuda("weighted_mse_loss", (pred, target, weight), False, unaligned)
     _same_on_cuda("pseudo_huber_loss_backward", (pred, target, weight, torch.rand(2), C_HUBER), False)
+
+
+def lost_in_float32_sum(B=2, M=4096):
+    """pred, target (B, M) float32 whose per-sample sum of squares a float32 accumulator gets
+    wrong: each run of 4 elements has one square 1.0 followed by three squares x just below
+    2**-24 (half an ulp of 1.0), which a float32 running sum of 1.0 + x rounds away, while a
+    float64 sum keeps them. S_b = (M/4)(1 + 3x) rounded to float32 once (the CPU kernel) is
+    one ulp above the float32 running sum M/4."""
+    p = 2.0**-12 * (1 - 2.0**-11)  # p*p = 2**-24 (1 - 2**-10 + 2**-22), exact in float32
+    pred = torch.full((B, M), p, dtype=torch.float32)
+    pred[:, ::4] = 1.0
+    return pred, torch.zeros_like(pred)
+
+
+def test_loss_forward_accumulates_in_float64():
+    # The CPU kernel's float64 sums (the premise of the cuda-marked test below).
+    pred, target = lost_in_float32_sum()
+    B, M = pred.shape
+    x = (pred[0, 1].double() ** 2).item()
+    exact = torch.tensor((M // 4) * (1 + 3 * x), dtype=torch.float64).float()
+    assert exact != M // 4  # a float32 running sum would be one ulp low
+    weight = torch.ones(B)
+    assert torch.equal(E.pseudo_huber_loss(pred, target, weight, C_HUBER)[1], exact.expand(B))
+    assert torch.equal(E.weighted_mse_loss(pred, target, weight)[1], (exact / M).expand(B))
+
+
+@pytest.mark.cuda
+def test_cuda_loss_forward_accumulates_in_float64_like_the_cpu_kernel():
+    # Each sum of squares is accumulated in float64 on both devices and rounded to float32
+    # once: the CUDA forward equals the CPU kernel's bit for bit here, where a float32
+    # accumulator would lose every small square (see lost_in_float32_sum).
+    pred, target = lost_in_float32_sum()
+    weight = torch.rand(pred.shape[0], generator=torch.Generator().manual_seed(3))
+    _same_on_cuda("weighted_mse_loss", (pred, target, weight), exact=True)
+    _same_on_cuda("pseudo_huber_loss", (pred, target, weight, C_HUBER), exact=True)
 
 
 @pytest.mark.cuda
