@@ -17,7 +17,9 @@ import gc
 import math
 import os
 import platform
+import signal
 import subprocess
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -42,6 +44,19 @@ def cuda_device() -> torch.device:
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def _hear_ctrl_c() -> None:
+    """Take SIGINT back when this process started with it ignored (a background job of a
+    non-interactive shell, some job runners): gpu_check.sh stops a suite at its time limit with
+    SIGINT, and an ignored one would leave ``timeout -k`` to kill pytest before it writes its JSON."""
+    if threading.current_thread() is threading.main_thread() and (
+        signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    ):
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
+_hear_ctrl_c()
 
 
 def time_rounds(

@@ -108,7 +108,18 @@ def test_resume_skips_an_unreadable_newest_checkpoint_and_clears_temp_files(tmp_
     assert Trainer(_cfg(tmp_path, "diffusion", steps=4, ckpt_every=2, keep_checkpoints=1)).step == 3
 
 
-def test_ctrl_c_finishes_the_step_saves_and_resumes_exactly(tmp_path):
+@pytest.mark.parametrize("previous", [signal.default_int_handler, signal.SIG_IGN], ids=["default", "ignored"])
+def test_ctrl_c_finishes_the_step_saves_and_resumes_exactly(tmp_path, previous):
+    # "ignored": a process started with SIGINT ignored (a background job of a non-interactive
+    # shell) still stops cleanly on Ctrl-C during fit, and gets its own handler back afterwards.
+    outer = signal.signal(signal.SIGINT, previous)
+    try:
+        _ctrl_c_then_resume(tmp_path, previous)
+    finally:
+        signal.signal(signal.SIGINT, outer)
+
+
+def _ctrl_c_then_resume(tmp_path, previous):
     full = _losses(Trainer(_cfg(tmp_path / "a", "diffusion", ckpt_every=0)).fit())
     trainer = Trainer(_cfg(tmp_path / "b", "diffusion", ckpt_every=0))
     real_loss, calls = trainer.loss_fn, []
@@ -122,7 +133,7 @@ def test_ctrl_c_finishes_the_step_saves_and_resumes_exactly(tmp_path):
     trainer.loss_fn = interrupted_in_step_3
     with pytest.raises(KeyboardInterrupt, match="interrupted at step 3"):
         trainer.fit()
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored
+    assert signal.getsignal(signal.SIGINT) is previous  # restored
     resumed = Trainer(_cfg(tmp_path / "b", "diffusion", ckpt_every=0))
     assert resumed.step == 3
     assert _losses(resumed.fit()) == full[3:]
