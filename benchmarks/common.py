@@ -28,6 +28,7 @@ import pytest
 import torch
 
 from epg import ops, reference
+from epg.data.prepare import usable_cpus
 
 REPO = Path(__file__).resolve().parents[1]
 DEADLINE_ENV = "EPG_BENCH_DEADLINE"  # unix time by which gpu_check.sh wants the suite done
@@ -170,13 +171,6 @@ def _cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
-def _usable_cpus() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:
-        return os.cpu_count() or 1
-
-
 def environment() -> dict:
     """What a figure was measured with: date, devices, library versions, git revision."""
     try:
@@ -208,7 +202,7 @@ def environment() -> dict:
         "flash_attn": flash_attn_version,
         "epg_extension": extension,
         "cpu": _cpu_name(),
-        "cpu_count": _usable_cpus(),
+        "cpu_count": usable_cpus(),
         "torch_threads": torch.get_num_threads(),
         "gpu": None,
         "gpu_count": 0,

@@ -141,7 +141,7 @@ def _prepare_one(task: tuple[str, str, str, int, str, int]) -> tuple[str, str, s
     return "written", rel, ""
 
 
-def _usable_cpus() -> int:
+def usable_cpus() -> int:
     """CPUs this process may run on: its affinity mask (a batch job's or container's cpuset),
     not every CPU of the machine, which ``os.cpu_count()`` gives."""
     try:
@@ -300,7 +300,7 @@ def prepare(
     for rel, reason in unlisted:
         failed.append((rel, reason))
         log.warning("prepare: skipping %s: %s", rel, reason)
-    workers = _usable_cpus() if workers is None else workers
+    workers = usable_cpus() if workers is None else workers
     bar = tqdm(total=len(tasks), unit="img", desc=f"prepare {resolution}px", disable=not progress,
                mininterval=1.0, smoothing=0.05)  # fmt: skip
     pool, finished = None, False
