@@ -3,7 +3,6 @@
 import dataclasses
 import json
 import tracemalloc
-from pathlib import Path
 
 import numpy as np
 import pytest
