@@ -51,6 +51,7 @@ import logging
 import os
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -377,7 +378,7 @@ class DaliLoader(FolderLoaderBase):
         if not found:
             refused = sorted(
                 i for i in set(scanned) - self._via_pillow
-                if not png_checksums_ok(np.fromfile(self.folder.path(i), np.uint8).tobytes())
+                if not png_checksums_ok(Path(self.folder.path(i)).read_bytes())
             )  # fmt: skip
             if refused:
                 for i in refused:

@@ -57,7 +57,7 @@ ON_ERROR = ("raise", "skip")
 # File lists are UTF-8 whatever the locale, and a file name that is not valid UTF-8 (bytes a
 # POSIX file system allows, which os.fsdecode keeps as surrogate escapes) is written and read
 # back as its own bytes, so every name a folder scan finds survives a list.
-LIST_ENCODING = "utf-8"
+LIST_TEXT = dict(encoding="utf-8", errors="surrogateescape")  # open()/read_text() keywords
 
 log = logging.getLogger("epg.data")
 
@@ -257,7 +257,7 @@ class FolderIndex:
         if not list_file.is_file():
             raise FileNotFoundError(f"file list {list_file} does not exist")
         paths, labels, kinds, comments = [], [], set(), []
-        text = list_file.read_text(encoding=LIST_ENCODING, errors="surrogateescape")
+        text = list_file.read_text(**LIST_TEXT)
         # Lines end at \n, \r\n or \r (the text mode's newlines), not at the other breaks
         # str.splitlines() knows (\x0b, \x0c, \x1c-\x1e, \x85, \u2028, \u2029): names may hold them.
         for number, line in enumerate(text.split("\n"), 1):
@@ -312,7 +312,7 @@ def write_file_list(
             raise ValueError(f"{rel!r} cannot be written to a file list")
         lines.append(f"{rel} {int(label)}\n")
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text("".join(lines), encoding=LIST_ENCODING, errors="surrogateescape")
+    tmp.write_text("".join(lines), **LIST_TEXT)
     os.replace(tmp, path)
 
 

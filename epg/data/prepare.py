@@ -52,7 +52,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .folder import LIST_ENCODING, FolderIndex, listable, to_rgb, write_file_list
+from .folder import LIST_TEXT, FolderIndex, listable, to_rgb, write_file_list
 
 log = logging.getLogger("epg.data")
 
@@ -159,7 +159,7 @@ def _check_settings(listing: Path, settings: str) -> None:
     """Refuse to continue a DST prepared with other settings (its first line records them)."""
     if not listing.is_file():
         return
-    with open(listing, encoding=LIST_ENCODING, errors="surrogateescape") as f:
+    with open(listing, **LIST_TEXT) as f:
         first = f.readline().strip()
     if first.startswith("# epg prepare:") and first != f"# {settings}":
         raise ValueError(
@@ -333,8 +333,8 @@ def prepare(
     failed.sort()
     listing = dst / SKIPPED_LIST
     tmp = dst / f".{SKIPPED_LIST}.tmp"
-    tmp.write_text("".join(f"{rel}\t{reason}\n" for rel, reason in failed), encoding=LIST_ENCODING,
-                   errors="surrogateescape")  # names as the file system has them (see folder.py)
+    tmp.write_text("".join(f"{rel}\t{reason}\n" for rel, reason in failed),
+                   **LIST_TEXT)  # names as the file system has them (see folder.py)
     os.replace(tmp, listing)
     failed_rels = {rel for rel, _ in failed}
     # Sorted by (class folder, output file name): the order FolderIndex.scan(dst) gives.

@@ -18,13 +18,16 @@ class _ViTShape:
     mlp_ratio: float = 4.0
     qkv_bias: bool = False
 
+    def _require_positive(self, *names: str) -> None:
+        for name in names:
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+
     def validate(self) -> None:
         # Positivity first: a zero patch_size or num_heads would otherwise surface as a
         # ZeroDivisionError from the divisibility checks below.
-        for name in ("img_size", "patch_size", "in_channels", "embed_dim", "depth", "num_heads",
-                     "mlp_ratio"):  # fmt: skip
-            if getattr(self, name) <= 0:
-                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        self._require_positive("img_size", "patch_size", "in_channels", "embed_dim", "depth",
+                               "num_heads", "mlp_ratio")  # fmt: skip
         if self.img_size % self.patch_size:
             raise ValueError(
                 f"img_size {self.img_size} is not a multiple of patch_size {self.patch_size}"
@@ -50,9 +53,7 @@ class EPGConfig(_ViTShape):
 
     def validate(self) -> None:
         super().validate()
-        for name in ("decoder_embed_dim", "decoder_depth", "decoder_num_heads"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        self._require_positive("decoder_embed_dim", "decoder_depth", "decoder_num_heads")
         if self.decoder_embed_dim % self.decoder_num_heads:
             raise ValueError(
                 f"decoder_embed_dim {self.decoder_embed_dim} not divisible by "
@@ -79,9 +80,7 @@ class RCMConfig(_ViTShape):
         super().validate()
         if self.proj_layers < 1:
             raise ValueError(f"proj_layers must be >= 1, got {self.proj_layers}")
-        for name in ("proj_hidden_dim", "proj_output_dim"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        self._require_positive("proj_hidden_dim", "proj_output_dim")
 
 
 _ENC_B = dict(embed_dim=768, depth=12, num_heads=12)
