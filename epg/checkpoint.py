@@ -144,7 +144,7 @@ def run_output(path: str | os.PathLike) -> Path:
 
 
 def load(directory: str | os.PathLike, device: str | torch.device = "cpu") -> nn.Module:
-    """Rebuild the network saved by :func:`save` and load its weights (strictly).
+    """Rebuild the network saved by :func:`save` and load its weights (strictly); in eval mode.
 
     ``directory`` is the folder :func:`save` wrote, or a ``.safetensors`` file in such a folder.
     """
@@ -186,7 +186,9 @@ def _materialize(builder, config, state, device, source: str) -> nn.Module:
         for t in list(model.parameters()) + list(model.buffers()):
             if t.dtype in half:
                 t.data = t.data.float()
-    return model.to(device)
+    # Eval mode, ready to sample: dropout (0.5 in the consistency decoders) stays off unless a
+    # caller asks for .train(), as the Trainer does.
+    return model.to(device).eval()
 
 
 def load_state_dict_strict(
@@ -374,7 +376,8 @@ def load_official(
     path: str | os.PathLike, config_name: str, device: str | torch.device = "cpu", **overrides: Any
 ) -> nn.Module:
     """Build ``config_name`` (e.g. ``"epg-xl-16"``) and load an official checkpoint into it,
-    unchanged and strictly: missing, unexpected and shape-mismatched keys are reported by name."""
+    unchanged and strictly: missing, unexpected and shape-mismatched keys are reported by name.
+    The network comes back in eval mode."""
     path = official_file(path)  # a key mismatch names the file read, not only its folder
     state = read_official_state_dict(path)
     return _materialize(lambda name: build(name, **overrides), config_name, state, device, str(path))

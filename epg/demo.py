@@ -145,7 +145,7 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
 
     from .checkpoint import load
 
-    net = load(model_dir).eval()
+    net = load(model_dir)
     device = next(net.parameters()).device
     samples, labels = timed("sampling_s", lambda: _sample(cfg, net, device))
 

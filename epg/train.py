@@ -33,6 +33,7 @@ import copy
 import dataclasses
 import json
 import math
+import numbers
 import os
 import re
 import signal
@@ -114,6 +115,10 @@ class TrainConfig:
             raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
         if self.steps < 1 or self.batch_size < 1:
             raise ValueError("steps and batch_size must be positive")
+        # Non-negative, as the sampler's seed: a negative seed used to train and then fail in
+        # the sampling of `epg demo` and of the previews.
+        if not isinstance(self.seed, numbers.Integral) or isinstance(self.seed, bool) or self.seed < 0:
+            raise ValueError(f"seed must be a non-negative int, got {self.seed!r}")
         if self.lr_schedule not in ("cosine", "warmup-step", "constant"):
             raise ValueError(f"lr_schedule must be cosine, warmup-step or constant, got {self.lr_schedule!r}")
         if len(self.lr_milestones) != len(self.lr_factors):
@@ -386,7 +391,9 @@ class Trainer:
             self.global_randomness = cfg.global_randomness
         self.use_bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and self.device.type == "cuda")
 
-        torch.manual_seed(cfg.seed)  # identical initialisation on every rank
+        # Seeds reduced mod 2^64 as torch does for the values it accepts: the same streams as
+        # before for every seed that fitted, and no overflow for larger ones.
+        torch.manual_seed(cfg.seed % 2**64)  # identical initialisation on every rank
         self._build_models()
         self._build_data(data)
         self._build_objective()
@@ -397,7 +404,7 @@ class Trainer:
         self._interrupted = self.stop_requested = self._updating = False
         self._bad_before_resume = 0
         # Dropout streams differ per rank; seeded after init so init is rank-independent.
-        torch.manual_seed(cfg.seed * 7919 + 1 + self.dist.rank)
+        torch.manual_seed((cfg.seed * 7919 + 1 + self.dist.rank) % 2**64)
         self._maybe_resume()
         self._saved_step = self.step  # nothing new to save before the first step
         self.loss_fn = torch.compile(self.objective.loss) if cfg.compile else self.objective.loss
@@ -733,7 +740,7 @@ class Trainer:
             if "cuda" in mine and self.device.type == "cuda":
                 torch.cuda.set_rng_state(mine["cuda"].cpu(), self.device)
         else:  # another number of ranks: fresh, distinct streams (the run is not bit-exact then)
-            torch.manual_seed(self.cfg.seed * 7919 + 1 + self.dist.rank + 104729 * self.step)
+            torch.manual_seed((self.cfg.seed * 7919 + 1 + self.dist.rank + 104729 * self.step) % 2**64)
 
     def _earlier_run(self) -> list[Path]:
         """What an earlier run left in the run folder that a fresh start would overwrite."""

@@ -34,6 +34,17 @@ def test_safetensors_round_trip(tmp_path, inputs):
     assert all(p.requires_grad for p in loaded.parameters())
 
 
+def test_loaded_networks_sample_in_eval_mode(tmp_path, inputs):
+    # Both loaders returned train mode: with the consistency models' decoder dropout (0.5), a
+    # user sampling straight from a loaded network got randomly dropped attention outputs.
+    model = build("epg-tiny", drop=0.5).eval()
+    ck.save(model, tmp_path / "run")
+    torch.save(model.state_dict(), tmp_path / "nnet_ema.pth")
+    for loaded in (ck.load(tmp_path / "run"), ck.load_official(tmp_path, "epg-tiny", drop=0.5)):
+        assert not any(m.training for m in loaded.modules())
+        assert torch.equal(loaded(*inputs), model(*inputs))
+
+
 def test_round_trip_keeps_overridden_architecture(tmp_path):
     model = build("epg-tiny", in_channels=1, num_classes=3, decoder_depth=1)
     ck.save(model, tmp_path)

@@ -266,6 +266,18 @@ def test_bad_configs_are_refused(tmp_path):
         TrainConfig.from_dict({"stepz": 3})
     with pytest.raises(FileNotFoundError, match="does not exist"):
         Trainer(_cfg(tmp_path, "diffusion", resume=str(tmp_path / "nope.pt")))
+    # A negative seed trained, then failed in sampling (epg demo, previews): refused up front.
+    for seed in (-1, 1.5, True):
+        with pytest.raises(ValueError, match="seed must be a non-negative int"):
+            Trainer(_cfg(tmp_path, "diffusion", seed=seed))
+
+
+def test_a_seed_past_the_generators_64_bits_trains(tmp_path):
+    # seed·1_000_003 + epoch (the data order) and seed·7919 + 1 (dropout) used to overflow
+    # torch's 64-bit seed ("Overflow when unpacking long long") before the first step.
+    big = 2**70 + 3
+    records = Trainer(_cfg(tmp_path / "big", "diffusion", steps=2, seed=big)).fit()
+    assert len(records) == 2 and all(math.isfinite(r["loss"]) for r in records)
 
 
 @pytest.mark.slow

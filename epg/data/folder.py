@@ -432,7 +432,8 @@ class BatchSchedule:
     def epoch_order(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
         """(file index per position (N,) int64, flip per position (N,) bool) of an epoch."""
         if self._cached is None or self._cached[0] != epoch:
-            g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            # mod 2^64 as torch reduces the seeds it accepts: large seeds no longer overflow.
+            g = torch.Generator().manual_seed((self.seed * 1_000_003 + epoch) % 2**64)
             order = torch.randperm(self.num_samples, generator=g)
             flips = torch.rand(self.num_samples, generator=g) < self.flip_p
             self._cached = (epoch, order.numpy(), flips.numpy())
@@ -451,7 +452,33 @@ class BatchSchedule:
         return order[start:stop], flips[start:stop]
 
 
-class FolderLoaderBase(abc.ABC):
+class ScheduledLoader:
+    """The sizes and seed the Trainer reads of a loader, from its :class:`BatchSchedule`."""
+
+    schedule: BatchSchedule
+
+    @property
+    def num_samples(self) -> int:
+        return self.schedule.num_samples
+
+    @property
+    def batches_per_epoch(self) -> int:
+        return self.schedule.batches_per_epoch
+
+    @property
+    def global_batch_size(self) -> int:
+        return self.schedule.global_batch_size
+
+    @property
+    def local_batch_size(self) -> int:
+        return self.schedule.local_batch_size
+
+    @property
+    def seed(self) -> int:
+        return self.schedule.seed
+
+
+class FolderLoaderBase(ScheduledLoader, abc.ABC):
     """Position, state and bad-file bookkeeping shared by the folder loaders.
 
     Subclasses implement ``_fetch()`` → (uint8 (B, 3, H, W), int64 labels (B,), the bad files met
@@ -489,27 +516,6 @@ class FolderLoaderBase(abc.ABC):
         self.epoch, self.index = 0, 0
         self.skipped = 0  # slots filled by a substitute, over the consumed batches
         self.bad_files: set[str] = set()
-
-    # The InMemoryLoader attributes the trainer reads.
-    @property
-    def num_samples(self) -> int:
-        return self.schedule.num_samples
-
-    @property
-    def batches_per_epoch(self) -> int:
-        return self.schedule.batches_per_epoch
-
-    @property
-    def global_batch_size(self) -> int:
-        return self.schedule.global_batch_size
-
-    @property
-    def local_batch_size(self) -> int:
-        return self.schedule.local_batch_size
-
-    @property
-    def seed(self) -> int:
-        return self.schedule.seed
 
     @property
     def num_classes(self) -> int:

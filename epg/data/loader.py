@@ -13,8 +13,16 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .folder import BatchSchedule, ScheduledLoader
 
-class InMemoryLoader:
+
+class InMemoryLoader(ScheduledLoader):
+    """``next(loader)`` → this rank's rows of the next global batch, as {name: tensor on device}.
+
+    The order, sharding and argument checks are :class:`epg.data.folder.BatchSchedule`'s (no
+    flips), so an in-memory and a folder run over the same samples see the same batches.
+    """
+
     def __init__(
         self,
         tensors: dict[str, Tensor],
@@ -24,41 +32,24 @@ class InMemoryLoader:
         seed: int = 0,
         device: torch.device | str = "cpu",
     ):
+        if not tensors:
+            raise ValueError("InMemoryLoader needs at least one tensor")
         sizes = {k: t.shape[0] for k, t in tensors.items()}
         if len(set(sizes.values())) != 1:
             raise ValueError(f"all tensors need the same number of rows, got {sizes}")
-        self.num_samples = next(iter(sizes.values()))
-        if global_batch_size % world_size:
-            raise ValueError(
-                f"global batch size {global_batch_size} is not divisible by {world_size} ranks"
-            )
-        if global_batch_size > self.num_samples:
-            raise ValueError(
-                f"global batch size {global_batch_size} exceeds the dataset ({self.num_samples} samples)"
-            )
+        self.schedule = BatchSchedule(
+            next(iter(sizes.values())), global_batch_size, rank, world_size, seed, flip_p=0.0
+        )
         self.tensors = tensors
-        self.global_batch_size = global_batch_size
-        self.local_batch_size = global_batch_size // world_size
-        self.rank, self.world_size, self.seed = rank, world_size, seed
         self.device = torch.device(device)
-        self.batches_per_epoch = self.num_samples // global_batch_size
         self.epoch, self.index = 0, 0
-        self._order: Tensor | None = None
-
-    def _epoch_order(self) -> Tensor:
-        if self._order is None:
-            g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
-            self._order = torch.randperm(self.num_samples, generator=g)
-        return self._order
 
     def __iter__(self):
         return self
 
     def __next__(self) -> dict[str, Tensor]:
-        if self.index >= self.batches_per_epoch:
-            self.epoch, self.index, self._order = self.epoch + 1, 0, None
-        start = self.index * self.global_batch_size + self.rank * self.local_batch_size
-        rows = self._epoch_order()[start : start + self.local_batch_size]
+        self.epoch, self.index = self.schedule.normalize(self.epoch, self.index)
+        rows = torch.from_numpy(self.schedule.rows(self.epoch, self.index)[0])
         self.index += 1
         return {k: t[rows].to(self.device, non_blocking=True) for k, t in self.tensors.items()}
 
@@ -72,5 +63,5 @@ class InMemoryLoader:
                 f"cannot resume the data position: the checkpoint used global batch "
                 f"{state['global_batch_size']}, this run {self.global_batch_size}"
             )
-        self.epoch, self.index, self.seed = state["epoch"], state["index"], state["seed"]
-        self._order = None
+        self.schedule.seed = state["seed"]
+        self.epoch, self.index = state["epoch"], state["index"]
