@@ -204,7 +204,7 @@ def _cmd_sample(args: argparse.Namespace) -> int:
             guidance_interval=interval, trailing_zero=args.trailing_zero, clamp=not args.no_clamp,
             labels=labels, class_counts=class_counts, seed=args.seed,
             convention=args.convention or info.get("convention", "imagenet"),
-            precision=args.precision, model=info["source"],
+            precision=args.precision, model=info["source"], weights=info["weights"],
         )  # fmt: skip
         if dist_info.is_main:
             print(f"epg sample: {settings.num_images} images, {sampler} ({steps} steps), guidance "

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import json
 import math
 import os
@@ -81,6 +82,9 @@ class SampleSettings:
     convention: str = "imagenet"
     precision: str = "fp32"  # "fp32" | "bf16" (autocast around the network)
     model: str = ""  # where the weights came from, for the record
+    # sha256 of the weights file: the same path holding other weights (a re-exported final/)
+    # must not resume into images sampled from the old ones.
+    weights: str = ""
 
     def validate(self) -> None:
         if not isinstance(self.num_images, int) or self.num_images < 1:
@@ -101,8 +105,8 @@ class SampleSettings:
             raise ValueError(f"convention must be one of {CONVENTIONS}, got {self.convention!r}")
         if self.precision not in ("fp32", "bf16"):
             raise ValueError(f"precision must be 'fp32' or 'bf16', got {self.precision!r}")
-        if not self.guidance >= 0:
-            raise ValueError(f"guidance must be >= 0 (0 or 1: no guidance), got {self.guidance!r}")
+        if not (math.isfinite(self.guidance) and self.guidance >= 0):
+            raise ValueError(f"guidance must be finite and >= 0 (0 or 1: no guidance), got {self.guidance!r}")
         low, high = self.guidance_interval
         if not 0 <= low < high:
             raise ValueError(f"guidance interval needs 0 <= low < high, got {self.guidance_interval}")
@@ -151,15 +155,17 @@ def load_network(
                              "hold weights only")
         net = ckpt.load_official(official, config, device=device)
         info = {"config": config, "source": f"official:{Path(official).resolve()}", "convention": "imagenet",
-                "mode": "consistency" if config in RELEASED_CONSISTENCY_CONFIGS else "diffusion"}
+                "mode": "consistency" if config in RELEASED_CONSISTENCY_CONFIGS else "diffusion",
+                "weights": weights_digest(ckpt.official_file(official))}
     else:
         folder = _checkpoint_path(Path(checkpoint))
         # The recorded mode decides before the weights are read: a stage-1 folder is refused
         # without loading it.
-        _, meta = ckpt.read_config(folder if folder.is_dir() else folder.parent)
+        directory = folder if folder.is_dir() else folder.parent
+        _, meta = ckpt.read_config(directory)
         # Absolute: settings.json records it, and a rerun from another folder (or with the
         # other spelling of the path) is the same run.
-        info = {"config": None, "source": str(folder.resolve())}
+        info = {"config": _trained_config_name(directory, meta), "source": str(folder.resolve())}
         if meta.get("mode") in MODES:
             info["mode"] = meta["mode"]
         elif meta.get("mode") == "pretrain":
@@ -168,10 +174,35 @@ def load_network(
         if meta.get("convention") in CONVENTIONS:
             info["convention"] = meta["convention"]
         net = ckpt.load(folder, device=device)
+        info["weights"] = weights_digest(folder if folder.is_file() else folder / ckpt.WEIGHTS_NAME)
     if not isinstance(net, EPGViT):
         raise ValueError(f"{info['source']} is a {type(net).__name__}; sampling needs an EPGViT "
                          "(a stage-2 diffusion or consistency network)")
     return net.eval().requires_grad_(False), info
+
+
+def weights_digest(path: Path) -> str:
+    """``sha256:<hex>`` of a weights file (about a second per GB, once per sampling run)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 24), b""):
+            digest.update(chunk)
+    return f"sha256:{digest.hexdigest()}"
+
+
+def _trained_config_name(directory: Path, meta: dict[str, Any]) -> str | None:
+    """The config name an epg checkpoint was trained from (it picks the default guidance):
+    recorded by ``Trainer.export``; for folders exported before it was, the run's
+    ``train_config.json`` next to ``final/``."""
+    if isinstance(meta.get("model"), str):
+        return meta["model"]
+    run_config = directory.parent / "train_config.json"
+    if directory.name == "final" and run_config.is_file():
+        with contextlib.suppress(OSError, ValueError):
+            name = json.loads(run_config.read_text()).get("model")
+            if isinstance(name, str):
+                return name
+    return None
 
 
 def _checkpoint_path(path: Path) -> Path:
@@ -285,14 +316,16 @@ def _write_png(path: Path, pixels: np.ndarray) -> None:
 def _check_settings(out_dir: Path, settings: SampleSettings, overwrite: bool) -> None:
     path = out_dir / SETTINGS_NAME
     if path.is_file() and not overwrite:
+        restart = ("--overwrite discards this folder's samples and starts over (removing only the "
+                   "settings would let a rerun take the old images for its own)")  # fmt: skip
         try:
             saved = json.loads(path.read_text())
-        except json.JSONDecodeError as exc:
-            raise ValueError(
-                f"{path} is corrupt ({exc}); --overwrite discards this folder's samples and starts "
-                "over (removing only the settings would let a rerun take the old images for its own)"
-            ) from exc
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise ValueError(f"{path} is corrupt ({exc}); {restart}") from exc
+        if not isinstance(saved, dict):
+            raise ValueError(f"{path} is corrupt (a JSON {type(saved).__name__}, not an object); {restart}")
         mine = settings.to_dict()
+        saved.setdefault("weights", mine["weights"])  # not recorded before: nothing to compare
         if isinstance(saved.get("model"), str) and _same_source(saved["model"], mine["model"]):
             saved["model"] = mine["model"]
         different = sorted(k for k in set(saved) | set(mine) if saved.get(k) != mine.get(k))
@@ -473,6 +506,12 @@ def run_sampling(
             counter, y, cfg.img_size, cfg.in_channels, settings.steps, settings.sampler,
             settings.guidance, null_class=null_class, indices=batch, **sample_kwargs,
         )  # fmt: skip
+        if not torch.isfinite(images).all():  # to_uint8 would save NaN as black, silently
+            raise ValueError(
+                f"the network gave non-finite values for images {batch[0]}..{batch[-1]} (NaN or "
+                f"inf weights, or an overflow at guidance {settings.guidance:g}, precision "
+                f"{settings.precision}); nothing of this batch was written"
+            )
         pixels = to_uint8(images, settings.convention)
         for i, px in zip(batch, pixels):
             _write_png(image_path(out_dir, i), px)

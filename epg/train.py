@@ -1002,7 +1002,8 @@ class Trainer:
         net = self.ema if self.ema is not None else self.model
         state = self._module_state(net)
         if self.dist.is_main:
-            meta = {"step": self.step, "mode": self.cfg.mode}
+            # The config name picks `epg sample`'s default guidance scale.
+            meta = {"step": self.step, "mode": self.cfg.mode, "model": self.cfg.model}
             if self.convention is not None:
                 meta["convention"] = self.convention
             ckpt.save(net, directory, metadata=meta, state_dict=state)

@@ -176,10 +176,11 @@ def test_official_layout_state_dict_samples_without_renaming(tmp_path):
 
 @pytest.mark.parametrize("config, mode", [("epg-l-16", "consistency"), ("epg-xl-16", "diffusion"),
                                           ("epg-tiny", "diffusion")])
-def test_a_released_file_samples_as_the_released_network_of_its_config(monkeypatch, config, mode):
+def test_a_released_file_samples_as_the_released_network_of_its_config(monkeypatch, tmp_path, config, mode):
     # EPG-L/16 at 256 px is released only as the one-step consistency model (spec §10.1).
     monkeypatch.setattr(ckpt, "load_official", lambda path, name, device="cpu": _tiny())
-    _, info = load_network(None, "EPG.pth", config)
+    (tmp_path / "EPG.pth").write_bytes(b"weights")  # read for the digest only
+    _, info = load_network(None, tmp_path / "EPG.pth", config)
     assert info["mode"] == mode
 
 
@@ -425,3 +426,61 @@ def test_cuda_graphs_on_a_cpu_network_are_refused_before_the_folder_is_touched(t
     assert "CUDA graphs need a network on a CUDA device" in capsys.readouterr().err
     np.testing.assert_array_equal(_png_stack(out, 6), before)
     assert json.loads((out / "settings.json").read_text())["seed"] == 0
+
+
+def test_a_trained_networks_config_name_picks_the_default_guidance(tiny_ckpt, tmp_path, capsys):
+    # Checkpoints from the Trainer recorded no config name, so `epg sample` ran every one of
+    # them without guidance, even an epg-xl-16 diffusion run (released scale 2.5).
+    folder = tmp_path / "run" / "final"
+    ckpt.save(_tiny(), folder, metadata={"mode": "diffusion", "model": "epg-xl-16"})
+    assert load_network(folder)[1]["config"] == "epg-xl-16"
+    assert _sample_cli(folder, tmp_path / "s", "--num-images", "2") == 0
+    assert "guidance 2.5" in capsys.readouterr().out
+    # A folder exported before the name was recorded: the run's train_config.json has it.
+    old = tmp_path / "old" / "final"
+    ckpt.save(_tiny(), old, metadata={"mode": "diffusion"})
+    (old.parent / "train_config.json").write_text(json.dumps({"model": "epg-l-32"}))
+    assert load_network(old)[1]["config"] == "epg-l-32"
+    assert load_network(tiny_ckpt)[1]["config"] is None  # nothing known: guidance 1
+
+
+def test_other_weights_behind_the_same_path_do_not_resume(tmp_path, capsys):
+    folder = tmp_path / "final"
+    ckpt.save(_tiny(seed=0), folder, metadata={"mode": "diffusion"})
+    out = tmp_path / "s"
+    assert _sample_cli(folder, out, "--num-images", "2") == 0
+    image_path(out, 1).unlink()
+    ckpt.save(_tiny(seed=1), folder, metadata={"mode": "diffusion"})  # re-exported
+    assert _sample_cli(folder, out, "--num-images", "2") == 2
+    assert "weights: 'sha256:" in capsys.readouterr().err
+    assert not image_path(out, 1).exists()
+    # settings.json written before the digest was recorded: nothing to compare, it resumes.
+    settings = json.loads((out / "settings.json").read_text())
+    del settings["weights"]
+    (out / "settings.json").write_text(json.dumps(settings))
+    assert _sample_cli(folder, out, "--num-images", "2") == 0
+
+
+def test_non_finite_guidance_and_images_are_refused(tmp_path, capsys):
+    folder = tmp_path / "final"
+    ckpt.save(_tiny(), folder, metadata={"mode": "diffusion"})
+    assert _sample_cli(folder, tmp_path / "a", "--guidance", "inf") == 2
+    assert "guidance must be finite" in capsys.readouterr().err
+    broken = _tiny()
+    with torch.no_grad():
+        broken.patch_embed.proj.weight.fill_(float("nan"))
+    ckpt.save(broken, tmp_path / "nan", metadata={"mode": "diffusion"})
+    # to_uint8 turned NaN into 0: the run used to finish with black images.
+    assert _sample_cli(tmp_path / "nan", tmp_path / "b", "--num-images", "2") == 2
+    assert "non-finite values for images 0..1" in capsys.readouterr().err
+    assert not image_path(tmp_path / "b", 0).exists()
+
+
+@pytest.mark.parametrize("content", [b"[]", b"\xff\xfe"])
+def test_a_damaged_settings_file_is_named(tiny_ckpt, tmp_path, capsys, content):
+    out = tmp_path / "s"
+    out.mkdir()
+    (out / "settings.json").write_bytes(content)
+    assert _sample_cli(tiny_ckpt, out) == 2
+    err = capsys.readouterr().err
+    assert f"{out / 'settings.json'} is corrupt" in err and "--overwrite" in err

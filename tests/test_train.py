@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from epg import checkpoint as ckpt
 from epg.models import build
 from epg.train import TrainConfig, Trainer, lr_factor
 
@@ -453,6 +454,8 @@ def test_init_starts_from_a_whole_stage2_network(tmp_path):
     dm = Trainer(_cfg(tmp_path / "dm", "diffusion", steps=1))
     dm.fit()
     exported = dm.export()
+    # The config name is recorded: it picks `epg sample`'s default guidance scale.
+    assert ckpt.read_config(exported)[1]["model"] == "epg-tiny"
     # A consistency run (decoder dropout 0.5) from the diffusion network, as ECT starts.
     cm = Trainer(_cfg(tmp_path / "cm", "consistency", steps=1, init=str(exported)))
     for a, b in zip(cm.model.state_dict().values(), dm.ema.state_dict().values()):
