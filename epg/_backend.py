@@ -162,6 +162,30 @@ def _forced_backend(op: str) -> str | None:
     return None
 
 
+def environment_problems() -> list[str]:
+    """What is wrong with the ``EPG_BACKEND*`` variables (empty: nothing). Commands check this
+    when they start: a typo otherwise fails at the first op, after data, checkpoints and output
+    folders were already touched."""
+    ops = sorted({_base_op(op) for op in _reference_info().implementations})  # every op has one
+    problems = []
+    for var, raw in sorted(os.environ.items()):
+        if var != ENV_VAR and not var.startswith(ENV_VAR + "_"):
+            continue
+        op = var[len(ENV_VAR) + 1 :].lower() or None
+        if op is not None and op not in ops:
+            problems.append(f"{var}: epg has no op {op!r} (ops: {', '.join(ops)})")
+            continue
+        value = raw.strip().lower()
+        value = "reference" if value == "ref" else value
+        if value in ("", "auto"):
+            continue
+        if value not in BACKENDS:
+            problems.append(f"{var}={raw!r}: expected auto or one of {', '.join(BACKENDS)}")
+        elif op is not None and info(value).available and op not in info(value).implementations:
+            problems.append(f"{var}={raw!r}: {value} has no implementation of {op!r}")
+    return problems
+
+
 def _why_not(backend: BackendInfo, op: str, device: torch.device) -> str | None:
     """None when ``backend`` can run ``op`` on ``device``, else the reason it cannot."""
     if not backend.available:

@@ -60,7 +60,8 @@ def collect_info() -> dict[str, Any]:
     else:
         reason = "torch is a CPU build" if not torch.version.cuda else "no NVIDIA GPU/driver found"
         devices.append({"type": "cuda", "available": False, "reason": reason})
-    return {"versions": versions, "backends": backends, "backend_env": forced, "devices": devices}
+    return {"versions": versions, "backends": backends, "backend_env": forced,
+            "backend_env_problems": _backend.environment_problems(), "devices": devices}  # fmt: skip
 
 
 def _print_info(info: dict[str, Any]) -> None:
@@ -77,6 +78,8 @@ def _print_info(info: dict[str, Any]) -> None:
             print(f"  {'':<10} ops: {', '.join(b['ops']) or 'none'}")
     if info["backend_env"]:
         print("  forced by environment:", ", ".join(f"{k}={v}" for k, v in info["backend_env"].items()))
+    for problem in info["backend_env_problems"]:
+        print(f"  PROBLEM (every other command refuses to start): {problem}")
     print("\ndevices")
     for d in info["devices"]:
         print("  " + ", ".join(f"{k}={v}" for k, v in d.items()))
@@ -113,13 +116,21 @@ def _train_config(args: argparse.Namespace, mode_options: dict[str, Any]):
     from .train import TrainConfig
 
     options: dict[str, Any] = get_preset(args.preset) if args.preset else {}
+    mode = mode_options["mode"]
+    if options.get("mode", mode) != mode:  # a diffusion recipe would train a consistency model
+        raise ValueError(f"preset {args.preset} is a {options['mode']} recipe, not {mode}")
     if args.config:
         for key, value in read_config_file(args.config).items():
             options[key] = value
     for key, value in mode_options.items():
         if value is not None:
             options[key] = value
-    for key, value in _parse_sets(args.set):
+    sets = _parse_sets(args.set)
+    flags = {"mode": f"epg {args.command}" + (f" --objective {mode}" if args.command == "finetune" else ""),
+             "run_dir": "--run-dir", "encoder": "--encoder"}  # fmt: skip
+    for key, value in sets:
+        if mode_options.get(key) is not None and value != mode_options[key]:
+            raise ValueError(f"--set {key}={value} contradicts {flags[key]} ({mode_options[key]})")
         set_option(options, key, value)
     return TrainConfig.from_dict(options)
 
@@ -155,6 +166,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     cfg = DemoConfig(objective=args.objective, out_dir=args.out, seed=args.seed)
     if args.quick:
         cfg.stage1_steps, cfg.stage2_steps, cfg.samples_per_class = 20, 40, 10
+    cfg.validate()  # before the folder is named or made
     print(f"epg demo: {cfg.objective} on the embedded digits; output in {Path(cfg.out_dir).resolve()}")
     metrics = run_demo(cfg)
     print(f"\nsamples labelled as their class by the digit classifier: {metrics['accuracy']:.1%}")
@@ -248,13 +260,23 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     if (args.ref is None) == (args.save_ref is None):
         raise ValueError("give --ref REF.npz (evaluate SAMPLES against it) or --save-ref OUT.npz "
                          "(save SAMPLES' statistics as a reference)")
+    # The output path is settled and checked before the Inception pass, not after it.
+    samples = Path(args.samples).resolve()
+    if args.save_ref:
+        out = Path(args.save_ref)
+    else:
+        out = Path(args.json) if args.json else samples.with_name(samples.stem + "_metrics.json")
+    inputs = [samples] + ([Path(args.ref).resolve()] if args.ref else [])
+    if out.resolve() in inputs:
+        raise ValueError(f"{out} is an input of this evaluation; writing there would overwrite it")
+    if out.is_dir():
+        raise IsADirectoryError(f"{out} is a folder; the output needs a file name")
     if args.save_ref:
         saved = save_reference_statistics(args.samples, args.save_ref, **common)
         print(f"reference statistics of {saved['num_images']} images saved to {saved['path']}")
         return 0
     results = evaluate(args.samples, args.ref, **common)
     print(format_table(results))
-    out = Path(args.json) if args.json else Path(args.samples).with_name(Path(args.samples).stem + "_metrics.json")
     atomic_write(out, lambda tmp: Path(tmp).write_text(json.dumps(results, indent=2)))
     print(f"metrics: {out}")
     return 0
@@ -339,7 +361,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="the data normalisation to invert (default: from the checkpoint, else imagenet)")
     smp.add_argument("--precision", choices=("fp32", "bf16"), default="fp32")
     smp.add_argument("--batch-size", type=int, default=100, help="images per batch and process")
-    smp.add_argument("--device", help="cpu, cuda (default: cuda when present)")
+    smp.add_argument("--device", help="cpu, cuda, cuda:N or auto (default: auto, cuda when present)")
     smp.add_argument("--compile", action="store_true", help="torch.compile the network")
     smp.add_argument("--cuda-graph", action="store_true", help="replay the denoiser from CUDA graphs")
     smp.add_argument("--overwrite", action="store_true", help="discard what --out holds (images, archive, settings) and sample afresh")
@@ -359,7 +381,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--inception-weights", metavar="PATH", help="pt_inception-2015-12-05-*.pth")
     ev.add_argument("--json", help="where to write the metrics (default: <samples>_metrics.json)")
     ev.add_argument("--batch-size", type=int, default=200)
-    ev.add_argument("--device", help="cpu, cuda (default: cuda when present)")
+    ev.add_argument("--device", help="cpu, cuda, cuda:N or auto (default: auto, cuda when present)")
     ev.add_argument("--no-progress", action="store_true")
     ev.set_defaults(func=_cmd_evaluate)
 
@@ -375,6 +397,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        if args.command != "info":  # info shows the problems
+            from ._backend import environment_problems
+
+            if problems := environment_problems():
+                raise ValueError("bad backend setting(s): " + "; ".join(problems))
         return args.func(args)
     except KeyboardInterrupt as exc:
         print(f"epg {args.command}: {str(exc) or 'interrupted'}", file=sys.stderr)
@@ -384,7 +411,8 @@ def main(argv: list[str] | None = None) -> int:
 
         # Bad input (files, shapes, options, images): say what was wrong without a traceback,
         # which EPG_TRACEBACK=1 brings back. Anything else is a bug: its traceback stays.
-        bad_input = (ValueError, FileNotFoundError, NotADirectoryError, BadImageError)
+        # OSError: unwritable, missing or misnamed paths, a full disk (errno and path in the message).
+        bad_input = (ValueError, OSError, BadImageError)
         if os.environ.get("EPG_TRACEBACK") or not isinstance(exc, bad_input):
             raise
         print(f"epg {args.command}: error: {exc}", file=sys.stderr)

@@ -57,6 +57,11 @@ class DemoConfig:
     def validate(self) -> None:
         if self.objective not in ("diffusion", "consistency"):
             raise ValueError(f"objective must be diffusion or consistency, got {self.objective!r}")
+        if not isinstance(self.seed, int) or isinstance(self.seed, bool) or self.seed < 0:
+            raise ValueError(f"seed must be a non-negative int, got {self.seed!r}")
+        out = Path(self.out_dir)
+        if out.exists() and not out.is_dir():
+            raise NotADirectoryError(f"{out} is a file; the demo's output needs a folder")
         if self.stage2_steps is None:
             self.stage2_steps = 1400 if self.objective == "diffusion" else 600
 

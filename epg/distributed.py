@@ -30,11 +30,8 @@ class DistInfo:
         return self.world_size > 1
 
 
-def setup(device: str | None = None) -> DistInfo:
-    """Join the torchrun process group when launched by torchrun; pick this rank's device."""
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+def resolve_device(device: str | None = None, local_rank: int = 0) -> torch.device:
+    """The device a name means ("auto"/None: cuda when present), checked; no side effects."""
     if device is None or device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     try:
@@ -49,6 +46,16 @@ def setup(device: str | None = None) -> DistInfo:
         dev = torch.device("cuda", local_rank if dev.index is None else dev.index)
         if dev.index >= torch.cuda.device_count():
             raise ValueError(f"device {dev} asked for, but there are {torch.cuda.device_count()} GPU(s)")
+    return dev
+
+
+def setup(device: str | None = None) -> DistInfo:
+    """Join the torchrun process group when launched by torchrun; pick this rank's device."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    dev = resolve_device(device, local_rank)
+    if dev.type == "cuda":
         torch.cuda.set_device(dev)
     if world_size > 1 and not dist.is_initialized():
         dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo")

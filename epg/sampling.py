@@ -630,7 +630,7 @@ def class_labels(
         if class_counts is not None:
             raise ValueError("class_counts is only used with balanced=False")
         return torch.arange(n, dtype=torch.int64) % num_classes
-    g = torch.Generator().manual_seed(seed)
+    g = torch.Generator().manual_seed(seed % 2**64)  # torch's seeds are 64-bit
     if class_counts is None:
         return torch.randint(num_classes, (n,), generator=g, dtype=torch.int64)
     counts = torch.as_tensor(class_counts, dtype=torch.float64)

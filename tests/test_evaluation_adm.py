@@ -516,9 +516,9 @@ def test_inputs_that_cannot_be_evaluated_are_refused_before_the_network_runs(
         evaluate(good, folder)
 
 
-def test_truncated_batch_fails_while_streaming(tmp_path, weights_file):
-    # A valid header for 4 images followed by half an image: found by the reader thread and
-    # raised in the caller.
+def test_truncated_images_are_refused(tmp_path, weights_file):
+    # A valid header for 4 images followed by half an image: refused when the file is opened
+    # (the member is shorter than its header promises), before any image is read.
     header = io.BytesIO()
     np.lib.format.write_array_header_1_0(
         header, {"descr": "|u1", "fortran_order": False, "shape": (4, 32, 32, 3)}

@@ -209,9 +209,15 @@ def _as_features(features, device, what: str, min_rows: int) -> torch.Tensor:
 
 
 def _device(device) -> torch.device:
-    if device is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    """None or "auto": CUDA when available, else the CPU; else cpu, cuda or cuda:N.
+
+    The resolution ``epg sample`` uses (:func:`epg.distributed.resolve_device`, without joining a
+    process group), so an unknown name or a GPU that is not there is a ValueError saying what is
+    available, not a CUDA traceback.
+    """
+    from ..distributed import resolve_device
+
+    return resolve_device(device)
 
 
 def _radii(x: torch.Tensor, k: int, block: int, distance_dtype: str) -> torch.Tensor:
@@ -239,8 +245,9 @@ def manifold_radii(
     The point itself is the 0-th neighbour (ADM takes the k-th smallest entry of the full
     distance row), so duplicates count as neighbours. Memory: one block_size² block at a time.
     """
-    with full_fp32(_device(device)):
-        x = _as_features(features, _device(device), "features", k + 1)
+    dev = _device(device)
+    with full_fp32(dev):
+        x = _as_features(features, dev, "features", k + 1)
         return _radii(x, k, block_size, distance_dtype).cpu().numpy()
 
 
@@ -311,26 +318,42 @@ def _check_count(what: str, n: int) -> None:
 
 
 def _check_images_shape(shape, dtype, what: str) -> None:
-    if dtype != np.uint8 or len(shape) != 4 or shape[-1] != 3 or shape[0] < 1:
+    # (N, H, W, 1) is what `epg sample` saves for a 1-channel network; it is repeated to RGB,
+    # as a folder of gray images is.
+    if dtype != np.uint8 or len(shape) != 4 or shape[-1] not in (1, 3) or shape[0] < 1:
         raise ValueError(
-            f"{what} must hold uint8 images (N, H, W, 3) in [0, 255] (ADM's arr_0 layout), "
-            f"got {np.dtype(dtype).name} {tuple(shape)}"
+            f"{what} must hold uint8 images (N, H, W, 3) in [0, 255] (ADM's arr_0 layout), or "
+            f"(N, H, W, 1) gray ones, got {np.dtype(dtype).name} {tuple(shape)}"
         )
 
 
+def _as_rgb(batch: np.ndarray) -> np.ndarray:
+    return np.repeat(batch, 3, axis=-1) if batch.shape[-1] == 1 else batch
+
+
 class _NpzImages:
-    """The uint8 (N, H, W, 3) ``arr_0`` of an .npz, streamed in batches (never loaded whole)."""
+    """The uint8 (N, H, W, 3 or 1) ``arr_0`` of an .npz, streamed in RGB batches (never loaded
+    whole)."""
 
     def __init__(self, path: str | os.PathLike, key: str = "arr_0"):
         self.path, self.key = Path(path), key
         self.name = f"{self.path}[{key}]"
         if not self.path.is_file():
             raise FileNotFoundError(f"no such .npz file: {self.path}")
-        with self._member() as f:
+        with self._member() as (f, member_size):
             self.shape = self._header(f)
+            # The zip directory records the member's size: a short member is found here,
+            # before any image has gone through the network, not when the stream runs dry.
+            expected = f.tell() + int(np.prod(self.shape))  # uint8: a byte per value
+            if member_size < expected:
+                raise ValueError(
+                    f"{self.name} is truncated: its .npy header promises uint8 {self.shape}, "
+                    f"{expected} bytes with the header, but the member holds {member_size}"
+                )
 
     @contextlib.contextmanager
     def _member(self):
+        """The open .npy member and its uncompressed size."""
         try:
             with zipfile.ZipFile(self.path) as zf:
                 names = zf.namelist()
@@ -338,7 +361,7 @@ class _NpzImages:
                     arrays = sorted(n.removesuffix(".npy") for n in names)
                     raise ValueError(f"{self.path} has no '{self.key}' array (it holds {arrays})")
                 with zf.open(f"{self.key}.npy") as f:
-                    yield f
+                    yield f, zf.getinfo(f"{self.key}.npy").file_size
         except (zipfile.BadZipFile, zlib.error, EOFError) as exc:
             raise ValueError(
                 f"{self.path} is not a valid .npz file (corrupt or not a zip): {exc}"
@@ -365,20 +388,23 @@ class _NpzImages:
 
     def batches(self, batch_size: int) -> Iterator[np.ndarray]:
         row = int(np.prod(self.shape[1:]))
-        with self._member() as f:
+        with self._member() as (f, _):
             self._header(f)
             for start in range(0, len(self), batch_size):
                 b = min(batch_size, len(self) - start)
                 data = _read_exactly(f, b * row, self.name)
-                yield np.frombuffer(data, np.uint8).reshape(b, *self.shape[1:])
+                yield _as_rgb(np.frombuffer(data, np.uint8).reshape(b, *self.shape[1:]))
 
 
 def _read_image(path: Path) -> np.ndarray:
     from PIL import Image, UnidentifiedImageError
 
+    # epg prepare's conversion: Pillow's convert("RGB") would clip 16-bit gray to white.
+    from ..data.folder import to_rgb
+
     try:
         with Image.open(path) as im:
-            return np.asarray(im.convert("RGB"))
+            return np.asarray(to_rgb(im))
     except (UnidentifiedImageError, OSError) as exc:
         raise ValueError(f"cannot read image {path}: {exc}") from exc
 
@@ -438,7 +464,7 @@ class _ArrayImages:
 
     def batches(self, batch_size: int) -> Iterator[np.ndarray]:
         for start in range(0, len(self.images), batch_size):
-            yield self.images[start : start + batch_size]
+            yield _as_rgb(self.images[start : start + batch_size])
 
 
 def _open_images(source):
@@ -513,8 +539,8 @@ def compute_activations(
     """Run ``images`` through ``model`` in batches on the model's device.
 
     Args:
-        images: an .npz path (``arr_0``, uint8 (N, H, W, 3)), a folder of image files, or a
-            uint8 (N, H, W, 3) array.
+        images: an .npz path (``arr_0``, uint8 (N, H, W, 3), or (N, H, W, 1) gray, repeated
+            to RGB), a folder of image files, or a uint8 array of the same layout.
     """
     _check_batch_size(batch_size)
     source = images if hasattr(images, "batches") else _open_images(images)
@@ -560,12 +586,13 @@ class _Reference:
                     )
                 self.pool_features = None
                 if POOL_FEATURES_KEY in keys:
-                    feats = npz[POOL_FEATURES_KEY]
+                    feats = self._array(npz, POOL_FEATURES_KEY)
                     if feats.ndim != 2 or feats.shape[1] != POOL_DIM or feats.dtype.kind != "f":
                         raise ValueError(
                             f"{self.path}[{POOL_FEATURES_KEY}] must be float (N, {POOL_DIM}), "
                             f"got {feats.dtype.name} {feats.shape}"
                         )
+                    self._check_finite(POOL_FEATURES_KEY, feats)
                     self.pool_features = feats.astype(np.float32)
         except (zipfile.BadZipFile, zlib.error, EOFError, OSError) as exc:
             raise ValueError(f"{self.path} is not a valid .npz file: {exc}") from exc
@@ -576,13 +603,36 @@ class _Reference:
                 f"({', '.join(STAT_KEYS)}); it holds {sorted(keys)}"
             )
 
+    def _array(self, npz, key: str) -> np.ndarray:
+        # numpy's own error for a short member ("EOF: reading array data") names no file.
+        try:
+            return npz[key]
+        except (ValueError, EOFError, OSError, zipfile.BadZipFile, zlib.error) as exc:
+            raise ValueError(
+                f"{self.path}[{key}] cannot be read (truncated or corrupt): {exc}"
+            ) from exc
+
+    def _check_finite(self, key: str, arr: np.ndarray) -> None:
+        # Checked on loading, so a damaged reference is named before the samples' Inception
+        # pass, not by the Fréchet distance afterwards.
+        bad = int(np.count_nonzero(~np.isfinite(arr)))
+        if bad:
+            raise ValueError(
+                f"{self.path}[{key}] has {bad} non-finite entries (NaN or inf); a reference's "
+                "statistics and features must be finite"
+            )
+
     def _stat(self, npz, mu_key: str, sigma_key: str, dim: int) -> FIDStatistics:
-        mu, sigma = npz[mu_key], npz[sigma_key]
+        mu, sigma = self._array(npz, mu_key), self._array(npz, sigma_key)
         if mu.shape != (dim,) or sigma.shape != (dim, dim):
             raise ValueError(
                 f"{self.path}: {mu_key} {mu.shape} / {sigma_key} {sigma.shape} should be "
                 f"({dim},) / ({dim}, {dim})"
             )
+        for key, arr in ((mu_key, mu), (sigma_key, sigma)):
+            if arr.dtype.kind != "f":
+                raise ValueError(f"{self.path}[{key}] must be a float array, got {arr.dtype.name}")
+            self._check_finite(key, arr)
         return FIDStatistics(mu.astype(np.float64), sigma.astype(np.float64))
 
 
@@ -599,14 +649,15 @@ def evaluate(
     """ADM's evaluation of a sample batch against a reference batch; JSON-serialisable dict.
 
     Args:
-        samples: .npz with ``arr_0`` uint8 (N, H, W, 3) (``epg sample``'s / ADM's layout), or a
-            folder of image files.
+        samples: .npz with ``arr_0`` uint8 (N, H, W, 3), or (N, H, W, 1) for a 1-channel
+            network (``epg sample``'s / ADM's layout), or a folder of image files.
         reference: ADM reference .npz (precomputed ``mu``/``sigma``/``mu_s``/``sigma_s`` are
             used for FID/sFID; ``arr_0`` images, or ``pool_features`` from
             :func:`save_reference_statistics`, for precision/recall).
         weights: the Inception weights file (default ``$EPG_INCEPTION_WEIGHTS``; see
             :func:`epg.evaluation.inception.load_inception`).
-        device: default CUDA when available. distance_dtype: see :func:`precision_recall`.
+        device: cpu, cuda, cuda:N or auto (the default: CUDA when available).
+        distance_dtype: see :func:`precision_recall`.
     Returns:
         ``inception_score``, ``fid``, ``sfid``, ``precision``, ``recall`` (the last two None when
         the reference has statistics only), ``num_samples``, ``num_reference`` (reference points
@@ -617,6 +668,9 @@ def evaluate(
     (see the module docstring); with fewer than ~2048 samples FID is strongly biased upward.
     """
     _check_batch_size(batch_size)
+    dev = _device(device)
+    # Both inputs are opened and checked (headers, member sizes, reference statistics) before
+    # Inception runs, so a damaged file is named before the samples' pass, not after.
     sample_source = _open_images(samples)
     ref = _Reference(reference)
     _check_count(sample_source.name, len(sample_source))
@@ -626,7 +680,6 @@ def evaluate(
         _check_count(f"{ref.path}[{POOL_FEATURES_KEY}]", len(ref.pool_features))
     elif ref.images is not None:
         _check_count(ref.images.name, len(ref.images))
-    dev = _device(device)
     weights_path = resolve_weights(weights)
     model = load_inception(weights_path, dev)
     acts = compute_activations(
@@ -698,8 +751,8 @@ def save_reference_statistics(
     """Compute a reference batch's statistics once and save them for :func:`evaluate`.
 
     Args:
-        source: .npz with ``arr_0`` uint8 (N, H, W, 3), a folder of image files (one size), or
-            a uint8 array.
+        source: .npz with ``arr_0`` uint8 (N, H, W, 3) or (N, H, W, 1), a folder of image
+            files (one size), or a uint8 array.
         out_path: the .npz to write (atomically): ``mu``, ``sigma`` (2048), ``mu_s``,
             ``sigma_s`` (2023), float64, as in ADM reference batches, plus ``pool_features``
             (N, 2048) float32 for precision/recall. It holds no images, so the original ADM
@@ -710,9 +763,10 @@ def save_reference_statistics(
     from ..checkpoint import atomic_write
 
     _check_batch_size(batch_size)
+    dev = _device(device)
     images = _open_images(source)
     _check_count(images.name, len(images))
-    model = load_inception(weights, _device(device))
+    model = load_inception(weights, dev)
     acts = compute_activations(
         images, model, batch_size=batch_size, progress=progress, desc="Inception (reference)"
     )
