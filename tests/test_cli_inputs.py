@@ -1,6 +1,5 @@
 """Bad input to the CLI is refused before any work, with a message and exit status 2."""
 
-
 import pytest
 import torch
 
