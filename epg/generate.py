@@ -149,6 +149,9 @@ def load_network(
     """
     if (checkpoint is None) == (official is None):
         raise ValueError("give either an epg checkpoint folder or --official PATH (with --config)")
+    if config and official is None:  # an epg checkpoint carries its config; this one was ignored
+        raise ValueError(f"--config {config} goes with --official (a released file); an epg "
+                         "checkpoint folder records its own config")
     if official is not None:
         if not config:
             raise ValueError("--official needs --config NAME (e.g. epg-xl-16), the released files "

@@ -99,3 +99,15 @@ def test_seeds_past_64_bits_draw_labels_and_fit_the_judge():
     x = torch.rand(40, 1, 8, 8) * 2 - 1
     y = torch.arange(40) % 10
     DigitsJudge(8, 1, 10).fit(x, y, epochs=1, seed=big)
+
+
+def test_sample_refuses_a_config_it_would_ignore(tiny_ckpt, tmp_path, capsys):
+    assert _sample(tiny_ckpt, tmp_path / "s", "--config", "epg-xl-16") == 2
+    assert "--config epg-xl-16 goes with --official" in capsys.readouterr().err
+    assert not (tmp_path / "s").exists()
+
+
+def test_prepare_refuses_negative_workers(tmp_path, capsys):
+    (tmp_path / "src" / "a").mkdir(parents=True)
+    assert main(["prepare", str(tmp_path / "src"), str(tmp_path / "dst"), "--workers", "-3"]) == 2
+    assert "workers must be >= 0" in capsys.readouterr().err

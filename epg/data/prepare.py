@@ -235,6 +235,8 @@ def prepare(
         raise ValueError(f"format must be one of {tuple(FORMATS)}, got {format!r}")
     if format == "jpeg" and not 1 <= quality <= 95:  # above 95 Pillow's docs advise against
         raise ValueError(f"JPEG quality must be in 1..95, got {quality}")
+    if workers is not None and workers < 0:  # it used to run in this process without a word
+        raise ValueError(f"workers must be >= 0 (0 or 1: this process), got {workers}")
     scanned = not isinstance(src, FolderIndex)
     index = FolderIndex.scan(src, allow_empty_classes=True) if scanned else src
     # An empty class is an error rather than a warning: keeping it makes the output disagree with
