@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError
+from safetensors.torch import load as load_bytes
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
@@ -143,6 +144,14 @@ def run_output(path: str | os.PathLike) -> Path:
     return path
 
 
+def _is_utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:  # a file name's undecodable bytes, as surrogate escapes
+        return False
+    return True
+
+
 def load(directory: str | os.PathLike, device: str | torch.device = "cpu") -> nn.Module:
     """Rebuild the network saved by :func:`save` and load its weights (strictly); in eval mode.
 
@@ -159,7 +168,10 @@ def load(directory: str | os.PathLike, device: str | torch.device = "cpu") -> nn
     if not weights.is_file():
         raise FileNotFoundError(f"no {WEIGHTS_NAME} in {directory}")
     try:
-        state = load_file(str(weights), device=str(device))
+        if _is_utf8(str(weights)):
+            state = load_file(str(weights), device=str(device))
+        else:  # safetensors opens UTF-8 paths only; a Linux name may be any bytes
+            state = {k: v.to(device) for k, v in load_bytes(weights.read_bytes()).items()}
     except (SafetensorError, OSError) as exc:
         head = _read_head(weights)
         kind = _file_kind(head)

@@ -246,3 +246,11 @@ def test_written_files_get_the_permissions_of_the_umask(tmp_path, umask, mode):
 def test_save_refuses_a_foreign_module(tmp_path):
     with pytest.raises(TypeError, match="epg network"):
         ck.save(torch.nn.Linear(2, 2), tmp_path)
+
+
+def test_a_folder_whose_name_is_not_utf8_loads(tmp_path, inputs):
+    # safetensors refuses such a path, and the error used to call the file corrupt.
+    model = _noisy("epg-tiny")
+    folder = os.fsdecode(os.fsencode(tmp_path) + b"/run\xff")
+    ck.save(model, folder)
+    assert torch.equal(ck.load(folder)(*inputs), model(*inputs))
