@@ -73,12 +73,17 @@ def read_config_file(path: str) -> dict[str, Any]:
     import yaml
 
     p = Path(path)
+    if p.is_dir():
+        raise IsADirectoryError(f"config file {path} is a folder")
     if not p.is_file():
         raise FileNotFoundError(f"config file {path} does not exist")
-    text = p.read_text()
+    suffix = p.suffix.lower()
+    if suffix not in (".yaml", ".yml", ".json"):  # the suffix picks the parser
+        raise ValueError(f"config file {path}: name it .yaml, .yml or .json (the suffix picks the format)")
     try:
-        data = load_yaml(text) if p.suffix in (".yaml", ".yml") else json.loads(text)
-    except (yaml.YAMLError, json.JSONDecodeError) as exc:
+        text = p.read_text(encoding="utf-8")
+        data = load_yaml(text) if suffix in (".yaml", ".yml") else json.loads(text)
+    except (yaml.YAMLError, json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ValueError(f"cannot parse {path}: {exc}") from exc
     if not isinstance(data, dict):
         raise ValueError(f"{path} must hold a mapping of training options, got {type(data).__name__}")

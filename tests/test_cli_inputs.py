@@ -111,3 +111,18 @@ def test_prepare_refuses_negative_workers(tmp_path, capsys):
     (tmp_path / "src" / "a").mkdir(parents=True)
     assert main(["prepare", str(tmp_path / "src"), str(tmp_path / "dst"), "--workers", "-3"]) == 2
     assert "workers must be >= 0" in capsys.readouterr().err
+
+
+def test_config_files_say_what_is_wrong_with_them(tmp_path):
+    from epg.presets import read_config_file
+
+    (tmp_path / "run.YAML").write_text("lr: 1e-4\n")
+    assert read_config_file(str(tmp_path / "run.YAML")) == {"lr": 1e-4}  # it was parsed as JSON
+    (tmp_path / "run.txt").write_text("lr: 1e-4\n")
+    with pytest.raises(ValueError, match=r"run.txt: name it .yaml, .yml or .json"):
+        read_config_file(str(tmp_path / "run.txt"))
+    with pytest.raises(IsADirectoryError, match="is a folder"):
+        read_config_file(str(tmp_path))  # it said "does not exist"
+    (tmp_path / "bad.yaml").write_bytes(b"lr: \xff\n")
+    with pytest.raises(ValueError, match=r"cannot parse .*bad.yaml"):
+        read_config_file(str(tmp_path / "bad.yaml"))
