@@ -31,6 +31,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import inspect
 import json
 import math
 import numbers
@@ -129,6 +130,29 @@ class TrainConfig:
             raise ValueError("init (a stage-2 network to start from) is for diffusion/consistency runs")
         if self.precision not in ("auto", "bf16", "fp32"):
             raise ValueError(f"precision must be auto, bf16 or fp32, got {self.precision!r}")
+        # Ranges: out of them a run used to train wrongly without a word (a negative grad_clip
+        # flipped every gradient, a decay above 1 extrapolates the average) or fail after its
+        # first step (log_every=0: a division by zero). 0 = off where the comment says so.
+        ranges = (
+            ("lr", lambda v: 0 < v < math.inf, "a positive number"),
+            ("weight_decay", lambda v: v >= 0, ">= 0"),
+            ("warmup_steps", lambda v: v >= 0, ">= 0"),
+            ("grad_clip", lambda v: v >= 0, ">= 0 (0: no clipping)"),
+            ("ema_decay", lambda v: 0 <= v <= 1, "in [0, 1]"),
+            ("target_ema", lambda v: 0 <= v <= 1, "in [0, 1]"),
+            ("log_every", lambda v: v >= 1, ">= 1"),
+            ("ckpt_every", lambda v: v >= 0, ">= 0 (0: a checkpoint only at the end)"),
+            ("preview_every", lambda v: v >= 0, ">= 0 (0: no previews)"),
+            ("keep_checkpoints", lambda v: v >= 1, ">= 1"),
+            ("max_bad_steps", lambda v: v >= 1, ">= 1"),
+        )  # fmt: skip
+        for name, ok, expected in ranges:
+            if not ok(getattr(self, name)):
+                raise ValueError(f"{name} must be {expected}, got {getattr(self, name)!r}")
+        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+            raise ValueError(f"betas must be two numbers in [0, 1), got {self.betas!r}")
+        if list(self.lr_milestones) != sorted(self.lr_milestones):
+            raise ValueError(f"lr_milestones must be in ascending order, got {self.lr_milestones!r}")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -221,8 +245,6 @@ def _check_options(group: str, target: Any, options: dict[str, Any], taken: tupl
     """Refuse option names ``target`` (a function, class or dataclass) does not take, naming the
     group (``objective``, ``augment``, ``data_options``) and the valid ones. ``taken``: names the
     Trainer passes itself."""
-    import inspect
-
     if dataclasses.is_dataclass(target):
         valid = {f.name for f in dataclasses.fields(target)}
     else:
@@ -234,6 +256,87 @@ def _check_options(group: str, target: Any, options: dict[str, Any], taken: tupl
     unknown = sorted(set(options) - valid)
     if unknown:
         raise ValueError(f"unknown {group} option(s) {unknown}; valid: {sorted(valid)}")
+
+
+# Names the Trainer passes the objective and the folder loaders itself.
+_OBJECTIVE_TAKEN = ("net", "online", "target", "perceptual", "img_size", "num_classes")
+_LOADER_TAKEN = ("source", "num_threads", "num_workers", "resolution", "global_batch_size", "rank",
+                 "world_size", "seed", "device")  # fmt: skip
+
+
+def _annotations(target: Any, taken: tuple[str, ...] = ()) -> dict[str, str]:
+    """The annotated parameters of ``target`` (a function or a dataclass): name → annotation (a
+    string: the modules use ``from __future__ import annotations``)."""
+    if dataclasses.is_dataclass(target):
+        items = [(f.name, f.type) for f in dataclasses.fields(target)]
+    else:
+        items = [(p.name, p.annotation) for p in inspect.signature(target).parameters.values()]
+    return {name: a for name, a in items if isinstance(a, str) and name not in taken}
+
+
+def _nested_annotations(cfg: TrainConfig) -> dict[str, dict[str, str]]:
+    """For each nested option group ``cfg`` (defaults applied) uses, the annotation of each option
+    its receiver takes: the objective's / loader's parameters, the model config's fields."""
+    from .data.augment import ViewAugmentConfig
+    from .objectives.consistency import ConsistencyObjective
+    from .objectives.diffusion import DiffusionObjective
+    from .objectives.pretrain import PretrainObjective
+
+    objective_class = {"pretrain": PretrainObjective, "diffusion": DiffusionObjective,
+                       "consistency": ConsistencyObjective}[cfg.mode]  # fmt: skip
+    groups = {"objective": _annotations(objective_class.__init__, _OBJECTIVE_TAKEN)}
+    if cfg.model in CONFIGS:  # an unknown name is refused by build, naming the known ones
+        groups["model_overrides"] = _annotations(type(CONFIGS[cfg.model]))
+    if cfg.mode == "pretrain":
+        groups["augment"] = _annotations(ViewAugmentConfig)
+    if cfg.data == "folder":
+        from .data.dali import DaliLoader
+        from .data.portable import PortableLoader
+
+        groups["data_options"] = {
+            **_annotations(PortableLoader.__init__, _LOADER_TAKEN),
+            **_annotations(DaliLoader.__init__, _LOADER_TAKEN),
+            "path": "str", "loader": "str", "workers": "int",  # the Trainer's own
+        }  # fmt: skip
+    elif cfg.data == "digits":
+        from .data.embedded import load_digits_tensors
+
+        groups["data_options"] = {**_annotations(load_digits_tensors), "convention": "str"}
+    return groups
+
+
+def _coerce_nested(cfg: TrainConfig, groups: dict[str, dict[str, str]] | None = None) -> TrainConfig:
+    """``cfg`` with each nested option (``objective.*``, ``model_overrides.*``, ``augment.*``,
+    ``data_options.*``) read as the type its receiver annotates, as ``from_dict`` reads the
+    top-level ones. A value that does not fit is refused here, naming the dotted option, before
+    anything is built: it used to reach the arithmetic as a TypeError, some only at the first
+    step, after resume=restart had discarded the earlier run. Names no receiver takes are left to
+    :func:`_check_options`."""
+    groups = _nested_annotations(cfg) if groups is None else groups
+    coerced = {
+        group: {
+            key: _coerce_option(f"{group}.{key}", annotations[key], value) if key in annotations else value
+            for key, value in getattr(cfg, group).items()
+        }
+        for group, annotations in groups.items()
+    }
+    return dataclasses.replace(cfg, **coerced)
+
+
+def _same_identity(key: str, saved: Any, mine: Any) -> bool:
+    """Whether a resumed run's identity setting ``key`` is the checkpoint's. A network path
+    counts as the same when it names the same file or folder (``./r1``, ``r1``, its absolute
+    path, and ``r1/final`` for a run folder ``r1``)."""
+    if key in ("encoder", "init", "perceptual") and saved and mine:
+        return _resolved_network(saved) == _resolved_network(mine)
+    return json.dumps(saved, sort_keys=True) == json.dumps(mine, sort_keys=True)
+
+
+def _resolved_network(path: str) -> Path:
+    try:
+        return ckpt.run_output(path).resolve()
+    except OSError:  # gone since: compared as written
+        return Path(path).resolve()
 
 
 def _fully_shard(model: nn.Module) -> None:
@@ -379,8 +482,14 @@ class Trainer:
             defaults["model"] = "rcm-digits" if cfg.mode == "pretrain" else "epg-digits"
         if not cfg.run_dir:
             defaults["run_dir"] = f"runs/{cfg.mode}"
-        self.cfg = cfg = dataclasses.replace(cfg, **defaults)
+        self.cfg = cfg = _coerce_nested(dataclasses.replace(cfg, **defaults))
         self.dist = distributed.setup(cfg.device)
+        world = self.dist.world_size
+        if cfg.batch_size % world:
+            # Each rank takes batch_size / world rows; the rest of the global batch was dropped
+            # without a word (global randomness builds the loader as rank 0 of 1).
+            raise ValueError(f"batch_size {cfg.batch_size} is not divisible by the world size {world} "
+                             f"(torchrun processes): use a multiple of {world}")  # fmt: skip
         self.device = self.dist.device
         self.run_dir = Path(cfg.run_dir)
         self.ckpt_dir = self.run_dir / "checkpoints"
@@ -405,6 +514,7 @@ class Trainer:
         self._bad_before_resume = 0
         # Dropout streams differ per rank; seeded after init so init is rank-independent.
         torch.manual_seed((cfg.seed * 7919 + 1 + self.dist.rank) % 2**64)
+        self._check_run_folder()
         self._maybe_resume()
         self._saved_step = self.step  # nothing new to save before the first step
         self.loss_fn = torch.compile(self.objective.loss) if cfg.compile else self.objective.loss
@@ -487,9 +597,7 @@ class Trainer:
                       world_size=world, seed=cfg.seed, device=self.device, **options)  # fmt: skip
         loader_class = {"dali": DaliLoader, "portable": PortableLoader}.get(kind)
         if loader_class is not None:
-            taken = ("source", "num_threads", "num_workers", "resolution", "global_batch_size",
-                     "rank", "world_size", "seed", "device")  # fmt: skip
-            _check_options(f"data_options ({kind} loader)", loader_class.__init__, options, taken)
+            _check_options(f"data_options ({kind} loader)", loader_class.__init__, options, _LOADER_TAKEN)
         if kind == "dali":
             loader = DaliLoader(path, num_threads=max(1, workers), **common)  # 0 workers: 1 thread
         elif kind == "portable":
@@ -556,8 +664,7 @@ class Trainer:
 
         objective_class = {"pretrain": PretrainObjective, "diffusion": DiffusionObjective,
                            "consistency": ConsistencyObjective}[cfg.mode]  # fmt: skip
-        taken = ("net", "online", "target", "perceptual", "img_size", "num_classes")
-        _check_options(f"objective ({cfg.mode})", objective_class.__init__, options, taken)
+        _check_options(f"objective ({cfg.mode})", objective_class.__init__, options, _OBJECTIVE_TAKEN)
         if cfg.mode == "pretrain":
             options.setdefault("total_steps", cfg.steps)
             self.objective = PretrainObjective(self.train_model, self.target, img_size=net_cfg.img_size, **options)
@@ -594,6 +701,28 @@ class Trainer:
         ]
 
     # --- checkpoints ---------------------------------------------------------------------------
+
+    def _check_run_folder(self) -> None:
+        """Refuse a run folder the checkpoints cannot be written to (read-only, a file in the
+        way) now: found at the first checkpoint, it used to cost the training done by then. The
+        main rank writes; every rank raises."""
+        error = None
+        if self.dist.is_main:
+            for folder in (self.run_dir, self.ckpt_dir):
+                probe = folder / f".write-probe-{os.getpid()}.tmp"
+                try:
+                    folder.mkdir(parents=True, exist_ok=True)
+                    probe.write_bytes(b"")
+                    probe.unlink()
+                except OSError as exc:
+                    error = f"cannot write to the folder {folder} ({exc}); the run needs a writable run_dir"
+                    break
+        if self.dist.distributed:
+            shared = [error]
+            dist.broadcast_object_list(shared, src=0)
+            error = shared[0]
+        if error:
+            raise ValueError(error)
 
     def checkpoints(self) -> list[Path]:
         """Complete checkpoints in the run folder, oldest first (temporary files never count)."""
@@ -692,10 +821,18 @@ class Trainer:
         path = Path(path)
         if state is None:
             state = self._read_checkpoint(path)
-        saved, mine = state["config"], self.cfg.to_dict()
+        saved, mine = dict(state["config"]), self.cfg.to_dict()
+        # Nested values read as this run reads them (`objective.c=1` is 1.0 now), for a
+        # checkpoint written before they were; one this run cannot read compares as written.
+        groups = {g: a for g, a in _nested_annotations(self.cfg).items() if isinstance(saved.get(g), dict)}
+        try:
+            normalised = _coerce_nested(dataclasses.replace(self.cfg, **{g: saved[g] for g in groups}), groups)
+            saved.update({g: getattr(normalised, g) for g in groups})
+        except ValueError:
+            pass
         # What makes it another run (steps, logging, parallelism and the like may change).
         identity = ("mode", "model", "model_overrides", "data", "encoder", "init", "perceptual", "objective", "seed")
-        different = [k for k in identity if json.dumps(saved.get(k), sort_keys=True) != json.dumps(mine[k], sort_keys=True)]
+        different = [k for k in identity if not _same_identity(k, saved.get(k), mine[k])]
         if different:
             detail = ", ".join(f"{k}: {saved.get(k)!r} there, {mine[k]!r} now" for k in different)
             advice = ("continue it with its settings, discard it (resume=restart) or use another "
@@ -721,6 +858,7 @@ class Trainer:
         else:
             self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
+        self._apply_optimizer_settings()
         self.loader.load_state_dict(state["data"])
         self.step = state["step"]
         self.skipped_total = state["skipped_total"]
@@ -741,6 +879,22 @@ class Trainer:
                 torch.cuda.set_rng_state(mine["cuda"].cpu(), self.device)
         else:  # another number of ranks: fresh, distinct streams (the run is not bit-exact then)
             torch.manual_seed((self.cfg.seed * 7919 + 1 + self.dist.rank + 104729 * self.step) % 2**64)
+
+    def _apply_optimizer_settings(self) -> None:
+        """This run's lr, betas and weight_decay over the ones a loaded optimiser and schedule
+        state brought back: resumed with new values, a run used to keep the old ones while
+        train_config.json recorded the new. The values are computed as the schedule computes
+        them, so a resume with unchanged settings stays bit for bit."""
+        cfg = self.cfg
+        groups = self.optimizer.param_groups
+        lr = cfg.lr * lr_factor(self.scheduler.last_epoch, cfg)
+        for group in groups:
+            group["betas"] = cfg.betas
+            group["initial_lr"] = cfg.lr
+            group["lr"] = lr
+        groups[0]["weight_decay"] = cfg.weight_decay  # the decay group; the no-decay one keeps 0
+        self.scheduler.base_lrs = [cfg.lr] * len(groups)
+        self.scheduler._last_lr = [lr] * len(groups)  # what get_last_lr() (the log) reports
 
     def _earlier_run(self) -> list[Path]:
         """What an earlier run left in the run folder that a fresh start would overwrite."""

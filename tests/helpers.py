@@ -25,3 +25,37 @@ def assert_close(actual, expected, atol=None, rtol=None, what=""):
             f"{what}: worst at {idx}: got {a[idx].item():.10g}, expected {e[idx].item():.10g} "
             f"(atol {atol}, rtol {rtol})"
         )
+
+
+# 16-px, 1-channel tiny networks: the digits the Trainer loads by default.
+TINY = dict(img_size=16, patch_size=4, in_channels=1)
+
+
+def tiny_train_config(tmp_path, mode="diffusion", **kw):
+    """A few-step TrainConfig of the tiny networks on 16-px digits, writing under tmp_path."""
+    from epg.train import TrainConfig
+
+    base = dict(
+        mode=mode,
+        model="rcm-tiny" if mode == "pretrain" else "epg-tiny",
+        model_overrides=dict(TINY),
+        run_dir=str(tmp_path / "run"),
+        steps=6,
+        batch_size=8,
+        lr=1e-3,
+        warmup_steps=2,
+        ckpt_every=3,
+        log_every=1,
+        compile=False,
+        progress=False,
+        seed=3,
+        ema_decay=0.9,
+    )
+    if mode == "pretrain":
+        base["augment"] = dict(crop_scale=(0.5, 1.0), flip_p=0.0)
+        base["objective"] = dict(s0=4, s1=16)
+    if mode == "consistency":
+        base["model_overrides"]["drop"] = 0.5
+        base["objective"] = dict(stage_length=3)
+    base.update(kw)
+    return TrainConfig(**base)

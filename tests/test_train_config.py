@@ -1,0 +1,133 @@
+"""The Trainer's config checks: option ranges, nested option types, the run folder, the world
+size, and what a resumed run takes from its new config."""
+
+import dataclasses
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from epg import distributed
+from epg.presets import PRESETS
+from epg.train import TrainConfig, Trainer, _coerce_nested, lr_factor
+from helpers import TINY, tiny_train_config as _cfg
+
+@pytest.mark.parametrize(
+    "option, value",
+    [("grad_clip", -1.0), ("ema_decay", 1.5), ("ema_decay", -0.1), ("target_ema", 2.0),
+     ("weight_decay", -0.01), ("warmup_steps", -1), ("ckpt_every", -1), ("preview_every", -5),
+     ("log_every", 0), ("max_bad_steps", 0), ("keep_checkpoints", 0), ("lr", 0.0), ("lr", -1e-4),
+     ("lr", float("nan")), ("betas", (0.9, 1.0)), ("betas", (-0.1, 0.9)),
+     ("lr_milestones", (500, 400))],
+)  # fmt: skip
+def test_out_of_range_options_are_refused_naming_the_option_and_value(option, value):
+    options = {option: value}
+    if option == "lr_milestones":
+        options.update(lr_schedule="warmup-step", lr_factors=(0.3, 0.08))
+    with pytest.raises(ValueError, match=rf"^{option} must be .*got {value!r}".replace("(", r"\(").replace(")", r"\)")):
+        TrainConfig(**options).validate()
+
+
+def test_defaults_offs_and_presets_still_validate():
+    TrainConfig().validate()
+    # 0 means off for these
+    TrainConfig(grad_clip=0.0, ckpt_every=0, preview_every=0, warmup_steps=0, weight_decay=0.0,
+                ema_decay=0.0, target_ema=1.0, betas=(0.0, 0.0)).validate()  # fmt: skip
+    for preset in PRESETS.values():
+        TrainConfig.from_dict(preset).validate()
+
+
+@pytest.mark.parametrize(
+    "mode, group, key, value, expected",
+    [("pretrain", "objective", "tau_rc", "abc", "a number"),
+     ("pretrain", "objective", "s0", "abc", "an integer"),
+     ("pretrain", "objective", "s0", 4.5, "an integer"),
+     ("diffusion", "model_overrides", "drop", "abc", "a number"),
+     ("pretrain", "augment", "flip_p", "abc", "a number"),
+     ("pretrain", "augment", "crop_scale", 0.5, "two numbers"),
+     ("diffusion", "data_options", "image_size", "abc", "an integer"),
+     ("consistency", "objective", "match_dropout", "maybe", "true or false")],
+)  # fmt: skip
+def test_nested_option_types_are_checked_before_anything_is_built(tmp_path, mode, group, key, value, expected):
+    cfg = _cfg(tmp_path, mode)
+    cfg = dataclasses.replace(cfg, **{group: {**getattr(cfg, group), key: value}})
+    with pytest.raises(ValueError, match=rf"{group}\.{key}: expected {expected}"):
+        Trainer(cfg)
+
+
+def test_a_bad_nested_value_keeps_the_run_resume_restart_would_discard(tmp_path):
+    Trainer(_cfg(tmp_path, "pretrain", steps=3)).fit()
+    before = sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir())
+    assert before
+    bad = _cfg(tmp_path, "pretrain", steps=3, resume="restart", objective=dict(s0=4, s1=16, tau_rc="abc"))
+    with pytest.raises(ValueError, match=r"objective\.tau_rc: expected a number, got 'abc'"):
+        Trainer(bad)
+    assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == before
+
+
+def test_nested_values_from_set_are_read_as_their_types(tmp_path):
+    # --set parses with YAML: "0.5,1.0" stays a string, as a top-level tuple option does
+    cfg = _cfg(tmp_path, "pretrain", augment=dict(crop_scale="0.5,1.0", blur_sigma=[0.1, 1]),
+               objective=dict(s0="4", s1=16.0, tau_rc="5e-2"), model_overrides={**TINY, "mlp_ratio": 2},
+               data_options=dict(image_size="16"))  # fmt: skip
+    coerced = _coerce_nested(cfg)
+    assert coerced.augment == dict(crop_scale=(0.5, 1.0), blur_sigma=(0.1, 1.0))
+    assert coerced.objective == dict(s0=4, s1=16, tau_rc=0.05)
+    assert type(coerced.model_overrides["mlp_ratio"]) is float
+    assert coerced.data_options == dict(image_size=16)
+    trainer = Trainer(cfg)
+    assert trainer.cfg.objective["tau_rc"] == 0.05 and trainer.augment[0].config.crop_scale == (0.5, 1.0)
+    assert len(trainer.fit(stop_at=1)) == 1
+
+
+def test_resume_takes_the_new_lr_betas_and_weight_decay(tmp_path):
+    Trainer(_cfg(tmp_path, "diffusion")).fit(stop_at=3)
+    new = _cfg(tmp_path, "diffusion", lr=2e-3, betas=(0.8, 0.9), weight_decay=0.05)
+    resumed = Trainer(new)
+    assert resumed.step == 3
+    decay, no_decay = resumed.optimizer.param_groups
+    lr = 2e-3 * lr_factor(3, new)
+    for group in (decay, no_decay):
+        assert group["betas"] == (0.8, 0.9) and group["initial_lr"] == 2e-3 and group["lr"] == lr
+    assert decay["weight_decay"] == 0.05 and no_decay["weight_decay"] == 0.0
+    records = resumed.fit(stop_at=5)
+    assert records[0]["lr"] == lr  # the first resumed step too
+    assert records[1]["lr"] == pytest.approx(2e-3 * lr_factor(4, new))
+
+
+def test_an_unwritable_run_folder_is_refused_before_training(tmp_path):
+    in_the_way = tmp_path / "a_file"
+    in_the_way.write_text("not a folder")
+    with pytest.raises(ValueError, match=rf"cannot write to the folder {in_the_way}.*File exists"):
+        Trainer(_cfg(tmp_path, run_dir=str(in_the_way)))
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "checkpoints").write_text("not a folder")
+    with pytest.raises(ValueError, match=rf"cannot write to the folder {run / 'checkpoints'}"):
+        Trainer(_cfg(tmp_path))
+    (run / "checkpoints").unlink()
+    Trainer(_cfg(tmp_path))
+    assert [p.name for p in run.iterdir()] == ["checkpoints"]  # the probes are gone
+    assert not list((run / "checkpoints").iterdir())
+
+
+def test_a_batch_size_the_ranks_cannot_share_is_refused(tmp_path, monkeypatch):
+    three = distributed.DistInfo(rank=0, world_size=3, local_rank=0, device=torch.device("cpu"))
+    monkeypatch.setattr(distributed, "setup", lambda device=None: three)
+    with pytest.raises(ValueError, match="batch_size 8 is not divisible by the world size 3"):
+        Trainer(_cfg(tmp_path))
+
+
+def test_resume_takes_the_same_encoder_by_any_path(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    stage1 = Trainer(_cfg(tmp_path / "r1", "pretrain", steps=2, run_dir="r1"))
+    stage1.fit()
+    stage1.export()
+    Trainer(_cfg(tmp_path, encoder="./r1")).fit(stop_at=3)
+    for same in ("r1", str(tmp_path / "r1"), "r1/final", str(tmp_path / "r1" / "final") + "/"):
+        assert Trainer(_cfg(tmp_path, encoder=same)).step == 3, same
+    shutil.copytree("r1", "r2")
+    with pytest.raises(ValueError, match=r"other settings \(encoder: './r1' there, 'r2' now"):
+        Trainer(_cfg(tmp_path, encoder="r2"))
+    assert Path("r1/final").is_dir()
