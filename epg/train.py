@@ -938,7 +938,8 @@ class Trainer:
         else:
             candidates = [Path(resume)]
             if not candidates[0].is_file():
-                raise FileNotFoundError(f"resume checkpoint {resume} does not exist")
+                raise FileNotFoundError(f"resume checkpoint {resume} does not exist (resume takes auto, "
+                                        "none, restart or a checkpoint file)")  # fmt: skip
         for i, path in enumerate(candidates):
             try:
                 state = self._read_checkpoint(path)
@@ -952,7 +953,22 @@ class Trainer:
             self.load_checkpoint(path, state)
             break
         if self.dist.is_main:
+            self._trim_log()
             print(f"resumed from {path} at step {self.step}", flush=True)
+
+    def _trim_log(self) -> None:
+        """Drop the log records of steps after the resumed one: they are trained again, and
+        were logged twice (a line cut short by a kill goes too)."""
+        path = self.run_dir / "log.jsonl"
+        if not path.is_file():
+            return
+        kept = []
+        for line in path.read_text().splitlines():
+            with contextlib.suppress(ValueError):
+                record = json.loads(line)
+                if isinstance(record, dict) and record.get("step", 0) <= self.step:
+                    kept.append(line + "\n")
+        ckpt.atomic_write(path, lambda tmp: Path(tmp).write_text("".join(kept)))
 
     # --- the step -------------------------------------------------------------------------------
 

@@ -131,3 +131,24 @@ def test_resume_takes_the_same_encoder_by_any_path(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match=r"other settings \(encoder: './r1' there, 'r2' now"):
         Trainer(_cfg(tmp_path, encoder="r2"))
     assert Path("r1/final").is_dir()
+
+
+def test_a_resume_drops_the_log_records_of_the_steps_it_trains_again(tmp_path):
+    import json
+
+    Trainer(_cfg(tmp_path, "diffusion", steps=4, ckpt_every=2, keep_checkpoints=3)).fit()
+    run = tmp_path / "run"
+    (run / "checkpoints" / "step_00000004.pt").unlink()  # as if killed after logging step 4
+    with open(run / "log.jsonl", "a") as f:
+        f.write('{"step": 5, "lo')  # a line cut short by the kill
+    resumed = Trainer(_cfg(tmp_path, "diffusion", steps=4, ckpt_every=2))
+    assert resumed.step == 2
+    assert [json.loads(line)["step"] for line in (run / "log.jsonl").read_text().splitlines()] == [1, 2]
+    resumed.fit()
+    steps = [json.loads(line)["step"] for line in (run / "log.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4]  # steps 3 and 4 were logged twice
+
+
+def test_resume_names_its_keywords_for_a_checkpoint_that_is_not_there(tmp_path):
+    with pytest.raises(FileNotFoundError, match="resume takes auto, none, restart or a checkpoint file"):
+        Trainer(_cfg(tmp_path, "diffusion", resume="Auto"))
