@@ -31,6 +31,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from .schedules import RHO, SIGMA_MAX, SIGMA_MIN, resolution_shift, shifted_karras_sigmas
+from .seeding import torch_seed
 
 __all__ = [
     "GUIDANCE_SIGMA_HIGH",
@@ -630,7 +631,7 @@ def class_labels(
         if class_counts is not None:
             raise ValueError("class_counts is only used with balanced=False")
         return torch.arange(n, dtype=torch.int64) % num_classes
-    g = torch.Generator().manual_seed(seed % 2**64)  # torch's seeds are 64-bit
+    g = torch.Generator().manual_seed(torch_seed(seed))
     if class_counts is None:
         return torch.randint(num_classes, (n,), generator=g, dtype=torch.int64)
     counts = torch.as_tensor(class_counts, dtype=torch.float64)

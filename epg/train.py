@@ -56,6 +56,7 @@ from . import distributed
 from .data.loader import InMemoryLoader
 from .models import EPGViT, RCMViT, build
 from .models.configs import CONFIGS, RCMConfig
+from .seeding import torch_seed
 
 MODES = ("pretrain", "diffusion", "consistency")
 CHECKPOINT_FORMAT = "epg-train-v1"
@@ -500,9 +501,7 @@ class Trainer:
             self.global_randomness = cfg.global_randomness
         self.use_bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and self.device.type == "cuda")
 
-        # Seeds reduced mod 2^64 as torch does for the values it accepts: the same streams as
-        # before for every seed that fitted, and no overflow for larger ones.
-        torch.manual_seed(cfg.seed % 2**64)  # identical initialisation on every rank
+        torch.manual_seed(torch_seed(cfg.seed))  # identical initialisation on every rank
         self._build_models()
         self._build_data(data)
         self._build_objective()
@@ -513,7 +512,7 @@ class Trainer:
         self._interrupted = self.stop_requested = self._updating = False
         self._bad_before_resume = 0
         # Dropout streams differ per rank; seeded after init so init is rank-independent.
-        torch.manual_seed((cfg.seed * 7919 + 1 + self.dist.rank) % 2**64)
+        torch.manual_seed(torch_seed(cfg.seed * 7919 + 1 + self.dist.rank))
         self._check_run_folder()
         self._maybe_resume()
         self._saved_step = self.step  # nothing new to save before the first step
@@ -878,7 +877,7 @@ class Trainer:
             if "cuda" in mine and self.device.type == "cuda":
                 torch.cuda.set_rng_state(mine["cuda"].cpu(), self.device)
         else:  # another number of ranks: fresh, distinct streams (the run is not bit-exact then)
-            torch.manual_seed((self.cfg.seed * 7919 + 1 + self.dist.rank + 104729 * self.step) % 2**64)
+            torch.manual_seed(torch_seed(self.cfg.seed * 7919 + 1 + self.dist.rank + 104729 * self.step))
 
     def _apply_optimizer_settings(self) -> None:
         """This run's lr, betas and weight_decay over the ones a loaded optimiser and schedule

@@ -50,6 +50,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ..seeding import torch_seed
 from .augment import CONVENTIONS
 
 IMAGE_EXTENSIONS = (".bmp", ".jpeg", ".jpg", ".png", ".webp")
@@ -432,8 +433,7 @@ class BatchSchedule:
     def epoch_order(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
         """(file index per position (N,) int64, flip per position (N,) bool) of an epoch."""
         if self._cached is None or self._cached[0] != epoch:
-            # mod 2^64 as torch reduces the seeds it accepts: large seeds no longer overflow.
-            g = torch.Generator().manual_seed((self.seed * 1_000_003 + epoch) % 2**64)
+            g = torch.Generator().manual_seed(torch_seed(self.seed * 1_000_003 + epoch))
             order = torch.randperm(self.num_samples, generator=g)
             flips = torch.rand(self.num_samples, generator=g) < self.flip_p
             self._cached = (epoch, order.numpy(), flips.numpy())

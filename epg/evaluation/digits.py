@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..seeding import torch_seed
 from .adm import FIDStatistics
 
 
@@ -139,13 +140,13 @@ class DigitsJudge:
 
     def _train(self, images, labels, epochs, seed, batch_size, lr, max_shift) -> None:
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed % 2**64)  # torch's seeds are 64-bit: the same stream where it fitted
+            torch.manual_seed(torch_seed(seed))
             in_dim = self.channels * self.image_size**2
             net = _JudgeNet(in_dim, self.num_classes, self.hidden, self.feature_dim)
         net = net.to(self.device)
         x = self._check(images, fitted=False)
         y = _check_labels(labels, len(x)).to(self.device, torch.int64)
-        g = torch.Generator().manual_seed(seed % 2**64)
+        g = torch.Generator().manual_seed(torch_seed(seed))
         opt = torch.optim.Adam(net.parameters(), lr=lr)
         steps_per_epoch = math.ceil(len(y) / batch_size)
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, epochs * steps_per_epoch)
@@ -253,7 +254,7 @@ def digits_report(
         report["real_test_accuracy"] = judge.accuracy(real_images, real_labels)
     if real_reference is not None:
         n = min(len(samples), len(real_reference))
-        g = torch.Generator().manual_seed(seed % 2**64)
+        g = torch.Generator().manual_seed(torch_seed(seed))
         idx = torch.randperm(len(real_reference), generator=g)[:n].to(real_reference.device)
         ref_feats = judge.features(real_reference[idx])
         report["reference_frechet_distance"] = frechet_distance(ref_feats, real_feats)
