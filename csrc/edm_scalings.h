@@ -22,10 +22,10 @@
 // computed in double and then rounded to T: 1e-44 is a denormal in float32
 // (smallest normal is ~1.18e-38), so a float32 `sigma + 1e-44f` would be
 // inexact and becomes 0 (log -> -inf) whenever denormals are flushed to zero
-// (CUDA -ftz / --use_fast_math, CPU DAZ/FTZ modes). In double, 1e-44 is a normal number, so sigma = 0 gives
-// t_cond = 250*log(1e-44) = -25328.436... for both dtypes, which is finite in
-// float32 as well. This also makes the float32 t_cond the correctly rounded
-// value of the float64 formula.
+// (CUDA -ftz / --use_fast_math, CPU DAZ/FTZ modes). In double, 1e-44 is a
+// normal number, so sigma = 0 gives t_cond = 250*log(1e-44) = -25328.436...
+// for both dtypes, which is finite in float32 as well. This also makes the
+// float32 t_cond the correctly rounded value of the float64 formula.
 #pragma once
 
 #include <math.h>

@@ -30,6 +30,9 @@ from .models.configs import EPGConfig, RCMConfig
 
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
+# A training run folder: the network it exports and the options it ran with.
+RUN_FINAL_NAME = "final"
+RUN_CONFIG_NAME = "train_config.json"
 OFFICIAL_NAMES = ("nnet_ema.pth", "nnet.pth")  # in order of preference (EMA weights sample)
 _WRAPPER_KEYS = ("nnet_ema", "ema", "model_ema", "state_dict", "model", "nnet", "net", "module")
 _PREFIXES = ("module.", "_orig_mod.")
@@ -139,8 +142,8 @@ def run_output(path: str | os.PathLike) -> Path:
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"{path} does not exist")
-    if path.is_dir() and not (path / CONFIG_NAME).is_file() and (path / "final").is_dir():
-        return path / "final"
+    if path.is_dir() and not (path / CONFIG_NAME).is_file() and (path / RUN_FINAL_NAME).is_dir():
+        return path / RUN_FINAL_NAME
     return path
 
 

@@ -199,8 +199,8 @@ def _trained_config_name(directory: Path, meta: dict[str, Any]) -> str | None:
     ``train_config.json`` next to ``final/``."""
     if isinstance(meta.get("model"), str):
         return meta["model"]
-    run_config = directory.parent / "train_config.json"
-    if directory.name == "final" and run_config.is_file():
+    run_config = directory.parent / ckpt.RUN_CONFIG_NAME
+    if directory.name == ckpt.RUN_FINAL_NAME and run_config.is_file():
         with contextlib.suppress(OSError, ValueError):
             name = json.loads(run_config.read_text()).get("model")
             if isinstance(name, str):

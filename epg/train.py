@@ -242,21 +242,37 @@ def lr_factor(step: int, cfg: TrainConfig) -> float:
     return factor
 
 
+def _parameters(target: Any) -> dict[str, Any] | None:
+    """name → annotation of what ``target`` (a function, class or dataclass) takes; None when it
+    takes any keyword (``**kwargs``)."""
+    if dataclasses.is_dataclass(target):
+        return {f.name: f.type for f in dataclasses.fields(target)}
+    params = inspect.signature(target).parameters.values()
+    if any(p.kind is p.VAR_KEYWORD for p in params):
+        return None
+    return {p.name: p.annotation for p in params if p.name != "self"}
+
+
 def _check_options(group: str, target: Any, options: dict[str, Any], taken: tuple[str, ...] = ()) -> None:
     """Refuse option names ``target`` (a function, class or dataclass) does not take, naming the
     group (``objective``, ``augment``, ``data_options``) and the valid ones. ``taken``: names the
     Trainer passes itself."""
-    if dataclasses.is_dataclass(target):
-        valid = {f.name for f in dataclasses.fields(target)}
-    else:
-        params = inspect.signature(target).parameters.values()
-        if any(p.kind is p.VAR_KEYWORD for p in params):
-            return
-        valid = {p.name for p in params if p.name != "self"}
-    valid -= set(taken)
+    params = _parameters(target)
+    if params is None:
+        return
+    valid = set(params) - set(taken)
     unknown = sorted(set(options) - valid)
     if unknown:
         raise ValueError(f"unknown {group} option(s) {unknown}; valid: {sorted(valid)}")
+
+
+def _objective_class(mode: str) -> type:
+    from .objectives.consistency import ConsistencyObjective
+    from .objectives.diffusion import DiffusionObjective
+    from .objectives.pretrain import PretrainObjective
+
+    return {"pretrain": PretrainObjective, "diffusion": DiffusionObjective,
+            "consistency": ConsistencyObjective}[mode]  # fmt: skip
 
 
 # Names the Trainer passes the objective and the folder loaders itself.
@@ -268,24 +284,16 @@ _LOADER_TAKEN = ("source", "num_threads", "num_workers", "resolution", "global_b
 def _annotations(target: Any, taken: tuple[str, ...] = ()) -> dict[str, str]:
     """The annotated parameters of ``target`` (a function or a dataclass): name → annotation (a
     string: the modules use ``from __future__ import annotations``)."""
-    if dataclasses.is_dataclass(target):
-        items = [(f.name, f.type) for f in dataclasses.fields(target)]
-    else:
-        items = [(p.name, p.annotation) for p in inspect.signature(target).parameters.values()]
-    return {name: a for name, a in items if isinstance(a, str) and name not in taken}
+    params = _parameters(target) or {}
+    return {name: a for name, a in params.items() if isinstance(a, str) and name not in taken}
 
 
 def _nested_annotations(cfg: TrainConfig) -> dict[str, dict[str, str]]:
     """For each nested option group ``cfg`` (defaults applied) uses, the annotation of each option
     its receiver takes: the objective's / loader's parameters, the model config's fields."""
     from .data.augment import ViewAugmentConfig
-    from .objectives.consistency import ConsistencyObjective
-    from .objectives.diffusion import DiffusionObjective
-    from .objectives.pretrain import PretrainObjective
 
-    objective_class = {"pretrain": PretrainObjective, "diffusion": DiffusionObjective,
-                       "consistency": ConsistencyObjective}[cfg.mode]  # fmt: skip
-    groups = {"objective": _annotations(objective_class.__init__, _OBJECTIVE_TAKEN)}
+    groups = {"objective": _annotations(_objective_class(cfg.mode).__init__, _OBJECTIVE_TAKEN)}
     if cfg.model in CONFIGS:  # an unknown name is refused by build, naming the known ones
         groups["model_overrides"] = _annotations(type(CONFIGS[cfg.model]))
     if cfg.mode == "pretrain":
@@ -657,22 +665,17 @@ class Trainer:
     def _build_objective(self) -> None:
         cfg, net_cfg = self.cfg, self.model.config
         options = dict(cfg.objective)
-        from .objectives.consistency import ConsistencyObjective
-        from .objectives.diffusion import DiffusionObjective
-        from .objectives.pretrain import PretrainObjective
-
-        objective_class = {"pretrain": PretrainObjective, "diffusion": DiffusionObjective,
-                           "consistency": ConsistencyObjective}[cfg.mode]  # fmt: skip
+        objective_class = _objective_class(cfg.mode)
         _check_options(f"objective ({cfg.mode})", objective_class.__init__, options, _OBJECTIVE_TAKEN)
         if cfg.mode == "pretrain":
             options.setdefault("total_steps", cfg.steps)
-            self.objective = PretrainObjective(self.train_model, self.target, img_size=net_cfg.img_size, **options)
+            self.objective = objective_class(self.train_model, self.target, img_size=net_cfg.img_size, **options)
         elif cfg.mode == "diffusion":
-            self.objective = DiffusionObjective(
+            self.objective = objective_class(
                 self.train_model, img_size=net_cfg.img_size, num_classes=net_cfg.num_classes, **options
             )
         else:
-            self.objective = ConsistencyObjective(
+            self.objective = objective_class(
                 self.train_model, self.perceptual, img_size=net_cfg.img_size,
                 num_classes=net_cfg.num_classes, **options,
             )  # fmt: skip
@@ -898,7 +901,7 @@ class Trainer:
     def _earlier_run(self) -> list[Path]:
         """What an earlier run left in the run folder that a fresh start would overwrite."""
         found = self.checkpoints()
-        final = self.run_dir / "final"
+        final = self.run_dir / ckpt.RUN_FINAL_NAME
         return found + ([final] if final.exists() else [])
 
     def _discard_earlier_run(self) -> None:
@@ -907,7 +910,7 @@ class Trainer:
         if self.dist.is_main:
             for path in self.checkpoints():
                 path.unlink()
-            for name in ("final", "previews"):
+            for name in (ckpt.RUN_FINAL_NAME, "previews"):
                 shutil.rmtree(self.run_dir / name, ignore_errors=True)
             (self.run_dir / "log.jsonl").unlink(missing_ok=True)
         if self.dist.distributed:
@@ -1079,7 +1082,7 @@ class Trainer:
         end = min(cfg.steps, stop_at) if stop_at is not None else cfg.steps
         if self.dist.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            (self.run_dir / "train_config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
+            (self.run_dir / ckpt.RUN_CONFIG_NAME).write_text(json.dumps(cfg.to_dict(), indent=2))
         bar = tqdm(
             total=end, initial=self.step, desc=f"{cfg.mode}", unit="step", dynamic_ncols=True,
             disable=not (cfg.progress and self.dist.is_main),
@@ -1167,7 +1170,7 @@ class Trainer:
         """Save the network to use downstream as an epg checkpoint folder: the EMA model in
         stage 2, the online encoder (with its projector) in stage 1 (the official code fine-tunes
         from the online weights)."""
-        directory = Path(directory) if directory else self.run_dir / "final"
+        directory = Path(directory) if directory else self.run_dir / ckpt.RUN_FINAL_NAME
         net = self.ema if self.ema is not None else self.model
         state = self._module_state(net)
         if self.dist.is_main:
