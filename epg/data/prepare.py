@@ -43,6 +43,7 @@ entries, its header saying why, so the loaders refuse it like the scan refuses t
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import multiprocessing
 import os
@@ -176,21 +177,23 @@ def _shown(names: list[str]) -> str:
     return ", ".join(names[:5]) + (", …" if len(names) > 5 else "")
 
 
-def _remove_stale_classes(dst: Path, classes: list[str]) -> None:
-    """Remove empty sub-folders of ``dst`` that are not among ``classes`` (an earlier run's, for a
-    class since removed from the source), which a folder scan of ``dst`` would refuse; warn about
-    non-empty ones, which it would count as classes that ``index.txt`` lacks."""
+def _remove_stale_classes(dst: Path, classes: list[str], prepared_before: bool) -> None:
+    """Remove empty sub-folders of ``dst`` that are not among ``classes`` when an earlier run
+    prepared ``dst`` (its class folders, for a class since removed from the source), which a
+    folder scan of ``dst`` would refuse; warn about the others (non-empty ones it would count as
+    classes that ``index.txt`` lacks; empty ones in a folder no run made, which are not ours)."""
     keep = set(classes)
     with os.scandir(dst) as it:
         folders = [e.name for e in it if e.is_dir() and not e.name.startswith(".")]
     for name in sorted(set(folders) - keep):
-        try:
-            os.rmdir(dst / name)
-        except OSError:  # not empty
-            log.warning(
-                "prepare: %s is not a class of the source; a folder scan of %s would count it, "
-                "%s does not: remove it", dst / name, dst, INDEX_LIST,
-            )  # fmt: skip
+        if prepared_before:
+            with contextlib.suppress(OSError):  # not empty
+                os.rmdir(dst / name)
+                continue
+        log.warning(
+            "prepare: %s is not a class of the source; a folder scan of %s would count it (or "
+            "refuse it when empty), %s does not: remove it", dst / name, dst, INDEX_LIST,
+        )  # fmt: skip
 
 
 def prepare(
@@ -262,6 +265,7 @@ def prepare(
     settings = _settings(format, quality, resolution)
     index_list = dst / INDEX_LIST
     _check_settings(index_list, settings)
+    prepared_before = index_list.is_file()
 
     tasks, outputs, entries, unlisted, file_classes = [], {}, {}, [], []
     for i in range(len(index)):
@@ -294,7 +298,7 @@ def prepare(
     for cls in classes:
         os.makedirs(dst / cls, exist_ok=True)
     os.makedirs(dst, exist_ok=True)
-    _remove_stale_classes(dst, classes)
+    _remove_stale_classes(dst, classes, prepared_before)
     write_file_list(index_list, [], [], header=[settings, "incomplete: the run has not finished"])
 
     counts = {"written": 0, "existing": 0}
