@@ -512,3 +512,25 @@ def test_consistency_gradients_reach_net_not_perceptual():
     assert terms["consistency"].item() == 0.0 and terms["aux"].item() > 0
     loss.backward()
     assert net.out.weight.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize(
+    "objective, option, value",
+    [(PretrainObjective, "tau_rc", -0.1), (PretrainObjective, "tau_con", 0.0), (PretrainObjective, "s0", 0),
+     (PretrainObjective, "s1", 10), (PretrainObjective, "sigma_min", 100.0), (PretrainObjective, "sigma_data", -0.5),
+     (DiffusionObjective, "P_std", -1.6), (DiffusionObjective, "label_dropout", 1.5),
+     (DiffusionObjective, "sigma_data", float("nan")), (ConsistencyObjective, "c", -0.06),
+     (ConsistencyObjective, "tau_aux", 0.0), (ConsistencyObjective, "label_dropout", -0.1),
+     (ConsistencyObjective, "aux_weight", -1.0), (ConsistencyObjective, "q", 0.0)],
+)  # fmt: skip
+def test_out_of_range_objective_options_are_refused_at_construction(objective, option, value):
+    # A negative temperature used to train (the contrastive loss turned around); s0 = 0 failed
+    # only at the first step.
+    if objective is PretrainObjective:
+        args = (None, None)
+    else:
+        args = (None,) + ((None,) if objective is ConsistencyObjective else ())
+    name = {"s1": "s0 <= s1", "sigma_min": "sigma_min < sigma_max"}.get(option, option)
+    with pytest.raises(ValueError, match=name):
+        objective(*args, img_size=IMG, **({} if objective is PretrainObjective else {"num_classes": 10}),
+                  **{option: value})  # fmt: skip

@@ -23,6 +23,7 @@ from ..schedules import (
     karras_sigmas,
     resolution_shift,
 )
+from .checks import require_fraction, require_positive
 from .infonce import info_nce
 
 __all__ = ["ect_stage", "ect_r", "ConsistencyObjective"]
@@ -134,6 +135,10 @@ class ConsistencyObjective:
             raise ValueError(f"first_stage must be 0 (denoising warm-up) or 1, got {first_stage}")
         if denoise_grid_scales < 2:
             raise ValueError(f"denoise_grid_scales must be >= 2, got {denoise_grid_scales}")
+        require_positive(P_std=P_std, c=c, tau_aux=tau_aux, sigma_data=sigma_data, sigma_min=sigma_min, q=q)
+        require_fraction(label_dropout=label_dropout)
+        if not (aux_weight >= 0 and k >= 0):
+            raise ValueError(f"aux_weight and k must be >= 0, got {aux_weight}, {k}")
         self.net = net
         self.perceptual = perceptual
         self.img_size = img_size

@@ -21,6 +21,7 @@ from ..schedules import (
     karras_sigmas,
     resolution_shift,
 )
+from .checks import require_fraction, require_positive
 
 __all__ = ["DiffusionObjective"]
 
@@ -71,8 +72,8 @@ class DiffusionObjective:
         self.weighting = weighting
         if grid_scales < 2:
             raise ValueError(f"grid_scales must be >= 2, got {grid_scales}")
-        if not 0.0 <= label_dropout <= 1.0:
-            raise ValueError(f"label_dropout must be in [0, 1], got {label_dropout}")
+        require_fraction(label_dropout=label_dropout)
+        require_positive(P_std=P_std, sigma_data=sigma_data, rho=rho)
         if num_classes < 0:
             raise ValueError(f"num_classes must be >= 0, got {num_classes}")
         self.net = net

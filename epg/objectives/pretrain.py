@@ -19,6 +19,7 @@ from torch import Tensor
 
 from .. import ops
 from ..schedules import RHO, SIGMA_DATA, SIGMA_MAX, SIGMA_MIN, karras_sigmas, resolution_shift
+from .checks import require_positive
 from .infonce import info_nce
 
 __all__ = [
@@ -130,6 +131,11 @@ class PretrainObjective:
     ):
         if tau_schedule not in TAU_SCHEDULES:
             raise ValueError(f"tau_schedule must be one of {TAU_SCHEDULES}, got {tau_schedule!r}")
+        require_positive(sigma_data=sigma_data, rho=rho, tau_con=tau_con, tau_rc=tau_rc, tau_start=tau_start,
+                         tau_end=tau_end, s0=s0, total_steps=total_steps)  # fmt: skip
+        karras_sigmas(2, sigma_min, sigma_max, rho)  # 0 < sigma_min < sigma_max, checked here and not at a step
+        if s1 < s0:
+            raise ValueError(f"need s0 <= s1 (the curriculum's first and last grid sizes), got {s0}, {s1}")
         self.online = online
         self.target = target
         self.img_size = img_size
