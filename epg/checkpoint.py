@@ -189,6 +189,14 @@ def load(directory: str | os.PathLike, device: str | torch.device = "cpu") -> nn
     return _materialize(build_from_config, config, state, device, str(weights))
 
 
+def network_from_state(
+    config: EPGConfig | RCMConfig, state: Mapping[str, Tensor], source: str, device: str | torch.device = "cpu"
+) -> nn.Module:
+    """The network of ``config`` holding ``state`` (loaded strictly; errors name ``source``), in
+    eval mode."""
+    return _materialize(build_from_config, config, state, device, source)
+
+
 def _materialize(builder, config, state, device, source: str) -> nn.Module:
     # Built on the meta device and then given the checkpoint's tensors: no throwaway random init.
     with torch.device("meta"):
@@ -308,14 +316,38 @@ def _official_load_error(path: Path, head: bytes, exc: Exception) -> CheckpointE
             f"run code (torch.load(weights_only=True): {cause})"
         )
     size = path.stat().st_size
-    if isinstance(exc, EOFError) or (kind == "zip" and not zipfile.is_zipfile(path)):
-        container = "a zip archive" if kind == "zip" else "a pickle"
-        return CheckpointError(
-            f"{path} is corrupt: it begins as a PyTorch checkpoint ({container}) but does not read "
-            f"as one, as happens to a truncated copy or download ({size} bytes); fetch it again "
-            f"({cause})"
-        )
+    if _is_cut_short(path, kind, exc):
+        return CheckpointError(f"{path} is corrupt: {_cut_short(kind, size)}; fetch it again ({cause})")
     return CheckpointError(f"{path} is corrupt or not a PyTorch checkpoint ({size} bytes): {cause}")
+
+
+def _is_cut_short(path: Path, kind: str, exc: Exception) -> bool:
+    """Whether a torch.save file that torch.load could not read looks truncated."""
+    return isinstance(exc, EOFError) or (kind == "zip" and not zipfile.is_zipfile(path))
+
+
+def _cut_short(kind: str, size: int) -> str:
+    container = "a zip archive" if kind == "zip" else "a pickle"
+    return (f"it begins as a PyTorch checkpoint ({container}) but does not read as one, as happens "
+            f"to a file truncated by an interrupted copy, download or write ({size} bytes)")  # fmt: skip
+
+
+def unreadable_cause(path: Path, exc: Exception) -> str:
+    """Why ``torch.load`` could not read ``path``, in words: empty, cut short, another kind of
+    file, or torch's own cause (torch says "EOFError" for an empty file, and a paragraph about
+    miniz for a truncated one)."""
+    try:
+        head, size = _read_head(path), path.stat().st_size
+    except OSError as err:
+        return f"{err.strerror or err}"
+    kind = _file_kind(head)
+    if kind == "empty":
+        return "the file is empty (0 bytes)"
+    if kind not in ("zip", "pickle"):
+        return _looks_like(kind, head)
+    if _is_cut_short(path, kind, exc):
+        return _cut_short(kind, size)
+    return torch_load_cause(exc)
 
 
 def _is_unsafe_pickle_refusal(exc: Exception) -> bool:

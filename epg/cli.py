@@ -160,6 +160,15 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
     )
 
 
+def _cmd_export(args: argparse.Namespace) -> int:
+    from .train import export_checkpoint
+
+    out, meta = export_checkpoint(args.checkpoint, args.out)
+    network = "online encoder" if meta["mode"] == "pretrain" else "EMA network"
+    print(f"exported the {network} of {meta['source']} ({meta['mode']} {meta['model']}, step {meta['step']}) to {out}")
+    return 0
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from .demo import DemoConfig, run_demo
 
@@ -218,6 +227,7 @@ def _cmd_sample(args: argparse.Namespace) -> int:
             convention=args.convention or info.get("convention", "imagenet"),
             precision=args.precision, model=info["source"], weights=info["weights"],
         )  # fmt: skip
+        settings.validate()  # before the banner, which would announce e.g. "0 images"
         if dist_info.is_main:
             print(f"epg sample: {settings.num_images} images, {sampler} ({steps} steps), guidance "
                   f"{guidance:g}, {mode} network from {info['source']}, {settings.precision} on "
@@ -308,6 +318,16 @@ def build_parser() -> argparse.ArgumentParser:
     fin.add_argument("--encoder", help="stage-1 checkpoint: an epg folder or an official RCM .pth")
     _add_train_options(fin)
     fin.set_defaults(func=_cmd_finetune)
+
+    exp = sub.add_parser(
+        "export", help="write a training checkpoint's network as an epg checkpoint folder (sample an unfinished run)",
+        description="Write the network of a training checkpoint (the EMA network in stage 2, the online "
+        "encoder in stage 1) as an epg checkpoint folder, as the run's final/ would hold it: "
+        "`epg sample` and `epg finetune --encoder` read it.",
+    )  # fmt: skip
+    exp.add_argument("checkpoint", help="a checkpoints/step_N.pt file, or a run folder (its newest readable checkpoint)")
+    exp.add_argument("--out", help="output folder (default: RUN/exports/step_N)")
+    exp.set_defaults(func=_cmd_export)
 
     prep = sub.add_parser(
         "prepare", help="centre-crop an ImageNet-style folder to RES x RES PNGs (ADM preprocessing)",

@@ -13,9 +13,11 @@ rank's torch RNG state (dropout), the data position and the config, and every ot
 is a function of (seed, step). (Resumed on another number of ranks, each rank gets a fresh
 dropout stream instead: the run continues, not bit for bit.) Checkpoints are written atomically.
 ``resume="auto"`` continues from the newest readable checkpoint in the run folder (an unreadable
-newest one is reported and kept, and the one before it is used); ``"none"`` starts afresh and
-refuses a folder that already holds a run's checkpoints or network (nothing is overwritten
-unasked); ``"restart"`` discards that run (checkpoints, final network, previews, log) first.
+newer one is reported and renamed ``step_N.pt.unreadable``, kept for a look but out of the run's
+way); ``"none"`` starts afresh and refuses a folder that already holds a run's checkpoints or
+network (nothing is overwritten unasked); ``"restart"`` discards that run (checkpoints, final network, previews, exports, log)
+first. :func:`export_checkpoint` (``epg export``) writes the network of a checkpoint as an epg
+checkpoint folder, to sample or fine-tune from a run that has not finished.
 
 Distributed runs go through torchrun (DDP; gloo on CPU, NCCL on GPU). With
 ``global_randomness`` (the default on CPU) every rank draws the randomness of the *global* batch
@@ -61,6 +63,10 @@ from .seeding import torch_seed
 MODES = ("pretrain", "diffusion", "consistency")
 CHECKPOINT_FORMAT = "epg-train-v1"
 _CKPT_RE = re.compile(r"^step_(\d{8})\.pt$")
+EXPORTS_NAME = "exports"  # export_checkpoint's default home in a run folder
+# What Trainer.state_dict writes and load_checkpoint reads ("ema"/"target" may hold None).
+_CHECKPOINT_KEYS = ("step", "config", "model_config", "model", "ema", "target", "optimizer", "scheduler",
+                    "rng", "data", "skipped_total", "bad_in_a_row")  # fmt: skip
 
 
 @dataclass
@@ -127,8 +133,21 @@ class TrainConfig:
             raise ValueError("lr_milestones and lr_factors must have the same length")
         if self.parallel not in ("ddp", "fsdp"):
             raise ValueError(f"parallel must be ddp or fsdp, got {self.parallel!r}")
-        if self.init and self.mode == "pretrain":
-            raise ValueError("init (a stage-2 network to start from) is for diffusion/consistency runs")
+        # Options the mode never reads: set, they used to be ignored without a word.
+        unused = {
+            "pretrain": ("init", "encoder", "perceptual", "perceptual_config", "preview_every"),
+            "diffusion": ("perceptual", "perceptual_config", "augment"),
+            "consistency": ("augment",),
+        }[self.mode]
+        for name in unused:
+            if getattr(self, name):
+                what = {"preview_every": "sample previews (stage 1 trains no generator)",
+                        "augment": "stage 1's view augmentation (pretrain runs)",
+                        "init": "a stage-2 network to start from (diffusion/consistency runs)",
+                        "encoder": "a stage-1 network for stage 2 (diffusion/consistency runs)"
+                        }.get(name, "the consistency loss's perceptual network (consistency runs)")  # fmt: skip
+                raise ValueError(f"{name} is an option of {what}; a {self.mode} run does not use it "
+                                 f"(got {getattr(self, name)!r})")  # fmt: skip
         if self.precision not in ("auto", "bf16", "fp32"):
             raise ValueError(f"precision must be auto, bf16 or fp32, got {self.precision!r}")
         # Ranges: out of them a run used to train wrongly without a word (a negative grad_clip
@@ -148,7 +167,10 @@ class TrainConfig:
             ("max_bad_steps", lambda v: v >= 1, ">= 1"),
         )  # fmt: skip
         for name, ok, expected in ranges:
-            if not ok(getattr(self, name)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, numbers.Real):  # TrainConfig(lr="1e-4")
+                raise ValueError(f"{name} must be a number, got {value!r} (from_dict reads strings)")
+            if not ok(value):
                 raise ValueError(f"{name} must be {expected}, got {getattr(self, name)!r}")
         if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
             raise ValueError(f"betas must be two numbers in [0, 1), got {self.betas!r}")
@@ -356,6 +378,96 @@ def _fully_shard(model: nn.Module) -> None:
         for block in getattr(model, name, []):
             fully_shard(block)
     fully_shard(model)
+
+
+def read_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """The contents of a training checkpoint (``step_N.pt``), or a CheckpointError saying why it
+    cannot be read: damaged, truncated, empty, not one, or missing parts."""
+    path = Path(path)
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as exc:
+        raise ckpt.CheckpointError(
+            f"cannot read training checkpoint {path}: {ckpt.unreadable_cause(path, exc)}"
+        ) from exc
+    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+        raise ckpt.CheckpointError(f"{path} is not an epg training checkpoint ({CHECKPOINT_FORMAT})")
+    # Checked here, not met as a KeyError halfway through loading: an incomplete file is
+    # unreadable like a truncated one, and resuming falls back to the one before it.
+    missing = [key for key in _CHECKPOINT_KEYS if key not in state]
+    if missing:
+        raise ckpt.CheckpointError(f"training checkpoint {path} is incomplete: it lacks {', '.join(missing)}")
+    return state
+
+
+def run_checkpoints(folder: Path) -> list[Path]:
+    """The complete checkpoints in a run's ``checkpoints/`` folder, oldest first (temporary and
+    set-aside files never count)."""
+    if not folder.is_dir():
+        return []
+    return sorted(p for p in folder.iterdir() if _CKPT_RE.match(p.name))
+
+
+def _newest_readable(
+    candidates: list[Path], map_location: str | torch.device, then: str, warn: bool
+) -> tuple[Path, dict[str, Any], list[Path]]:
+    """The first of ``candidates`` (newest first) that reads, its contents, and the ones before
+    it that did not (each reported when ``warn``: "...; <then> the older step_N.pt"). The last
+    candidate's error when none reads."""
+    for i, path in enumerate(candidates):
+        try:
+            return path, read_checkpoint(path, map_location), candidates[:i]
+        except ckpt.CheckpointError as exc:
+            if i + 1 == len(candidates):
+                raise
+            if warn:
+                print(f"warning: {exc}; {then} the older {candidates[i + 1].name}", file=sys.stderr, flush=True)
+    raise AssertionError("unreachable: no candidates")
+
+
+def _export_metadata(step: int, mode: str, model: str, convention: str | None) -> dict[str, Any]:
+    # The config name picks `epg sample`'s default guidance scale, the convention its inverse
+    # normalisation.
+    meta = {"step": step, "mode": mode, "model": model}
+    if convention is not None:
+        meta["convention"] = convention
+    return meta
+
+
+def export_checkpoint(path: str | os.PathLike, out: str | os.PathLike | None = None) -> tuple[Path, dict[str, Any]]:
+    """Write the network of a training checkpoint as an epg checkpoint folder, as the run's
+    ``final/`` would hold it: the EMA network in stage 2, the online encoder in stage 1.
+
+    ``path``: a ``step_N.pt`` file, or a run folder (its newest readable checkpoint). ``out``
+    (default ``<run>/exports/step_N``) must be new, empty or an earlier export. Returns the folder
+    and the export's metadata (step, mode, model, convention)."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path} does not exist")
+    if path.is_dir():
+        found = run_checkpoints(path / "checkpoints")[::-1]
+        if not found:
+            raise FileNotFoundError(f"{path} holds no training checkpoints (checkpoints/step_N.pt)")
+        path, state, _ = _newest_readable(found, "cpu", "exporting", warn=True)
+    else:
+        state = read_checkpoint(path)
+    cfg, step = state["config"], state["step"]
+    if out is None:
+        run = path.parent.parent if path.parent.name == "checkpoints" else path.parent
+        out = run / EXPORTS_NAME / f"step_{step:08d}"
+    out = Path(out)
+    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not ckpt.is_epg_checkpoint(out))):
+        raise FileExistsError(f"{out} exists and is not an epg checkpoint folder; the export needs a new or empty folder")
+    config = ckpt.config_from_dict(state["model_config"])
+    weights = state["ema"] if state["ema"] is not None else state["model"]
+    net = ckpt.network_from_state(config, weights, str(path))
+    convention = state.get("convention")
+    if "convention" not in state:  # written before checkpoints recorded it: as the data gives it
+        options = cfg.get("data_options") or {}
+        convention = options.get("convention", "imagenet") if cfg.get("data") == "folder" else "simple"
+    meta = _export_metadata(step, cfg["mode"], cfg["model"], convention)
+    ckpt.save(net, out, metadata=meta)
+    return out, {**meta, "source": str(path)}
 
 
 def sample_preview(trainer: Trainer, step: int) -> Path | None:
@@ -727,10 +839,8 @@ class Trainer:
             raise ValueError(error)
 
     def checkpoints(self) -> list[Path]:
-        """Complete checkpoints in the run folder, oldest first (temporary files never count)."""
-        if not self.ckpt_dir.is_dir():
-            return []
-        return sorted(p for p in self.ckpt_dir.iterdir() if _CKPT_RE.match(p.name))
+        """Complete checkpoints in the run folder, oldest first."""
+        return run_checkpoints(self.ckpt_dir)
 
     def _module_state(self, module: nn.Module) -> dict[str, Tensor]:
         """A full (unsharded) state dict; a collective under FSDP, so every rank calls it."""
@@ -778,6 +888,7 @@ class Trainer:
         return {
             "format": CHECKPOINT_FORMAT,
             "step": self.step,
+            "convention": self.convention,  # for export_checkpoint
             "config": self.cfg.to_dict(),
             "model_config": ckpt.config_to_dict(self.model.config),
             "model": self._module_state(self.model),
@@ -797,8 +908,8 @@ class Trainer:
         state = self.state_dict(rng_states) if (self.dist.is_main or self.fsdp) else None
         if self.dist.is_main:
             ckpt.atomic_write(path, lambda tmp: torch.save(state, tmp))
-            # Only older ones go: a newer file here is one resuming could not read (kept for a
-            # look), and must not push out the checkpoint just written.
+            # Only older ones go: a newer file here is from a run resumed at an older checkpoint
+            # (resume=PATH), and must not push out the checkpoint just written.
             older = [p for p in self.checkpoints() if p.name < path.name]
             for old in older[: max(0, len(older) - (self.cfg.keep_checkpoints - 1))]:
                 old.unlink(missing_ok=True)
@@ -807,22 +918,11 @@ class Trainer:
         self._saved_step = self.step
         return path
 
-    def _read_checkpoint(self, path: Path) -> dict[str, Any]:
-        try:
-            state = torch.load(path, map_location=self.device, weights_only=True)
-        except Exception as exc:
-            raise ckpt.CheckpointError(
-                f"cannot read training checkpoint {path}: {ckpt.torch_load_cause(exc)}"
-            ) from exc
-        if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
-            raise ckpt.CheckpointError(f"{path} is not an epg training checkpoint ({CHECKPOINT_FORMAT})")
-        return state
-
     def load_checkpoint(self, path: str | os.PathLike, state: dict[str, Any] | None = None) -> None:
         """Continue from the training checkpoint ``path`` (``state``: its contents, when read)."""
         path = Path(path)
         if state is None:
-            state = self._read_checkpoint(path)
+            state = read_checkpoint(path, self.device)
         saved, mine = dict(state["config"]), self.cfg.to_dict()
         # Nested values read as this run reads them (`objective.c=1` is 1.0 now), for a
         # checkpoint written before they were; one this run cannot read compares as written.
@@ -908,9 +1008,9 @@ class Trainer:
         import shutil
 
         if self.dist.is_main:
-            for path in self.checkpoints():
+            for path in [*self.checkpoints(), *self.ckpt_dir.glob("step_*.pt.unreadable*")]:
                 path.unlink()
-            for name in (ckpt.RUN_FINAL_NAME, "previews"):
+            for name in (ckpt.RUN_FINAL_NAME, "previews", EXPORTS_NAME):
                 shutil.rmtree(self.run_dir / name, ignore_errors=True)
             (self.run_dir / "log.jsonl").unlink(missing_ok=True)
         if self.dist.distributed:
@@ -942,21 +1042,31 @@ class Trainer:
             if not candidates[0].is_file():
                 raise FileNotFoundError(f"resume checkpoint {resume} does not exist (resume takes auto, "
                                         "none, restart or a checkpoint file)")  # fmt: skip
-        for i, path in enumerate(candidates):
-            try:
-                state = self._read_checkpoint(path)
-            except ckpt.CheckpointError as exc:
-                if i + 1 == len(candidates):
-                    raise
-                if self.dist.is_main:  # kept, not deleted: it may be worth a look
-                    print(f"warning: {exc}; resuming from the older {candidates[i + 1].name}",
-                          file=sys.stderr, flush=True)  # fmt: skip
-                continue
-            self.load_checkpoint(path, state)
-            break
+        path, state, unreadable = _newest_readable(candidates, self.device, "resuming from", self.dist.is_main)
+        self.load_checkpoint(path, state)
+        self._set_aside(unreadable)
         if self.dist.is_main:
             self._trim_log()
             print(f"resumed from {path} at step {self.step}", flush=True)
+            if self.step >= self.cfg.steps:
+                print(f"note: the run is at step {self.step} already, at or past steps={self.cfg.steps}: "
+                      "nothing is left to train (raise steps to train on)", file=sys.stderr, flush=True)  # fmt: skip
+
+    def _set_aside(self, unreadable: list[Path]) -> None:
+        """Rename checkpoints resuming could not read to ``<name>.unreadable``: kept for a look,
+        and out of the way of the run, which would otherwise write its own checkpoint of that
+        step over the file (and try the file again first on every later resume)."""
+        if self.dist.distributed:
+            dist.barrier()  # every rank has tried them
+        if not self.dist.is_main:
+            return
+        for path in unreadable:
+            aside, n = path.with_name(f"{path.name}.unreadable"), 1
+            while aside.exists():
+                n += 1
+                aside = path.with_name(f"{path.name}.unreadable-{n}")
+            path.rename(aside)
+            print(f"set {path.name} aside as {aside.name}", file=sys.stderr, flush=True)
 
     def _trim_log(self) -> None:
         """Drop the log records of steps after the resumed one: they are trained again, and
@@ -1174,10 +1284,7 @@ class Trainer:
         net = self.ema if self.ema is not None else self.model
         state = self._module_state(net)
         if self.dist.is_main:
-            # The config name picks `epg sample`'s default guidance scale.
-            meta = {"step": self.step, "mode": self.cfg.mode, "model": self.cfg.model}
-            if self.convention is not None:
-                meta["convention"] = self.convention
+            meta = _export_metadata(self.step, self.cfg.mode, self.cfg.model, self.convention)
             ckpt.save(net, directory, metadata=meta, state_dict=state)
         if self.dist.distributed:
             dist.barrier()

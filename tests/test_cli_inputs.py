@@ -107,6 +107,14 @@ def test_sample_refuses_a_config_it_would_ignore(tiny_ckpt, tmp_path, capsys):
     assert not (tmp_path / "s").exists()
 
 
+def test_sample_checks_its_settings_before_announcing_them(tiny_ckpt, tmp_path, capsys):
+    out = tmp_path / "s"
+    assert main(["sample", str(tiny_ckpt), "--out", str(out), "--device", "cpu", "--num-images", "0"]) == 2
+    printed = capsys.readouterr()
+    assert "num_images" in printed.err and "epg sample: 0 images" not in printed.out  # the banner came first
+    assert not out.exists()
+
+
 def test_prepare_refuses_negative_workers(tmp_path, capsys):
     (tmp_path / "src" / "a").mkdir(parents=True)
     assert main(["prepare", str(tmp_path / "src"), str(tmp_path / "dst"), "--workers", "-3"]) == 2

@@ -68,16 +68,54 @@ def test_resume_skips_an_unreadable_newest_checkpoint_and_clears_temp_files(tmp_
     Trainer(_cfg(tmp_path, "diffusion", steps=4, ckpt_every=2, keep_checkpoints=3)).fit()
     ckpt_dir = Path(tmp_path / "run" / "checkpoints")
     newest = ckpt_dir / "step_00000004.pt"
-    newest.write_bytes(newest.read_bytes()[:1000])  # damaged on disk
+    damaged = newest.read_bytes()[:1000]
+    newest.write_bytes(damaged)  # damaged on disk
     (ckpt_dir / ".step_00000006.pt.abc123.tmp").write_bytes(b"half written")
     resumed = Trainer(_cfg(tmp_path, "diffusion", steps=4, ckpt_every=2, keep_checkpoints=1))
     assert resumed.step == 2
     err = capsys.readouterr().err
-    assert "cannot read training checkpoint" in err and "weights_only" not in err
-    assert newest.exists() and not list(ckpt_dir.glob("*.tmp"))  # the damaged file is kept
-    resumed.fit(stop_at=3)  # writes step 3 and prunes the older ones, not itself
-    assert sorted(p.name for p in ckpt_dir.iterdir()) == ["step_00000003.pt", "step_00000004.pt"]
-    assert Trainer(_cfg(tmp_path, "diffusion", steps=4, ckpt_every=2, keep_checkpoints=1)).step == 3
+    assert "cannot read training checkpoint" in err and "truncated by an interrupted" in err and "weights_only" not in err
+    # Set aside, not deleted, and not overwritten by the run's own step 4 either.
+    aside = ckpt_dir / "step_00000004.pt.unreadable"
+    assert aside.read_bytes() == damaged and not newest.exists() and not list(ckpt_dir.glob("*.tmp"))
+    resumed.fit(stop_at=3)  # writes step 3 and prunes the older ones
+    assert sorted(p.name for p in ckpt_dir.iterdir()) == ["step_00000003.pt", aside.name]
+    again = Trainer(_cfg(tmp_path, "diffusion", steps=4, ckpt_every=2, keep_checkpoints=1))
+    assert again.step == 3
+    again.fit()
+    assert sorted(p.name for p in ckpt_dir.iterdir()) == ["step_00000004.pt", aside.name]
+    assert aside.read_bytes() == damaged
+    assert Trainer(_cfg(tmp_path, "diffusion", steps=4, ckpt_every=2, keep_checkpoints=1)).step == 4
+    Trainer(_cfg(tmp_path, "diffusion", steps=4, resume="restart"))
+    assert not list(ckpt_dir.iterdir())  # the earlier run's set-aside files go with it
+
+
+@pytest.mark.parametrize("damage", ["empty", "incomplete"])
+def test_an_empty_or_incomplete_checkpoint_is_named_and_skipped(tmp_path, capsys, damage):
+    Trainer(_cfg(tmp_path, "diffusion", steps=4, ckpt_every=2, keep_checkpoints=3)).fit()
+    ckpt_dir = Path(tmp_path / "run" / "checkpoints")
+    newest = ckpt_dir / "step_00000004.pt"
+    if damage == "empty":
+        newest.write_bytes(b"")
+    else:  # a checkpoint of this format without the data position (it failed with KeyError 'data')
+        state = torch.load(newest, weights_only=True)
+        del state["data"]
+        torch.save(state, newest)
+    capsys.readouterr()
+    assert Trainer(_cfg(tmp_path, "diffusion", steps=4)).step == 2
+    err = capsys.readouterr().err
+    expected = "the file is empty (0 bytes)" if damage == "empty" else "is incomplete: it lacks data"
+    assert expected in err and "resuming from the older step_00000002.pt" in err
+    with pytest.raises(ckpt.CheckpointError, match=expected.replace("(", r"\(").replace(")", r"\)")):
+        Trainer(_cfg(tmp_path, "diffusion", steps=4, resume=str(ckpt_dir / "step_00000004.pt.unreadable")))
+
+
+def test_resuming_a_run_past_its_steps_says_nothing_is_left(tmp_path, capsys):
+    Trainer(_cfg(tmp_path, "diffusion", steps=4)).fit()
+    capsys.readouterr()
+    trainer = Trainer(_cfg(tmp_path, "diffusion", steps=3))
+    assert trainer.step == 4
+    assert "at step 4 already, at or past steps=3: nothing is left to train" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("previous", [signal.default_int_handler, signal.SIG_IGN], ids=["default", "ignored"])

@@ -29,6 +29,25 @@ def test_out_of_range_options_are_refused_naming_the_option_and_value(option, va
         TrainConfig(**options).validate()
 
 
+@pytest.mark.parametrize(
+    "mode, option, value",
+    [("pretrain", "encoder", "s1"), ("pretrain", "perceptual", "s1"), ("pretrain", "perceptual_config", "rcm-b-16"),
+     ("pretrain", "preview_every", 100), ("pretrain", "init", "s2"), ("diffusion", "perceptual", "s1"),
+     ("diffusion", "perceptual_config", "rcm-b-16"), ("diffusion", "augment", {"flip_p": 0.0}),
+     ("consistency", "augment", {"flip_p": 0.0})],
+)  # fmt: skip
+def test_an_option_the_mode_does_not_use_is_refused(mode, option, value):
+    # Each was ignored without a word (`epg pretrain --set encoder=...` trained from scratch).
+    with pytest.raises(ValueError, match=rf"^{option} is an option of .*a {mode} run does not use it"):
+        TrainConfig(mode=mode, **{option: value}).validate()
+
+
+@pytest.mark.parametrize("option, value", [("lr", "x"), ("lr", None), ("log_every", True), ("grad_clip", [1.0])])
+def test_a_non_number_given_directly_is_refused_naming_the_option(option, value):
+    with pytest.raises(ValueError, match=rf"^{option} must be a number, got"):  # was a TypeError from `<`
+        TrainConfig(**{option: value}).validate()
+
+
 def test_defaults_offs_and_presets_still_validate():
     TrainConfig().validate()
     # 0 means off for these
