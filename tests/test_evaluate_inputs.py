@@ -185,3 +185,26 @@ def test_damaged_npz_files_are_named_before_the_network_runs(tmp_path, monkeypat
     _write_npz(tmp_path / "stats.npz", _stats())
     with pytest.raises(FileNotFoundError, match="EPG_INCEPTION_WEIGHTS"):
         evaluate(good, tmp_path / "stats.npz")
+
+
+@pytest.mark.parametrize("fmt, suffix", [("PNG", ".png"), ("JPEG", ".jpg")])
+def test_a_truncated_image_in_a_folder_is_named_before_the_network_runs(tmp_path, monkeypatch, fmt, suffix):
+    # It used to be found when its batch was decoded, after the earlier batches had gone
+    # through Inception. No weights anywhere: an error after the network was built would be those.
+    monkeypatch.delenv("EPG_INCEPTION_WEIGHTS", raising=False)
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(5):
+        Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(folder / f"{i}{suffix}", fmt)
+    # Bytes after the end marker are tolerated, as decoders tolerate them.
+    with open(folder / f"0{suffix}", "ab") as f:
+        f.write(b"\0" * 100)
+    assert len(_open_images(folder)) == 5
+    last = folder / f"4{suffix}"
+    last.write_bytes(last.read_bytes()[:-10])  # the header reads; the image data does not
+    message = rf"cannot read image {last}: it is truncated \(no {fmt} end marker"
+    with pytest.raises(ValueError, match=message):
+        _open_images(folder)
+    with pytest.raises(ValueError, match=message):
+        evaluate(folder, folder)

@@ -409,12 +409,29 @@ def _read_image(path: Path) -> np.ndarray:
         raise ValueError(f"cannot read image {path}: {exc}") from exc
 
 
+# The marker every complete file of a format ends with (trailing bytes after it are tolerated, as
+# decoders tolerate them): the PNG IEND chunk, the JPEG end-of-image marker.
+_END_MARKERS = {"PNG": b"IEND\xaeB`\x82", "JPEG": b"\xff\xd9"}
+_TAIL_BYTES = 4096
+
+
 def _image_size(path: Path) -> tuple[int, int]:
+    """(W, H) from the header, after a look at the file's end: a file cut short (an interrupted
+    write or copy) fails here, before any image has gone through the network, not when its
+    batch is decoded."""
     from PIL import Image, UnidentifiedImageError
 
     try:
         with Image.open(path) as im:
-            return im.size  # (W, H)
+            size, marker = im.size, _END_MARKERS.get(im.format)
+        if marker is not None:
+            with open(path, "rb") as f:
+                f.seek(max(0, f.seek(0, os.SEEK_END) - _TAIL_BYTES))
+                complete = marker in f.read()
+            if not complete:
+                raise ValueError(f"cannot read image {path}: it is truncated (no {im.format} end marker in "
+                                 "its last bytes), as an interrupted write or copy leaves a file")  # fmt: skip
+        return size
     except (UnidentifiedImageError, OSError) as exc:
         raise ValueError(f"cannot read image {path}: {exc}") from exc
 
@@ -429,8 +446,8 @@ class _FolderImages:
         if not self.files:
             raise FileNotFoundError(f"{folder} holds no images ({', '.join(IMAGE_SUFFIXES)})")
         self.shape = (len(self.files), *_read_image(self.files[0]).shape)
-        # Sizes come from the file headers (nothing decoded), so a stray size fails here,
-        # before any image has gone through the network.
+        # Sizes come from the file headers (nothing decoded), so a stray size or a truncated
+        # file fails here, before any image has gone through the network.
         for path in self.files:
             self._check_size(path, _image_size(path))
 
