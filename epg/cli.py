@@ -240,9 +240,14 @@ def _cmd_sample(args: argparse.Namespace) -> int:
             progress=not args.no_progress,
         )  # fmt: skip
         if dist_info.is_main:
-            rate = summary["images_per_s"]
-            print(f"network passes per image: {summary['passes_per_image']}; "
-                  f"{rate if rate is not None else '-'} images/s on rank 0")
+            if summary["sampled_now_by_this_rank"] == 0:
+                which = (f"all {settings.num_images} images" if dist_info.world_size == 1
+                         else "rank 0's share of the images")  # the others report nothing
+                print(f"nothing left to sample: {which} were there")
+            else:
+                rate = summary["images_per_s"]
+                print(f"network passes per image: {summary['passes_per_image']}; "
+                      f"{rate if rate is not None else '-'} images/s on rank 0")
             print(f"images:  {Path(args.out).resolve() / 'images'}\nnpz:     {summary['npz']}\n"
                   f"preview: {summary['preview']}")
     finally:

@@ -112,6 +112,16 @@ def test_rerun_resumes_missing_and_corrupt_images_only(tiny_ckpt, tmp_path, caps
     assert json.loads((out / "summary.json").read_text())["sampled_now_by_this_rank"] == 2
     _assert_same_images(np.load(out / "samples.npz")["arr_0"], ref)
     assert not list((out / "images").glob(".*.tmp"))
+    # Nothing left: said so, and the summary keeps the measurements of the run that sampled
+    # (it was overwritten with passes_per_image None, and the CLI printed "None").
+    measured = json.loads((out / "summary.json").read_text())
+    capsys.readouterr()
+    assert _sample_cli(tiny_ckpt, out) == 0
+    assert "nothing left to sample: all 6 images were there" in capsys.readouterr().out
+    again = json.loads((out / "summary.json").read_text())
+    assert again["sampled_now_by_this_rank"] == 0
+    assert {k: again[k] for k in ("passes_per_image", "images_per_s")} == {
+        k: measured[k] for k in ("passes_per_image", "images_per_s")} and measured["passes_per_image"]
 
 
 def test_other_settings_in_the_same_folder_are_refused_without_losing_images(tiny_ckpt, tmp_path, capsys):
