@@ -33,6 +33,7 @@ CONFIG_NAME = "config.json"
 # A training run folder: the network it exports and the options it ran with.
 RUN_FINAL_NAME = "final"
 RUN_CONFIG_NAME = "train_config.json"
+RUN_CHECKPOINTS_NAME = "checkpoints"  # a training run folder's step_N.pt files
 OFFICIAL_NAMES = ("nnet_ema.pth", "nnet.pth")  # in order of preference (EMA weights sample)
 _WRAPPER_KEYS = ("nnet_ema", "ema", "model_ema", "state_dict", "model", "nnet", "net", "module")
 _PREFIXES = ("module.", "_orig_mod.")

@@ -222,7 +222,7 @@ def _checkpoint_path(path: Path) -> Path:
         raise NotADirectoryError(f"{path} is a file, not an epg checkpoint folder ({official})")
     if (path / ckpt.CONFIG_NAME).is_file():
         return path
-    if any((path / "checkpoints").glob("step_*.pt")):
+    if any((path / ckpt.RUN_CHECKPOINTS_NAME).glob("step_*.pt")):
         raise FileNotFoundError(f"{path} is a training run that has not finished (no final/ yet); "
                                 + export.format(path, "its newest checkpoint"))  # fmt: skip
     hint = f" ({official})" if any(path.glob("*.pth")) else ""

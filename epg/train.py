@@ -411,18 +411,16 @@ def run_checkpoints(folder: Path) -> list[Path]:
 def _newest_readable(
     candidates: list[Path], map_location: str | torch.device, then: str, warn: bool
 ) -> tuple[Path, dict[str, Any], list[Path]]:
-    """The first of ``candidates`` (newest first) that reads, its contents, and the ones before
-    it that did not (each reported when ``warn``: "...; <then> the older step_N.pt"). The last
-    candidate's error when none reads."""
-    for i, path in enumerate(candidates):
+    """The first of ``candidates`` (newest first, at least one) that reads, its contents, and the
+    ones before it that did not (each reported when ``warn``: "...; <then> the older step_N.pt").
+    The last candidate's error when none reads."""
+    for i, path in enumerate(candidates[:-1]):
         try:
             return path, read_checkpoint(path, map_location), candidates[:i]
         except ckpt.CheckpointError as exc:
-            if i + 1 == len(candidates):
-                raise
             if warn:
                 print(f"warning: {exc}; {then} the older {candidates[i + 1].name}", file=sys.stderr, flush=True)
-    raise AssertionError("unreachable: no candidates")
+    return candidates[-1], read_checkpoint(candidates[-1], map_location), candidates[:-1]
 
 
 def _export_metadata(step: int, mode: str, model: str, convention: str | None) -> dict[str, Any]:
@@ -445,7 +443,7 @@ def export_checkpoint(path: str | os.PathLike, out: str | os.PathLike | None = N
     if not path.exists():
         raise FileNotFoundError(f"{path} does not exist")
     if path.is_dir():
-        found = run_checkpoints(path / "checkpoints")[::-1]
+        found = run_checkpoints(path / ckpt.RUN_CHECKPOINTS_NAME)[::-1]
         if not found:
             raise FileNotFoundError(f"{path} holds no training checkpoints (checkpoints/step_N.pt)")
         path, state, _ = _newest_readable(found, "cpu", "exporting", warn=True)
@@ -453,7 +451,7 @@ def export_checkpoint(path: str | os.PathLike, out: str | os.PathLike | None = N
         state = read_checkpoint(path)
     cfg, step = state["config"], state["step"]
     if out is None:
-        run = path.parent.parent if path.parent.name == "checkpoints" else path.parent
+        run = path.parent.parent if path.parent.name == ckpt.RUN_CHECKPOINTS_NAME else path.parent
         out = run / EXPORTS_NAME / f"step_{step:08d}"
     out = Path(out)
     if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not ckpt.is_epg_checkpoint(out))):
@@ -613,7 +611,7 @@ class Trainer:
                              f"(torchrun processes): use a multiple of {world}")  # fmt: skip
         self.device = self.dist.device
         self.run_dir = Path(cfg.run_dir)
-        self.ckpt_dir = self.run_dir / "checkpoints"
+        self.ckpt_dir = self.run_dir / ckpt.RUN_CHECKPOINTS_NAME
         self.preview = preview if preview is not None else sample_preview
         if cfg.global_randomness is None:
             self.global_randomness = self.device.type == "cpu"

@@ -43,7 +43,6 @@ entries, its header saying why, so the loaders refuse it like the scan refuses t
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import multiprocessing
 import os
@@ -187,9 +186,11 @@ def _remove_stale_classes(dst: Path, classes: list[str], prepared_before: bool) 
         folders = [e.name for e in it if e.is_dir() and not e.name.startswith(".")]
     for name in sorted(set(folders) - keep):
         if prepared_before:
-            with contextlib.suppress(OSError):  # not empty
+            try:
                 os.rmdir(dst / name)
                 continue
+            except OSError:  # not empty
+                pass
         log.warning(
             "prepare: %s is not a class of the source; a folder scan of %s would count it (or "
             "refuse it when empty), %s does not: remove it", dst / name, dst, INDEX_LIST,
