@@ -13,7 +13,7 @@ import torch
 
 from epg import checkpoint as ckpt
 from epg.models import build
-from epg.train import TrainConfig, Trainer, lr_factor
+from epg.train import TrainConfig, Trainer, lr_factor, read_checkpoint
 from helpers import TINY, tiny_train_config as _cfg
 
 def _losses(records):
@@ -395,6 +395,28 @@ def test_two_process_resume_continues_each_ranks_dropout_stream(tmp_path):
         results[stop_at] = json.loads(out.read_text())
     assert len(results[0]) == 4
     assert results[2] == results[0]  # bit for bit
+
+
+@pytest.mark.slow
+def test_two_processes_resume_past_a_damaged_checkpoint_and_set_it_aside_once(tmp_path):
+    # Every rank tries the damaged file; rank 0 alone renames it, after a barrier, so no rank
+    # finds it gone half-way and both resume from the same step.
+    script = tmp_path / "run.py"
+    script.write_text(_DIST_SCRIPT)
+    cfg = _cfg(tmp_path, "diffusion", steps=4, ckpt_every=2, keep_checkpoints=3)
+    Trainer(cfg).fit()
+    ckpt_dir = Path(cfg.run_dir) / "checkpoints"
+    (ckpt_dir / "step_00000004.pt").write_bytes(b"")
+    out = tmp_path / "losses.json"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29549",
+           str(script), json.dumps(cfg.to_dict()), str(out), "0"]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert len(json.loads(out.read_text())) == 2  # steps 3 and 4, trained again
+    assert proc.stderr.count("set step_00000004.pt aside as step_00000004.pt.unreadable") == 1
+    assert (ckpt_dir / "step_00000004.pt.unreadable").read_bytes() == b""
+    assert read_checkpoint(ckpt_dir / "step_00000004.pt")["step"] == 4
 
 
 _NON_FINITE_SCRIPT = """
