@@ -139,12 +139,19 @@ def read_config(directory: str | os.PathLike) -> tuple[EPGConfig | RCMConfig, di
 
 def run_output(path: str | os.PathLike) -> Path:
     """``path`` itself, or for a training run folder (no config.json, a ``final/``) the network
-    the run exported. A missing path is an error naming it."""
+    the run exported. A missing path, or a run that has not finished (checkpoints, no
+    ``final/``), is an error naming it."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"{path} does not exist")
-    if path.is_dir() and not (path / CONFIG_NAME).is_file() and (path / RUN_FINAL_NAME).is_dir():
-        return path / RUN_FINAL_NAME
+    if path.is_dir() and not (path / CONFIG_NAME).is_file():
+        if (path / RUN_FINAL_NAME).is_dir():
+            return path / RUN_FINAL_NAME
+        if any((path / RUN_CHECKPOINTS_NAME).glob("step_*.pt")):
+            raise FileNotFoundError(
+                f"{path} is a training run that has not finished (no {RUN_FINAL_NAME}/ yet); `epg export "
+                f"{path}` writes the network of its newest checkpoint as a folder to use"
+            )
     return path
 
 

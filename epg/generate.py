@@ -213,18 +213,14 @@ def _checkpoint_path(path: Path) -> Path:
     given, a training run folder's ``final/``; anything else is an error naming ``path``."""
     path = ckpt.run_output(path)
     official = "a released .pth file samples with --official PATH --config NAME"
-    export = "`epg export {}` writes the network of {} as a folder to sample"
     if path.is_file():
         if path.suffix == ".safetensors":
             return path
         if path.suffix == ".pt":  # what the Trainer writes
-            official = export.format(path, "a training checkpoint")
+            official = f"`epg export {path}` writes the network of a training checkpoint as a folder to sample"
         raise NotADirectoryError(f"{path} is a file, not an epg checkpoint folder ({official})")
     if (path / ckpt.CONFIG_NAME).is_file():
         return path
-    if any((path / ckpt.RUN_CHECKPOINTS_NAME).glob("step_*.pt")):
-        raise FileNotFoundError(f"{path} is a training run that has not finished (no final/ yet); "
-                                + export.format(path, "its newest checkpoint"))  # fmt: skip
     hint = f" ({official})" if any(path.glob("*.pth")) else ""
     raise FileNotFoundError(
         f"{path} is neither an epg checkpoint folder (it has no {ckpt.CONFIG_NAME}) nor a training "

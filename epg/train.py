@@ -123,6 +123,9 @@ class TrainConfig:
             raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
         if self.steps < 1 or self.batch_size < 1:
             raise ValueError("steps and batch_size must be positive")
+        if self.mode == "pretrain" and self.batch_size < 2:  # failed at step 0 in BatchNorm's words
+            raise ValueError(f"stage 1 needs batch_size >= 2 (the InfoNCE's negatives, the projector's "
+                             f"BatchNorm), got {self.batch_size}")  # fmt: skip
         # Non-negative, as the sampler's seed: a negative seed used to train and then fail in
         # the sampling of `epg demo` and of the previews.
         if not isinstance(self.seed, numbers.Integral) or isinstance(self.seed, bool) or self.seed < 0:

@@ -57,9 +57,13 @@ def test_an_unfinished_run_is_sampled_and_fine_tuned_through_export(tmp_path, ca
     net, info = load_network(s2 / "exports" / "step_00000002")
     assert info["mode"] == "diffusion" and info["config"] == "epg-tiny" and not net.training
 
+    model = build("epg-tiny", **TINY)
+    # As --encoder, the unfinished stage-1 run is named as such (the error spoke of the
+    # official file names nnet_ema.pth / nnet.pth).
+    with pytest.raises(FileNotFoundError, match=r"training run that has not finished \(no final/ yet\); `epg export"):
+        load_encoder_weights(model, s1)
     assert main(["export", str(s1), "--out", str(tmp_path / "enc")]) == 0
     assert "exported the online encoder" in capsys.readouterr().out
-    model = build("epg-tiny", **TINY)
     load_encoder_weights(model, tmp_path / "enc")  # stage 2 starts from it
 
 

@@ -42,6 +42,12 @@ def test_an_option_the_mode_does_not_use_is_refused(mode, option, value):
         TrainConfig(mode=mode, **{option: value}).validate()
 
 
+def test_stage1_needs_two_images_a_batch():
+    with pytest.raises(ValueError, match=r"stage 1 needs batch_size >= 2 .*got 1"):
+        TrainConfig(mode="pretrain", batch_size=1).validate()
+    TrainConfig(mode="diffusion", batch_size=1).validate()
+
+
 @pytest.mark.parametrize("option, value", [("lr", "x"), ("lr", None), ("log_every", True), ("grad_clip", [1.0])])
 def test_a_non_number_given_directly_is_refused_naming_the_option(option, value):
     with pytest.raises(ValueError, match=rf"^{option} must be a number, got"):  # was a TypeError from `<`
