@@ -258,8 +258,11 @@ def _cmd_sample(args: argparse.Namespace) -> int:
 def _cmd_prepare(args: argparse.Namespace) -> int:
     from .data.prepare import prepare
 
+    if args.quality is not None and args.format != "jpeg":  # PNG is lossless: it was ignored
+        raise ValueError(f"--quality is for --format jpeg (PNG is lossless), got --quality {args.quality}")
+    quality = 95 if args.quality is None else args.quality
     report = prepare(args.src, args.dst, args.resolution, workers=args.workers,
-                     progress=not args.no_progress, format=args.format, quality=args.quality)  # fmt: skip
+                     progress=not args.no_progress, format=args.format, quality=quality)  # fmt: skip
     print(report)
     if report.index_list is not None:
         print(f"index: {report.index_list}")
@@ -346,7 +349,7 @@ def build_parser() -> argparse.ArgumentParser:
     prep.add_argument("--format", choices=("png", "jpeg"), default="png",
                       help="png: lossless, as the paper trained (default); jpeg: ~6x smaller, "
                       "what GPU decoders read fastest")
-    prep.add_argument("--quality", type=int, default=95, help="JPEG quality (default 95)")
+    prep.add_argument("--quality", type=int, help="JPEG quality, 1-95 (default 95; --format jpeg only)")
     prep.add_argument("--workers", type=int, help="processes (default: all CPUs)")
     prep.add_argument("--no-progress", action="store_true")
     prep.set_defaults(func=_cmd_prepare)

@@ -115,6 +115,13 @@ def test_sample_checks_its_settings_before_announcing_them(tiny_ckpt, tmp_path, 
     assert not out.exists()
 
 
+def test_prepare_refuses_a_quality_png_would_ignore(tmp_path, capsys):
+    (tmp_path / "src" / "a").mkdir(parents=True)
+    assert main(["prepare", str(tmp_path / "src"), str(tmp_path / "dst"), "--quality", "50"]) == 2
+    assert "--quality is for --format jpeg" in capsys.readouterr().err
+    assert not (tmp_path / "dst").exists()
+
+
 def test_prepare_refuses_negative_workers(tmp_path, capsys):
     (tmp_path / "src" / "a").mkdir(parents=True)
     assert main(["prepare", str(tmp_path / "src"), str(tmp_path / "dst"), "--workers", "-3"]) == 2
