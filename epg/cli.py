@@ -437,10 +437,15 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:
         from .data.folder import BadImageError
 
-        # Bad input (files, shapes, options, images): say what was wrong without a traceback,
-        # which EPG_TRACEBACK=1 brings back. Anything else is a bug: its traceback stays.
-        # OSError: unwritable, missing or misnamed paths, a full disk (errno and path in the message).
+        # Bad input (files, shapes, options, images), and a training run stopped by non-finite
+        # steps (its message names the step, the loss terms and the checkpoint): say what was
+        # wrong without a traceback, which EPG_TRACEBACK=1 brings back. Anything else is a bug:
+        # its traceback stays. OSError: unwritable, missing or misnamed paths, a full disk.
         bad_input = (ValueError, OSError, BadImageError)
+        if args.command in ("pretrain", "finetune", "demo"):
+            from .train import NonFiniteStop
+
+            bad_input += (NonFiniteStop,)
         if os.environ.get("EPG_TRACEBACK") or not isinstance(exc, bad_input):
             raise
         print(f"epg {args.command}: error: {exc}", file=sys.stderr)

@@ -138,14 +138,19 @@ class TrainConfig:
             raise ValueError(f"parallel must be ddp or fsdp, got {self.parallel!r}")
         # Options the mode never reads: set, they used to be ignored without a word.
         unused = {
-            "pretrain": ("init", "encoder", "perceptual", "perceptual_config", "preview_every"),
-            "diffusion": ("perceptual", "perceptual_config", "augment"),
-            "consistency": ("augment",),
+            "pretrain": ("init", "encoder", "perceptual", "perceptual_config", "preview_every", "ema_decay"),
+            "diffusion": ("perceptual", "perceptual_config", "augment", "target_ema"),
+            "consistency": ("augment", "target_ema"),
         }[self.mode]
+        fields = {f.name: f for f in dataclasses.fields(self)}
         for name in unused:
-            if getattr(self, name):
+            field_ = fields[name]
+            default = field_.default_factory() if field_.default is dataclasses.MISSING else field_.default
+            if getattr(self, name) != default:
                 what = {"preview_every": "sample previews (stage 1 trains no generator)",
                         "augment": "stage 1's view augmentation (pretrain runs)",
+                        "target_ema": "stage 1's target encoder (pretrain runs)",
+                        "ema_decay": "the stage-2 network's EMA (diffusion/consistency runs)",
                         "init": "a stage-2 network to start from (diffusion/consistency runs)",
                         "encoder": "a stage-1 network for stage 2 (diffusion/consistency runs)"
                         }.get(name, "the consistency loss's perceptual network (consistency runs)")  # fmt: skip
@@ -398,6 +403,8 @@ def read_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     # Checked here, not met as a KeyError halfway through loading: an incomplete file is
     # unreadable like a truncated one, and resuming falls back to the one before it.
     missing = [key for key in _CHECKPOINT_KEYS if key not in state]
+    config = state.get("config")
+    missing += [f"config.{key}" for key in ("mode", "model") if not isinstance(config, dict) or key not in config]
     if missing:
         raise ckpt.CheckpointError(f"training checkpoint {path} is incomplete: it lacks {', '.join(missing)}")
     return state
@@ -445,8 +452,10 @@ def export_checkpoint(path: str | os.PathLike, out: str | os.PathLike | None = N
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"{path} does not exist")
+    path = path.absolute()  # `epg export step_N.pt` run inside checkpoints/ finds the run folder
     if path.is_dir():
-        found = run_checkpoints(path / ckpt.RUN_CHECKPOINTS_NAME)[::-1]
+        folder = path if path.name == ckpt.RUN_CHECKPOINTS_NAME else path / ckpt.RUN_CHECKPOINTS_NAME
+        found = run_checkpoints(folder)[::-1]
         if not found:
             raise FileNotFoundError(f"{path} holds no training checkpoints (checkpoints/step_N.pt)")
         path, state, _ = _newest_readable(found, "cpu", "exporting", warn=True)
@@ -457,8 +466,9 @@ def export_checkpoint(path: str | os.PathLike, out: str | os.PathLike | None = N
         run = path.parent.parent if path.parent.name == ckpt.RUN_CHECKPOINTS_NAME else path.parent
         out = run / EXPORTS_NAME / f"step_{step:08d}"
     out = Path(out)
-    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not ckpt.is_epg_checkpoint(out))):
-        raise FileExistsError(f"{out} exists and is not an epg checkpoint folder; the export needs a new or empty folder")
+    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not _is_export(out))):
+        raise FileExistsError(f"{out} exists and is not an earlier export; the export needs a new or empty "
+                              "folder (it replaces only what epg export wrote)")  # fmt: skip
     config = ckpt.config_from_dict(state["model_config"])
     weights = state["ema"] if state["ema"] is not None else state["model"]
     net = ckpt.network_from_state(config, weights, str(path))
@@ -467,8 +477,17 @@ def export_checkpoint(path: str | os.PathLike, out: str | os.PathLike | None = N
         options = cfg.get("data_options") or {}
         convention = options.get("convention", "imagenet") if cfg.get("data") == "folder" else "simple"
     meta = _export_metadata(step, cfg["mode"], cfg["model"], convention)
-    ckpt.save(net, out, metadata=meta)
+    ckpt.save(net, out, metadata={**meta, "exported_from": str(path)})
     return out, {**meta, "source": str(path)}
+
+
+def _is_export(folder: Path) -> bool:
+    """Whether ``folder`` holds what :func:`export_checkpoint` wrote (and nothing it may not
+    replace, such as a run's ``final/``)."""
+    try:
+        return "exported_from" in ckpt.read_config(folder)[1]
+    except (OSError, ValueError):
+        return False
 
 
 def sample_preview(trainer: Trainer, step: int) -> Path | None:
@@ -1045,7 +1064,13 @@ class Trainer:
             if not candidates[0].is_file():
                 raise FileNotFoundError(f"resume checkpoint {resume} does not exist (resume takes auto, "
                                         "none, restart or a checkpoint file)")  # fmt: skip
-        path, state, unreadable = _newest_readable(candidates, self.device, "resuming from", self.dist.is_main)
+        try:
+            path, state, unreadable = _newest_readable(candidates, self.device, "resuming from", self.dist.is_main)
+        except ckpt.CheckpointError as exc:
+            if resume != "auto":
+                raise
+            raise ckpt.CheckpointError(f"{exc}; no checkpoint in {self.ckpt_dir} reads: discard the run "
+                                       "(resume=restart) or use another run folder") from exc  # fmt: skip
         self.load_checkpoint(path, state)
         self._set_aside(unreadable)
         if self.dist.is_main:
@@ -1163,7 +1188,9 @@ class Trainer:
                 shown = ", ".join(f"{k}={v:.4g}" for k, v in values.items())
                 raise NonFiniteStop(
                     f"stopping: {self.bad_in_a_row} non-finite steps in a row, the last at step "
-                    f"{step} ({shown}); the newest checkpoint is in {self.ckpt_dir}"
+                    f"{step} ({shown}); "
+                    + (f"the newest checkpoint is in {self.ckpt_dir}" if self.checkpoints() else
+                       "no checkpoint was written (none before the first step)")
                 )
         else:
             self.bad_in_a_row = self._bad_before_resume = 0

@@ -52,6 +52,7 @@ def tiny_train_config(tmp_path, mode="diffusion", **kw):
         ema_decay=0.9,
     )
     if mode == "pretrain":
+        del base["ema_decay"]  # stage 1 has no model EMA (its target EMA is target_ema)
         base["augment"] = dict(crop_scale=(0.5, 1.0), flip_p=0.0)
         base["objective"] = dict(s0=4, s1=16)
     if mode == "consistency":

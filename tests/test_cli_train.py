@@ -110,7 +110,7 @@ def test_encoder_must_be_a_stage1_network_and_may_be_its_run_folder(tmp_path, ca
 
 def test_a_bad_image_and_ctrl_c_end_the_command_with_a_line_not_a_traceback(tmp_path, capsys, monkeypatch):
     from epg.data.folder import BadImageError
-    from epg.train import Trainer
+    from epg.train import NonFiniteStop, Trainer
 
     def corrupt(self, stop_at=None):
         raise BadImageError("cannot decode data/n01/x.png: truncated", "data/n01/x.png")
@@ -119,6 +119,13 @@ def test_a_bad_image_and_ctrl_c_end_the_command_with_a_line_not_a_traceback(tmp_
     assert main(["pretrain", "--run-dir", str(tmp_path / "a"), *TINY_SETS]) == 2
     err = capsys.readouterr().err
     assert err.strip() == "epg pretrain: error: cannot decode data/n01/x.png: truncated"
+
+    def diverged(self, stop_at=None):  # a traceback before
+        raise NonFiniteStop("stopping: 5 non-finite steps in a row, the last at step 0 (loss=nan)")
+
+    monkeypatch.setattr(Trainer, "fit", diverged)
+    assert main(["pretrain", "--run-dir", str(tmp_path / "a"), *TINY_SETS]) == 2
+    assert capsys.readouterr().err.strip().startswith("epg pretrain: error: stopping: 5 non-finite steps")
 
     def interrupted(self, stop_at=None):
         raise KeyboardInterrupt("interrupted at step 3; checkpoint saved in runs/x/checkpoints")

@@ -30,7 +30,9 @@ def test_the_last_checkpoint_exports_what_the_run_exports_as_final(tmp_path, mod
     assert out == run / "exports" / "step_00000004"
     expected, got = load_file(str(final / ckpt.WEIGHTS_NAME)), load_file(str(out / ckpt.WEIGHTS_NAME))
     assert expected.keys() == got.keys() and all(torch.equal(expected[k], got[k]) for k in expected)
-    assert _meta(out) == _meta(final) == {k: v for k, v in meta.items() if k != "source"}
+    exported = _meta(out)
+    assert exported.pop("exported_from") == meta["source"]  # what makes it replaceable by a re-export
+    assert exported == _meta(final) == {k: v for k, v in meta.items() if k != "source"}
     assert _meta(out)["convention"] == "simple"
     # An earlier checkpoint is another network: the EMA (stage 2) / online encoder (stage 1) then.
     early, _ = export_checkpoint(run / "checkpoints" / "step_00000002.pt", tmp_path / "early")
@@ -67,8 +69,10 @@ def test_an_unfinished_run_is_sampled_and_fine_tuned_through_export(tmp_path, ca
     load_encoder_weights(model, tmp_path / "enc")  # stage 2 starts from it
 
 
-def test_export_skips_a_damaged_newest_checkpoint_and_refuses_a_foreign_folder(tmp_path, capsys):
-    Trainer(_cfg(tmp_path, "diffusion", steps=4, ckpt_every=2, keep_checkpoints=3)).fit()
+def test_export_skips_a_damaged_newest_checkpoint_and_refuses_a_foreign_folder(tmp_path, capsys, monkeypatch):
+    trainer = Trainer(_cfg(tmp_path, "diffusion", steps=4, ckpt_every=2, keep_checkpoints=3))
+    trainer.fit()
+    trainer.export()
     run = tmp_path / "run"
     newest = run / "checkpoints" / "step_00000004.pt"
     newest.write_bytes(newest.read_bytes()[:500])
@@ -80,10 +84,16 @@ def test_export_skips_a_damaged_newest_checkpoint_and_refuses_a_foreign_folder(t
     busy = tmp_path / "busy"
     busy.mkdir()
     (busy / "notes.txt").write_text("mine")
-    with pytest.raises(FileExistsError, match="is not an epg checkpoint folder"):
+    with pytest.raises(FileExistsError, match="is not an earlier export"):
         export_checkpoint(run, busy)
     assert (busy / "notes.txt").read_text() == "mine" and len(list(busy.iterdir())) == 1
-    export_checkpoint(run, out)  # an earlier export is replaced
+    export_checkpoint(run, out)  # an earlier export is replaced; a run's final/ is not
+    with pytest.raises(FileExistsError, match="is not an earlier export"):
+        export_checkpoint(run, run / "final")
+    # Inside checkpoints/, a bare file name still finds the run folder; the folder itself works.
+    monkeypatch.chdir(run / "checkpoints")
+    assert export_checkpoint("step_00000002.pt")[0] == run / "exports" / "step_00000002"
+    assert export_checkpoint(run / "checkpoints")[1]["step"] == 2
     with pytest.raises(FileNotFoundError, match="holds no training checkpoints"):
         export_checkpoint(tmp_path / "busy")
     with pytest.raises(FileNotFoundError, match="does not exist"):

@@ -521,7 +521,8 @@ def test_consistency_gradients_reach_net_not_perceptual():
      (DiffusionObjective, "P_std", -1.6), (DiffusionObjective, "label_dropout", 1.5),
      (DiffusionObjective, "sigma_data", float("nan")), (ConsistencyObjective, "c", -0.06),
      (ConsistencyObjective, "tau_aux", 0.0), (ConsistencyObjective, "label_dropout", -0.1),
-     (ConsistencyObjective, "aux_weight", -1.0), (ConsistencyObjective, "q", 0.0)],
+     (ConsistencyObjective, "aux_weight", -1.0), (ConsistencyObjective, "q", 0.0), (ConsistencyObjective, "q", 1.0),
+     (DiffusionObjective, "P_mean", float("nan")), (ConsistencyObjective, "P_mean", float("inf"))],
 )  # fmt: skip
 def test_out_of_range_objective_options_are_refused_at_construction(objective, option, value):
     # A negative temperature used to train (the contrastive loss turned around); s0 = 0 failed

@@ -90,24 +90,29 @@ def test_resume_skips_an_unreadable_newest_checkpoint_and_clears_temp_files(tmp_
     assert not list(ckpt_dir.iterdir())  # the earlier run's set-aside files go with it
 
 
-@pytest.mark.parametrize("damage", ["empty", "incomplete"])
+@pytest.mark.parametrize("damage", ["empty", "incomplete", "config"])
 def test_an_empty_or_incomplete_checkpoint_is_named_and_skipped(tmp_path, capsys, damage):
     Trainer(_cfg(tmp_path, "diffusion", steps=4, ckpt_every=2, keep_checkpoints=3)).fit()
     ckpt_dir = Path(tmp_path / "run" / "checkpoints")
     newest = ckpt_dir / "step_00000004.pt"
     if damage == "empty":
         newest.write_bytes(b"")
-    else:  # a checkpoint of this format without the data position (it failed with KeyError 'data')
+    else:  # without the data position (it failed with KeyError 'data'), or the config's model
         state = torch.load(newest, weights_only=True)
-        del state["data"]
+        holder, key = (state, "data") if damage == "incomplete" else (state["config"], "model")
+        del holder[key]
         torch.save(state, newest)
     capsys.readouterr()
     assert Trainer(_cfg(tmp_path, "diffusion", steps=4)).step == 2
     err = capsys.readouterr().err
-    expected = "the file is empty (0 bytes)" if damage == "empty" else "is incomplete: it lacks data"
+    expected = {"empty": "the file is empty (0 bytes)", "incomplete": "is incomplete: it lacks data",
+                "config": "is incomplete: it lacks config.model"}[damage]
     assert expected in err and "resuming from the older step_00000002.pt" in err
     with pytest.raises(ckpt.CheckpointError, match=expected.replace("(", r"\(").replace(")", r"\)")):
         Trainer(_cfg(tmp_path, "diffusion", steps=4, resume=str(ckpt_dir / "step_00000004.pt.unreadable")))
+    (ckpt_dir / "step_00000002.pt").write_bytes(b"")  # none reads now
+    with pytest.raises(ckpt.CheckpointError, match=r"no checkpoint in .* reads: discard the run \(resume=restart\)"):
+        Trainer(_cfg(tmp_path, "diffusion", steps=4))
 
 
 def test_resuming_a_run_past_its_steps_says_nothing_is_left(tmp_path, capsys):

@@ -22,7 +22,7 @@ from helpers import TINY, tiny_train_config as _cfg
      ("lr_milestones", (500, 400))],
 )  # fmt: skip
 def test_out_of_range_options_are_refused_naming_the_option_and_value(option, value):
-    options = {option: value}
+    options = {option: value} | ({"mode": "pretrain"} if option == "target_ema" else {})
     if option == "lr_milestones":
         options.update(lr_schedule="warmup-step", lr_factors=(0.3, 0.08))
     with pytest.raises(ValueError, match=rf"^{option} must be .*got {value!r}".replace("(", r"\(").replace(")", r"\)")):
@@ -34,7 +34,7 @@ def test_out_of_range_options_are_refused_naming_the_option_and_value(option, va
     [("pretrain", "encoder", "s1"), ("pretrain", "perceptual", "s1"), ("pretrain", "perceptual_config", "rcm-b-16"),
      ("pretrain", "preview_every", 100), ("pretrain", "init", "s2"), ("diffusion", "perceptual", "s1"),
      ("diffusion", "perceptual_config", "rcm-b-16"), ("diffusion", "augment", {"flip_p": 0.0}),
-     ("consistency", "augment", {"flip_p": 0.0})],
+     ("consistency", "augment", {"flip_p": 0.0}), ("diffusion", "target_ema", 0.9), ("pretrain", "ema_decay", 0.5)],
 )  # fmt: skip
 def test_an_option_the_mode_does_not_use_is_refused(mode, option, value):
     # Each was ignored without a word (`epg pretrain --set encoder=...` trained from scratch).
@@ -58,7 +58,8 @@ def test_defaults_offs_and_presets_still_validate():
     TrainConfig().validate()
     # 0 means off for these
     TrainConfig(grad_clip=0.0, ckpt_every=0, preview_every=0, warmup_steps=0, weight_decay=0.0,
-                ema_decay=0.0, target_ema=1.0, betas=(0.0, 0.0)).validate()  # fmt: skip
+                ema_decay=0.0, betas=(0.0, 0.0)).validate()  # fmt: skip
+    TrainConfig(mode="pretrain", target_ema=1.0).validate()
     for preset in PRESETS.values():
         TrainConfig.from_dict(preset).validate()
 

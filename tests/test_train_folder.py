@@ -36,6 +36,7 @@ def _cfg(tmp_path, tree, mode="diffusion", loader="portable", **kw):
         log_every=1, compile=False, progress=False, seed=1, ema_decay=0.9,
     )  # fmt: skip
     if mode == "pretrain":
+        del base["ema_decay"]
         base["augment"] = dict(crop_scale=(0.5, 1.0))
         base["objective"] = dict(s0=4, s1=16)
     base.update(kw)

@@ -19,3 +19,10 @@ def require_fraction(**values: float) -> None:
     for name, value in values.items():
         if not 0 <= value <= 1:
             raise ValueError(f"{name} must be in [0, 1], got {value}")
+
+
+def require_finite(**values: float) -> None:
+    """Refuse NaN and infinities, naming the value (a NaN mean made every step non-finite)."""
+    for name, value in values.items():
+        if not math.isfinite(value):
+            raise ValueError(f"{name} must be a finite number, got {value}")

@@ -10,6 +10,8 @@ is replaced by x0, w = 1/(σ_i − σ_{i+1}) on a Karras grid, no L_aux.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -23,7 +25,7 @@ from ..schedules import (
     karras_sigmas,
     resolution_shift,
 )
-from .checks import require_fraction, require_positive
+from .checks import require_finite, require_fraction, require_positive
 from .infonce import info_nce
 
 __all__ = ["ect_stage", "ect_r", "ConsistencyObjective"]
@@ -135,8 +137,11 @@ class ConsistencyObjective:
             raise ValueError(f"first_stage must be 0 (denoising warm-up) or 1, got {first_stage}")
         if denoise_grid_scales < 2:
             raise ValueError(f"denoise_grid_scales must be >= 2, got {denoise_grid_scales}")
-        require_positive(P_std=P_std, c=c, tau_aux=tau_aux, sigma_data=sigma_data, sigma_min=sigma_min, q=q)
+        require_positive(P_std=P_std, c=c, tau_aux=tau_aux, sigma_data=sigma_data, sigma_min=sigma_min)
+        if not (math.isfinite(q) and q > 1):  # q <= 1 puts every r at sigma_min: no consistency stages
+            raise ValueError(f"q must be a finite number > 1, got {q}")
         require_fraction(label_dropout=label_dropout)
+        require_finite(P_mean=P_mean, b=b)
         if not (aux_weight >= 0 and k >= 0):
             raise ValueError(f"aux_weight and k must be >= 0, got {aux_weight}, {k}")
         self.net = net

@@ -21,7 +21,7 @@ from ..schedules import (
     karras_sigmas,
     resolution_shift,
 )
-from .checks import require_fraction, require_positive
+from .checks import require_finite, require_fraction, require_positive
 
 __all__ = ["DiffusionObjective"]
 
@@ -74,6 +74,7 @@ class DiffusionObjective:
             raise ValueError(f"grid_scales must be >= 2, got {grid_scales}")
         require_fraction(label_dropout=label_dropout)
         require_positive(P_std=P_std, sigma_data=sigma_data, rho=rho)
+        require_finite(P_mean=P_mean)
         if num_classes < 0:
             raise ValueError(f"num_classes must be >= 0, got {num_classes}")
         self.net = net
