@@ -1189,8 +1189,9 @@ class Trainer:
                 raise NonFiniteStop(
                     f"stopping: {self.bad_in_a_row} non-finite steps in a row, the last at step "
                     f"{step} ({shown}); "
-                    + (f"the newest checkpoint is in {self.ckpt_dir}" if self.checkpoints() else
-                       "no checkpoint was written (none before the first step)")
+                    # (the steps made since the last checkpoint are saved on the way out)
+                    + (f"the newest checkpoint is in {self.ckpt_dir}" if self.step > 0 or self.checkpoints()
+                       else "no step was made, so there is no checkpoint")
                 )
         else:
             self.bad_in_a_row = self._bad_before_resume = 0

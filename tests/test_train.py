@@ -235,8 +235,8 @@ def test_non_finite_steps_are_skipped_and_too_many_stop_the_run(tmp_path):
         return (loss * float("inf"), terms) if len(calls) > 2 else (loss, terms)
 
     trainer.loss_fn = fails_from_step_2
-    with pytest.raises(RuntimeError, match="3 non-finite steps in a row, the last at step 2"):
-        trainer.fit()
+    with pytest.raises(RuntimeError, match="the last at step 2 .*; the newest checkpoint is in"):
+        trainer.fit()  # (no checkpoint before this stop: it is the one saved on the way out)
     resumed = Trainer(run)
     assert resumed.step == 2 and resumed.bad_in_a_row == 3
     real_loss, tries = resumed.loss_fn, []
@@ -244,6 +244,12 @@ def test_non_finite_steps_are_skipped_and_too_many_stop_the_run(tmp_path):
     with pytest.raises(RuntimeError, match="6 non-finite steps in a row"):
         resumed.fit()
     assert len(tries) == 3
+    # Not one step made: nothing to save, and the message does not point to a checkpoint.
+    fresh = Trainer(_cfg(tmp_path / "c", "diffusion", max_bad_steps=2, ckpt_every=0))
+    real_fresh = fresh.loss_fn
+    fresh.loss_fn = lambda b, d: (real_fresh(b, d)[0] * float("nan"), real_fresh(b, d)[1])
+    with pytest.raises(RuntimeError, match="at step 0 .*; no step was made, so there is no checkpoint"):
+        fresh.fit()
 
 
 def test_stage2_starts_from_a_stage1_encoder(tmp_path):
