@@ -58,6 +58,8 @@ import torch
 from torch import Tensor
 
 from .folder import (
+    JPEG_END,
+    PNG_END,
     BadImageError,
     BatchSchedule,
     FolderIndex,
@@ -97,7 +99,6 @@ def _import_dali():
 
 
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-_PNG_END = b"IEND\xaeB`\x82"  # the IEND chunk with its CRC: the last 8 bytes of a whole PNG
 # Start-of-frame markers (baseline, extended, progressive, lossless, arithmetic); C4, C8 and CC
 # are other segments.
 _JPEG_SOF = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
@@ -153,13 +154,13 @@ def pillow_route(data: bytes) -> str | None:
     * other formats (BMP, WebP): not compared.
     """
     if data.startswith(_PNG_SIGNATURE):
-        if not data.endswith(_PNG_END):
+        if not data.endswith(PNG_END):
             return "incomplete PNG"
         if len(data) > 24 and data[24] == 16:  # IHDR bit depth
             return "16-bit PNG"
         return None
     if data.startswith(b"\xff\xd8"):
-        if not data.rstrip(b"\x00").endswith(b"\xff\xd9"):
+        if not data.rstrip(b"\x00").endswith(JPEG_END):
             return "JPEG without its end marker"
         frame = _jpeg_frame(data)
         components = None if frame is None else frame[2]

@@ -54,6 +54,9 @@ from ..seeding import torch_seed
 from .augment import CONVENTIONS
 
 IMAGE_EXTENSIONS = (".bmp", ".jpeg", ".jpg", ".png", ".webp")
+# The bytes a whole file ends with: the PNG IEND chunk with its CRC, the JPEG end-of-image marker.
+PNG_END = b"IEND\xaeB`\x82"
+JPEG_END = b"\xff\xd9"
 ON_ERROR = ("raise", "skip")
 # File lists are UTF-8 whatever the locale, and a file name that is not valid UTF-8 (bytes a
 # POSIX file system allows, which os.fsdecode keeps as surrogate escapes) is written and read

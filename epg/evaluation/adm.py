@@ -409,10 +409,7 @@ def _read_image(path: Path) -> np.ndarray:
         raise ValueError(f"cannot read image {path}: {exc}") from exc
 
 
-# The marker every complete file of a format ends with (trailing bytes after it are tolerated, as
-# decoders tolerate them): the PNG IEND chunk, the JPEG end-of-image marker.
-_END_MARKERS = {"PNG": b"IEND\xaeB`\x82", "JPEG": b"\xff\xd9"}
-_TAIL_BYTES = 4096
+_TAIL_BYTES = 4096  # where a whole file's end marker must be (bytes after it are tolerated)
 
 
 def _image_size(path: Path) -> tuple[int, int]:
@@ -421,9 +418,11 @@ def _image_size(path: Path) -> tuple[int, int]:
     batch is decoded."""
     from PIL import Image, UnidentifiedImageError
 
+    from ..data.folder import JPEG_END, PNG_END
+
     try:
         with Image.open(path) as im:
-            size, marker = im.size, _END_MARKERS.get(im.format)
+            size, marker = im.size, {"PNG": PNG_END, "JPEG": JPEG_END}.get(im.format)
         if marker is not None:
             with open(path, "rb") as f:
                 f.seek(max(0, f.seek(0, os.SEEK_END) - _TAIL_BYTES))
