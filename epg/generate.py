@@ -199,18 +199,32 @@ def _trained_config_name(directory: Path, meta: dict[str, Any]) -> str | None:
     ``train_config.json`` next to ``final/``."""
     if isinstance(meta.get("model"), str):
         return meta["model"]
-    run_config = directory.parent / ckpt.RUN_CONFIG_NAME
-    if directory.name == ckpt.RUN_FINAL_NAME and run_config.is_file():
-        with contextlib.suppress(OSError, ValueError):
-            name = json.loads(run_config.read_text()).get("model")
-            if isinstance(name, str):
-                return name
+    if directory.name == ckpt.RUN_FINAL_NAME:
+        name = _run_config(directory.parent).get("model")
+        if isinstance(name, str):
+            return name
     return None
+
+
+def _run_config(run: Path) -> dict[str, Any]:
+    """A training run folder's ``train_config.json``; empty when absent or unreadable."""
+    with contextlib.suppress(OSError, ValueError):
+        config = json.loads((run / ckpt.RUN_CONFIG_NAME).read_text())
+        if isinstance(config, dict):
+            return config
+    return {}
 
 
 def _checkpoint_path(path: Path) -> Path:
     """The epg checkpoint that ``path`` names: a checkpoint folder or its ``.safetensors`` file as
     given, a training run folder's ``final/``; anything else is an error naming ``path``."""
+    in_run_checkpoints = path.is_file() and path.parent.name == ckpt.RUN_CHECKPOINTS_NAME
+    run = path.parent.parent if in_run_checkpoints else path
+    if run.is_dir() and not (run / ckpt.CONFIG_NAME).is_file() and _run_config(run).get("mode") == "pretrain":
+        # Before run_output, whose advice for an unfinished run (`epg export`) leads to a folder
+        # that would be refused here too.
+        raise ValueError(f"{path} is a stage-1 (pre-training) run; sampling needs a fine-tuned "
+                         "(diffusion or consistency) network")
     path = ckpt.run_output(path)
     official = "a released .pth file samples with --official PATH --config NAME"
     if path.is_file():

@@ -1030,11 +1030,21 @@ class Trainer:
         import shutil
 
         if self.dist.is_main:
-            for path in [*self.checkpoints(), *self.ckpt_dir.glob("step_*.pt.unreadable*")]:
+            files = [*self.checkpoints(), *self.ckpt_dir.glob("step_*.pt.unreadable*")]
+            log = self.run_dir / "log.jsonl"
+            files += [log] if log.exists() else []
+            folders = [self.run_dir / name for name in (ckpt.RUN_FINAL_NAME, "previews", EXPORTS_NAME)]
+            folders = [f for f in folders if f.exists()]
+            for path in files:
                 path.unlink()
-            for name in (ckpt.RUN_FINAL_NAME, "previews", EXPORTS_NAME):
-                shutil.rmtree(self.run_dir / name, ignore_errors=True)
-            (self.run_dir / "log.jsonl").unlink(missing_ok=True)
+            for folder in folders:
+                shutil.rmtree(folder, ignore_errors=True)
+            # Said, since an export or a final network may be what someone meant to keep.
+            gone = [f"{f.name}/" for f in folders] + [f.name for f in files]
+            if gone:
+                shown = ", ".join(gone[:6]) + (f" and {len(gone) - 6} more" if len(gone) > 6 else "")
+                print(f"resume=restart: discarded the earlier run in {self.run_dir} ({shown})",
+                      file=sys.stderr, flush=True)
         if self.dist.distributed:
             dist.barrier()
 

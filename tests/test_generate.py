@@ -229,6 +229,22 @@ def test_stage1_and_missing_checkpoints_are_reported(tmp_path, capsys):
     assert f"{tmp_path / 'nowhere'} does not exist" in capsys.readouterr().err
 
 
+def test_a_stage1_run_is_refused_finished_or_not(tmp_path, capsys):
+    # An unfinished run would otherwise get the advice to `epg export` it, into a folder that
+    # sampling refuses too.
+    run = tmp_path / "stage1"
+    (run / ckpt.RUN_CHECKPOINTS_NAME).mkdir(parents=True)
+    (run / ckpt.RUN_CONFIG_NAME).write_text(json.dumps({"mode": "pretrain", "model": "rcm-tiny"}))
+    (run / ckpt.RUN_CHECKPOINTS_NAME / "step_5.pt").write_bytes(b"x")
+    for given in (run, run / ckpt.RUN_CHECKPOINTS_NAME / "step_5.pt"):
+        assert main(["sample", str(given), "--out", str(tmp_path / "o")]) == 2
+        err = capsys.readouterr().err
+        assert "stage-1 (pre-training) run" in err and "epg export" not in err, err
+    (run / ckpt.RUN_CONFIG_NAME).write_text(json.dumps({"mode": "diffusion", "model": "epg-tiny"}))
+    assert main(["sample", str(run), "--out", str(tmp_path / "o")]) == 2
+    assert "has not finished" in capsys.readouterr().err  # a stage-2 run is pointed to `epg export`
+
+
 def test_a_wrong_checkpoint_path_is_named_in_the_error(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     ckpt.save(_tiny(), tmp_path / "f1" / "final", metadata={"mode": "diffusion"})

@@ -13,7 +13,7 @@ import torch
 
 from epg import checkpoint as ckpt
 from epg.models import build
-from epg.train import TrainConfig, Trainer, lr_factor, read_checkpoint
+from epg.train import TrainConfig, Trainer, export_checkpoint, lr_factor, read_checkpoint
 from helpers import TINY, tiny_train_config as _cfg
 
 def _losses(records):
@@ -59,9 +59,16 @@ def test_a_fresh_start_never_overwrites_an_earlier_run_unasked(tmp_path, capsys)
         Trainer(_cfg(tmp_path, "diffusion", steps=3, objective={"label_dropout": 0.5}))
     with pytest.raises(ValueError, match="mode: 'diffusion' there, 'consistency' now"):
         Trainer(_cfg(tmp_path, "consistency", steps=3))
+    export_checkpoint(tmp_path / "run")
+    capsys.readouterr()
     restarted = Trainer(_cfg(tmp_path, "diffusion", steps=3, resume="restart"))
     assert restarted.step == 0 and not list(ckpt_dir.glob("step_*.pt"))
-    assert not (tmp_path / "run" / "log.jsonl").exists()
+    assert not (tmp_path / "run" / "log.jsonl").exists() and not (tmp_path / "run" / "exports").exists()
+    # What went is said: an export or the final network may be what someone meant to keep.
+    err = capsys.readouterr().err
+    assert f"resume=restart: discarded the earlier run in {tmp_path / 'run'} (exports/, step_00000003.pt, log.jsonl)" in err, err
+    Trainer(_cfg(tmp_path, "diffusion", steps=3, resume="restart"))
+    assert "discarded" not in capsys.readouterr().err  # nothing there, nothing said
 
 
 def test_resume_skips_an_unreadable_newest_checkpoint_and_clears_temp_files(tmp_path, capsys):
