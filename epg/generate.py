@@ -13,7 +13,8 @@ Layout of the output folder::
     images/000123.png one PNG per image (x01 = x·2·std + mean, rounded as floor(x01·255 + 0.5))
     samples.npz       arr_0: (N, H, W, C) uint8 in index order (ADM evaluator layout), arr_1: labels
     preview.png       a grid of the first images
-    summary.json      network passes per image, images/s, wall time
+    summary.json      network passes per image, images/s, wall time (a rerun that finds every
+                      image there keeps those of the run that sampled, marked "measured_by")
 
 Under torchrun each rank samples the contiguous index range ``[r·N/W, (r+1)·N/W)`` and writes
 its PNGs; rank 0 then reads all of them back into the ``.npz``, so the archive holds exactly the
@@ -565,6 +566,8 @@ def run_sampling(
             measured = ("network_passes", "passes_per_image", "seconds", "images_per_s", "world_size", "device")
             if earlier.get("images") == settings.num_images:
                 summary.update({k: earlier[k] for k in measured if k in earlier})
+                # Beside "sampled_now_by_this_rank": 0, the seconds and rates would read as this run's.
+                summary["measured_by"] = earlier.get("measured_by", "an earlier run, which sampled the images")
         if write_archive:
             summary["npz"] = str(write_npz(out_dir, settings.num_images, labels, progress))
             preview = torch.from_numpy(

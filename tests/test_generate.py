@@ -119,7 +119,8 @@ def test_rerun_resumes_missing_and_corrupt_images_only(tiny_ckpt, tmp_path, caps
     assert _sample_cli(tiny_ckpt, out) == 0
     assert "nothing left to sample: all 6 images were there" in capsys.readouterr().out
     again = json.loads((out / "summary.json").read_text())
-    assert again["sampled_now_by_this_rank"] == 0
+    assert again["sampled_now_by_this_rank"] == 0 and again["measured_by"].startswith("an earlier run")
+    assert "measured_by" not in measured
     assert {k: again[k] for k in ("passes_per_image", "images_per_s")} == {
         k: measured[k] for k in ("passes_per_image", "images_per_s")} and measured["passes_per_image"]
 
