@@ -137,6 +137,11 @@ def read_config(directory: str | os.PathLike) -> tuple[EPGConfig | RCMConfig, di
         raise CheckpointError(f"{path} is not a valid epg config{what}: {exc}") from exc
 
 
+def run_folder_of(checkpoint_file: Path) -> Path | None:
+    """The training run folder a ``RUN/checkpoints/step_N.pt`` lies in; None for a file elsewhere."""
+    return checkpoint_file.parent.parent if checkpoint_file.parent.name == RUN_CHECKPOINTS_NAME else None
+
+
 def run_output(path: str | os.PathLike) -> Path:
     """``path`` itself, or for a training run folder (no config.json, a ``final/``) the network
     the run exported. A missing path, or a run that has not finished (checkpoints, no

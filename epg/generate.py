@@ -219,8 +219,7 @@ def _run_config(run: Path) -> dict[str, Any]:
 def _checkpoint_path(path: Path) -> Path:
     """The epg checkpoint that ``path`` names: a checkpoint folder or its ``.safetensors`` file as
     given, a training run folder's ``final/``; anything else is an error naming ``path``."""
-    in_run_checkpoints = path.is_file() and path.parent.name == ckpt.RUN_CHECKPOINTS_NAME
-    run = path.parent.parent if in_run_checkpoints else path
+    run = (ckpt.run_folder_of(path) if path.is_file() else None) or path
     if run.is_dir() and not (run / ckpt.CONFIG_NAME).is_file() and _run_config(run).get("mode") == "pretrain":
         # Before run_output, whose advice for an unfinished run (`epg export`) leads to a folder
         # that would be refused here too.

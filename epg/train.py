@@ -463,7 +463,7 @@ def export_checkpoint(path: str | os.PathLike, out: str | os.PathLike | None = N
         state = read_checkpoint(path)
     cfg, step = state["config"], state["step"]
     if out is None:
-        run = path.parent.parent if path.parent.name == ckpt.RUN_CHECKPOINTS_NAME else path.parent
+        run = ckpt.run_folder_of(path) or path.parent
         out = run / EXPORTS_NAME / f"step_{step:08d}"
     out = Path(out)
     if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not _is_export(out))):
