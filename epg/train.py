@@ -13,8 +13,8 @@ rank's torch RNG state (dropout), the data position and the config, and every ot
 is a function of (seed, step). (Resumed on another number of ranks, each rank gets a fresh
 dropout stream instead: the run continues, not bit for bit.) Checkpoints are written atomically.
 ``resume="auto"`` continues from the newest readable checkpoint in the run folder (an unreadable
-newer one is reported and renamed ``step_N.pt.unreadable``, kept for a look but out of the run's
-way); ``"none"`` starts afresh and refuses a folder that already holds a run's checkpoints or
+newer one, truncated or failing its records' CRC-32 checksums, is reported and renamed
+``step_N.pt.unreadable``, kept for a look but out of the run's way); ``"none"`` starts afresh and refuses a folder that already holds a run's checkpoints or
 network (nothing is overwritten unasked); ``"restart"`` discards that run (checkpoints, final network, previews, exports, log)
 first. :func:`export_checkpoint` (``epg export``) writes the network of a checkpoint as an epg
 checkpoint folder, to sample or fine-tune from a run that has not finished.
@@ -390,7 +390,8 @@ def _fully_shard(model: nn.Module) -> None:
 
 def read_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:
     """The contents of a training checkpoint (``step_N.pt``), or a CheckpointError saying why it
-    cannot be read: damaged, truncated, empty, not one, or missing parts."""
+    cannot be read: damaged (its records' checksums are checked, which torch.load does not do),
+    truncated, empty, not one, or missing parts."""
     path = Path(path)
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
@@ -400,6 +401,9 @@ def read_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
         ) from exc
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
         raise ckpt.CheckpointError(f"{path} is not an epg training checkpoint ({CHECKPOINT_FORMAT})")
+    damage = ckpt.zip_damage(path)
+    if damage is not None:
+        raise ckpt.CheckpointError(f"cannot read training checkpoint {path}: it is damaged: {damage}")
     # Checked here, not met as a KeyError halfway through loading: an incomplete file is
     # unreadable like a truncated one, and resuming falls back to the one before it.
     missing = [key for key in _CHECKPOINT_KEYS if key not in state]
@@ -929,7 +933,7 @@ class Trainer:
         rng_states = self._gather_rng_states()
         state = self.state_dict(rng_states) if (self.dist.is_main or self.fsdp) else None
         if self.dist.is_main:
-            ckpt.atomic_write(path, lambda tmp: torch.save(state, tmp))
+            ckpt.atomic_write(path, lambda tmp: ckpt.torch_save_checksummed(state, tmp))
             # Only older ones go: a newer file here is from a run resumed at an older checkpoint
             # (resume=PATH), and must not push out the checkpoint just written.
             older = [p for p in self.checkpoints() if p.name < path.name]

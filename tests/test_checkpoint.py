@@ -254,3 +254,19 @@ def test_a_folder_whose_name_is_not_utf8_loads(tmp_path, inputs):
     folder = os.fsdecode(os.fsencode(tmp_path) + b"/run\xff")
     ck.save(model, folder)
     assert torch.equal(ck.load(folder)(*inputs), model(*inputs))
+
+
+def test_a_checksummed_save_can_be_checked_even_where_the_process_turned_checksums_off(tmp_path):
+    state = {"w": torch.arange(1000, dtype=torch.float32)}
+    was = torch.serialization.get_crc32_options()
+    torch.serialization.set_crc32_options(False)
+    try:
+        ck.torch_save_checksummed(state, tmp_path / "on.pt")
+        assert not torch.serialization.get_crc32_options()  # the process's choice is left as it was
+        torch.save(state, tmp_path / "off.pt")
+    finally:
+        torch.serialization.set_crc32_options(was)
+    assert ck.zip_damage(tmp_path / "on.pt") is None
+    assert "do not match the checksum" in ck.zip_damage(tmp_path / "off.pt")  # why the wrapper exists
+    (tmp_path / "cut.pt").write_bytes((tmp_path / "on.pt").read_bytes()[:-100])
+    assert "archive structure is damaged" in ck.zip_damage(tmp_path / "cut.pt")

@@ -4,8 +4,10 @@ import json
 import math
 import os
 import signal
+import struct
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -97,13 +99,28 @@ def test_resume_skips_an_unreadable_newest_checkpoint_and_clears_temp_files(tmp_
     assert not list(ckpt_dir.iterdir())  # the earlier run's set-aside files go with it
 
 
-@pytest.mark.parametrize("damage", ["empty", "incomplete", "config"])
+def _flip_a_byte_of_a_tensor(path: Path) -> None:
+    """Change one byte in the middle of the largest tensor record of a torch.save archive: it
+    still loads, as a different tensor."""
+    with zipfile.ZipFile(path) as archive:
+        info = max((i for i in archive.infolist() if "/data/" in i.filename), key=lambda i: i.file_size)
+    data = bytearray(path.read_bytes())
+    name_len, extra_len = struct.unpack("<HH", data[info.header_offset + 26 : info.header_offset + 30])
+    start = info.header_offset + 30 + name_len + extra_len  # the record's bytes (stored, not deflated)
+    data[start + info.file_size // 2] ^= 0x10
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("damage", ["empty", "incomplete", "config", "flipped byte"])
 def test_an_empty_or_incomplete_checkpoint_is_named_and_skipped(tmp_path, capsys, damage):
     Trainer(_cfg(tmp_path, "diffusion", steps=4, ckpt_every=2, keep_checkpoints=3)).fit()
     ckpt_dir = Path(tmp_path / "run" / "checkpoints")
     newest = ckpt_dir / "step_00000004.pt"
     if damage == "empty":
         newest.write_bytes(b"")
+    elif damage == "flipped byte":  # loads, and would resume with a silently changed tensor
+        _flip_a_byte_of_a_tensor(newest)
+        torch.load(newest, weights_only=True)
     else:  # without the data position (it failed with KeyError 'data'), or the config's model
         state = torch.load(newest, weights_only=True)
         holder, key = (state, "data") if damage == "incomplete" else (state["config"], "model")
@@ -113,7 +130,8 @@ def test_an_empty_or_incomplete_checkpoint_is_named_and_skipped(tmp_path, capsys
     assert Trainer(_cfg(tmp_path, "diffusion", steps=4)).step == 2
     err = capsys.readouterr().err
     expected = {"empty": "the file is empty (0 bytes)", "incomplete": "is incomplete: it lacks data",
-                "config": "is incomplete: it lacks config.model"}[damage]
+                "config": "is incomplete: it lacks config.model",
+                "flipped byte": "do not match the checksum written with them: the file changed on disk"}[damage]
     assert expected in err and "resuming from the older step_00000002.pt" in err
     with pytest.raises(ckpt.CheckpointError, match=expected.replace("(", r"\(").replace(")", r"\)")):
         Trainer(_cfg(tmp_path, "diffusion", steps=4, resume=str(ckpt_dir / "step_00000004.pt.unreadable")))
