@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import hashlib
 import json
 import math
 import os
@@ -160,7 +159,7 @@ def load_network(
         net = ckpt.load_official(official, config, device=device)
         info = {"config": config, "source": f"official:{Path(official).resolve()}", "convention": "imagenet",
                 "mode": "consistency" if config in RELEASED_CONSISTENCY_CONFIGS else "diffusion",
-                "weights": weights_digest(ckpt.official_file(official))}
+                "weights": ckpt.weights_digest(ckpt.official_file(official))}
     else:
         folder = _checkpoint_path(Path(checkpoint))
         # The recorded mode decides before the weights are read: a stage-1 folder is refused
@@ -178,20 +177,11 @@ def load_network(
         if meta.get("convention") in CONVENTIONS:
             info["convention"] = meta["convention"]
         net = ckpt.load(folder, device=device)
-        info["weights"] = weights_digest(folder if folder.is_file() else folder / ckpt.WEIGHTS_NAME)
+        info["weights"] = ckpt.weights_digest(folder if folder.is_file() else folder / ckpt.WEIGHTS_NAME)
     if not isinstance(net, EPGViT):
         raise ValueError(f"{info['source']} is a {type(net).__name__}; sampling needs an EPGViT "
                          "(a stage-2 diffusion or consistency network)")
     return net.eval().requires_grad_(False), info
-
-
-def weights_digest(path: Path) -> str:
-    """``sha256:<hex>`` of a weights file (about a second per GB, once per sampling run)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 24), b""):
-            digest.update(chunk)
-    return f"sha256:{digest.hexdigest()}"
 
 
 def _trained_config_name(directory: Path, meta: dict[str, Any]) -> str | None:

@@ -270,3 +270,20 @@ def test_a_checksummed_save_can_be_checked_even_where_the_process_turned_checksu
     assert "do not match the checksum" in ck.zip_damage(tmp_path / "off.pt")  # why the wrapper exists
     (tmp_path / "cut.pt").write_bytes((tmp_path / "on.pt").read_bytes()[:-100])
     assert "archive structure is damaged" in ck.zip_damage(tmp_path / "cut.pt")
+
+
+def test_a_weights_file_changed_after_saving_is_refused_by_its_recorded_digest(tmp_path):
+    ck.save(_noisy("epg-tiny"), tmp_path / "run")
+    weights, config = tmp_path / "run" / "model.safetensors", tmp_path / "run" / "config.json"
+    assert json.loads(config.read_text())["weights_sha256"] == ck.weights_digest(weights)
+    data = bytearray(weights.read_bytes())
+    data[-5] ^= 0x10  # inside the last tensor's bytes: safetensors reads it as a different weight
+    weights.write_bytes(bytes(data))
+    for path in (tmp_path / "run", weights):
+        with pytest.raises(ck.CheckpointError, match=r"model.safetensors is damaged: its SHA-256 is not the one recorded"):
+            ck.load(path)
+    # A folder without a recorded digest (written before it was, or by hand) loads as it is.
+    payload = json.loads(config.read_text())
+    del payload["weights_sha256"]
+    config.write_text(json.dumps(payload))
+    ck.load(tmp_path / "run")
