@@ -423,6 +423,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    code = _run_command(argv)
+    # A gloo worker under torchrun ends here (epg.distributed.end_process says why). The module
+    # is imported only by the commands that can join a process group: torch stays unloaded
+    # for --help.
+    distributed = sys.modules.get("epg.distributed")
+    if distributed is not None:
+        distributed.end_process(code)
+    return code
+
+
+def _run_command(argv: list[str] | None) -> int:
     args = build_parser().parse_args(argv)
     try:
         if args.command != "info":  # info shows the problems

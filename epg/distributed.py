@@ -6,7 +6,10 @@ Launch with torchrun (``torchrun --nproc_per_node 8 -m epg.cli finetune ...``); 
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -58,13 +61,39 @@ def setup(device: str | None = None) -> DistInfo:
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
     if world_size > 1 and not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo")
+        backend = "nccl" if dev.type == "cuda" else "gloo"
+        dist.init_process_group(backend=backend)
+        global _joined_gloo
+        _joined_gloo = _joined_gloo or backend == "gloo"
     return DistInfo(rank, world_size, local_rank, dev)
+
+
+_joined_gloo = False  # whether setup() made this process a member of a gloo process group
 
 
 def teardown() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+def end_process(code: int) -> None:
+    """End a process that joined a gloo process group now, with exit status ``code``, skipping
+    Python's interpreter finalization; any other process returns at once (the caller exits).
+
+    Why: torch never stops a gloo group's worker threads once DDP has used the group (its
+    process group outlives ``destroy_process_group`` and the model), and a worker still releasing
+    the last collective's tensors needs the GIL; if the interpreter is finalizing by then, the
+    process aborts (SIGABRT, "terminate called without an active exception", in
+    ``ProcessGroupGloo::runLoop`` → ``TensorImpl::decref_pyobject``, caught here: rare, e.g. once
+    in ~84 two-process test runs on a loaded machine, and none in 144 with this exit). Everything
+    epg writes is closed and synced before this; stdout, stderr and logging are flushed here."""
+    if not _joined_gloo:
+        return
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):  # a closed or broken pipe has nothing left to flush
+            stream.flush()
+    os._exit(code)
 
 
 def all_reduce_sum(t: Tensor) -> Tensor:

@@ -38,7 +38,7 @@ def _layer_norm_stats(x: Tensor, weight: Tensor, bias: Tensor | None, eps: float
     PyTorch's own fused LayerNorm (``torch.native_layer_norm``): the same statistics as the
     textbook (x − mean)·rsqrt(var + eps) with the biased variance, in one pass rather than the
     dozen elementwise passes the formula takes written out (on the CPU, where this module is the
-    path every op takes, the written-out backwards were ~20% of a training step)."""
+    path every op takes, the written-out ones were ~16% of the demo's stage-2 step, ~8% now)."""
     ct = _compute_dtype(x)
     b = None if bias is None else bias.to(ct)
     return torch.native_layer_norm(x.to(ct), (x.shape[-1],), weight.to(ct), b, eps)

@@ -14,8 +14,9 @@ is a function of (seed, step). (Resumed on another number of ranks, each rank ge
 dropout stream instead: the run continues, not bit for bit.) Checkpoints are written atomically.
 ``resume="auto"`` continues from the newest readable checkpoint in the run folder (an unreadable
 newer one, truncated or failing its records' CRC-32 checksums, is reported and renamed
-``step_N.pt.unreadable``, kept for a look but out of the run's way); ``"none"`` starts afresh and refuses a folder that already holds a run's checkpoints or
-network (nothing is overwritten unasked); ``"restart"`` discards that run (checkpoints, final network, previews, exports, log)
+``step_N.pt.unreadable``, kept for a look but out of the run's way); ``"none"`` starts afresh
+and refuses a folder that already holds a run's checkpoints or network (nothing is overwritten
+unasked); ``"restart"`` discards that run (checkpoints, final network, previews, exports, log)
 first. :func:`export_checkpoint` (``epg export``) writes the network of a checkpoint as an epg
 checkpoint folder, to sample or fine-tune from a run that has not finished.
 

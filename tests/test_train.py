@@ -373,6 +373,7 @@ def test_kill_during_checkpoint_write_leaves_the_previous_one_resumable(tmp_path
 
 _DIST_SCRIPT = """
 import json, os, sys
+from epg.distributed import end_process
 from epg.train import TrainConfig, Trainer
 cfg = TrainConfig(**json.loads(sys.argv[1]))
 stop_at = int(sys.argv[3])
@@ -386,6 +387,7 @@ if trainer.dist.rank == 0:
     with open(sys.argv[2], "w") as f:
         json.dump(losses, f)
 trainer.close()
+end_process(0)  # as the epg CLI ends a gloo worker
 """
 
 
@@ -534,3 +536,31 @@ def test_init_starts_from_a_whole_stage2_network(tmp_path):
         Trainer(_cfg(tmp_path / "x", "diffusion", init=str(exported), model_overrides={**TINY, "depth": 3}))
     with pytest.raises(ValueError, match="init"):
         TrainConfig(mode="pretrain", init=str(exported)).validate()
+
+
+_END_PROCESS_SCRIPT = """
+import sys
+from epg import distributed
+distributed.end_process(5)  # no process group joined yet: returns
+info = distributed.setup("cpu")
+print(f"rank {info.rank} flushed", end="")  # no newline: only an explicit flush writes it
+distributed.end_process(3 + info.rank)
+raise SystemExit("end_process returned in a gloo worker")
+"""
+
+
+@pytest.mark.slow
+def test_a_gloo_worker_ends_with_its_exit_status_and_flushed_output(tmp_path):
+    # end_process skips interpreter finalization (torch's gloo threads can abort it) and must
+    # still report the status and lose no output.
+    script = tmp_path / "end.py"
+    script.write_text(_END_PROCESS_SCRIPT)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    for launch in ([], ["-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29557"]):
+        proc = subprocess.run([sys.executable, *launch, str(script)], capture_output=True, text=True, env=env, timeout=120)
+        if not launch:  # a single process joins no group: end_process returns, the script goes on
+            assert proc.returncode == 1 and "end_process returned in a gloo worker" in proc.stderr
+            continue
+        assert proc.returncode != 0 and "end_process returned" not in proc.stderr, proc.stderr[-2000:]
+        assert "rank 0 flushed" in proc.stdout and "rank 1 flushed" in proc.stdout
+        assert "exitcode  : 3" in proc.stderr or "exitcode  : 4" in proc.stderr, proc.stderr[-2000:]
