@@ -85,7 +85,7 @@ def end_process(code: int) -> None:
     the last collective's tensors needs the GIL; if the interpreter is finalizing by then, the
     process aborts (SIGABRT, "terminate called without an active exception", in
     ``ProcessGroupGloo::runLoop`` → ``TensorImpl::decref_pyobject``, caught here: rare, once in 42
-    looped runs of the two-process tests on a loaded machine, none in 36 with this exit). Everything
+    looped runs of the two-process tests on a loaded machine, none in 76 with this exit). Everything
     epg writes is closed and synced before this; stdout, stderr and logging are flushed here."""
     if not _joined_gloo:
         return
