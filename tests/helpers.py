@@ -1,4 +1,8 @@
-"""Shared test helpers: tolerance rule and a verbose comparison."""
+"""Shared test helpers: tolerance rule, a verbose comparison, tiny configs, torchrun."""
+
+import os
+import subprocess
+import sys
 
 import torch
 
@@ -60,3 +64,14 @@ def tiny_train_config(tmp_path, mode="diffusion", **kw):
         base["objective"] = dict(stage_length=3)
     base.update(kw)
     return TrainConfig(**base)
+
+
+def torchrun(tmp_path, nproc, port, *args, timeout=300):
+    """``python -m torch.distributed.run --nproc_per_node nproc --master_port port *args``, one
+    thread per process (two processes share this machine's cores); returns the finished process.
+    TMPDIR points into tmp_path: torchrun leaves a ``torchelastic_*`` folder in the temporary
+    directory at every launch, which would otherwise pile up in /tmp."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TMPDIR": str(tmp_path)}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
+           "--master_port", str(port), *map(str, args)]  # fmt: skip
+    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)

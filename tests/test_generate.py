@@ -21,6 +21,7 @@ from epg.generate import (
     run_sampling,
 )
 from epg.models import build
+from helpers import torchrun
 
 
 def _tiny(seed=0, **overrides):
@@ -310,16 +311,8 @@ def test_cuda_graph_and_compiled_sampling_match_eager_on_gpu():
 
 @pytest.mark.slow
 def test_torchrun_two_processes_split_the_indices_and_match_one(tiny_ckpt, tmp_path):
-    import os
-    import subprocess
-    import sys
-
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    args = ["-m", "epg.cli", "sample", str(tiny_ckpt), "--out", str(tmp_path / "two"), "--num-images", "5",
-            "--steps", "3", "--batch-size", "2", "--device", "cpu", "--no-progress"]  # fmt: skip
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-           "--master_port", "29571", *args]  # fmt: skip
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    proc = torchrun(tmp_path, 2, 29571, "-m", "epg.cli", "sample", tiny_ckpt, "--out", tmp_path / "two",
+                    "--num-images", 5, "--steps", 3, "--batch-size", 2, "--device", "cpu", "--no-progress")  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert main(["sample", str(tiny_ckpt), "--out", str(tmp_path / "one"), "--num-images", "5", "--steps",
                  "3", "--device", "cpu", "--no-progress"]) == 0  # fmt: skip

@@ -16,7 +16,7 @@ import torch
 from epg import checkpoint as ckpt
 from epg.models import build
 from epg.train import TrainConfig, Trainer, export_checkpoint, lr_factor, read_checkpoint
-from helpers import TINY, tiny_train_config as _cfg
+from helpers import TINY, tiny_train_config as _cfg, torchrun
 
 def _losses(records):
     return [r["loss"] for r in records]
@@ -402,12 +402,8 @@ def test_two_processes_match_one_on_the_same_global_batch(tmp_path, mode, parall
     for nproc in (1, 2):
         cfg = _cfg(tmp_path / f"p{nproc}", mode, steps=3, ckpt_every=0, parallel=parallel)
         out = tmp_path / f"losses{nproc}.json"
-        env = {**os.environ, "OMP_NUM_THREADS": "1"}
         port = 29500 + 10 * nproc + {"pretrain": 1, "diffusion": 2}[mode] + (5 if parallel == "fsdp" else 0)
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
-               "--master_port", str(port), str(script), json.dumps(cfg.to_dict()), str(out),
-               str(stop_at)]  # fmt: skip
-        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+        proc = torchrun(tmp_path, nproc, port, script, json.dumps(cfg.to_dict()), out, stop_at)
         assert proc.returncode == 0, proc.stderr[-3000:]
         results[nproc] = json.loads(out.read_text())
     assert len(results[1]) == 3
@@ -424,11 +420,7 @@ def test_two_process_resume_continues_each_ranks_dropout_stream(tmp_path):
     for stop_at in (0, 2):
         cfg = _cfg(tmp_path / f"s{stop_at}", "consistency", steps=4, ckpt_every=0)
         out = tmp_path / f"losses{stop_at}.json"
-        env = {**os.environ, "OMP_NUM_THREADS": "1"}
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-               "--master_port", str(29541 + stop_at), str(script), json.dumps(cfg.to_dict()),
-               str(out), str(stop_at)]  # fmt: skip
-        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+        proc = torchrun(tmp_path, 2, 29541 + stop_at, script, json.dumps(cfg.to_dict()), out, stop_at)
         assert proc.returncode == 0, proc.stderr[-3000:]
         results[stop_at] = json.loads(out.read_text())
     assert len(results[0]) == 4
@@ -446,10 +438,7 @@ def test_two_processes_resume_past_a_damaged_checkpoint_and_set_it_aside_once(tm
     ckpt_dir = Path(cfg.run_dir) / "checkpoints"
     (ckpt_dir / "step_00000004.pt").write_bytes(b"")
     out = tmp_path / "losses.json"
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29549",
-           str(script), json.dumps(cfg.to_dict()), str(out), "0"]  # fmt: skip
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    proc = torchrun(tmp_path, 2, 29549, script, json.dumps(cfg.to_dict()), out, 0)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert len(json.loads(out.read_text())) == 2  # steps 3 and 4, trained again
     assert proc.stderr.count("set step_00000004.pt aside as step_00000004.pt.unreadable") == 1
@@ -477,10 +466,7 @@ def test_two_process_non_finite_stop_saves_the_steps_made(tmp_path):
     script = tmp_path / "run.py"
     script.write_text(_NON_FINITE_SCRIPT)
     cfg = _cfg(tmp_path / "run", "diffusion", steps=6, ckpt_every=0, max_bad_steps=2)
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-           "--master_port", "29547", str(script), json.dumps(cfg.to_dict())]  # fmt: skip
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    proc = torchrun(tmp_path, 2, 29547, script, json.dumps(cfg.to_dict()))
     assert proc.returncode != 0
     assert "2 non-finite steps in a row, the last at step 2" in proc.stderr
     assert "(step 2) before stopping" in proc.stderr, proc.stderr[-3000:]
@@ -555,12 +541,10 @@ def test_a_gloo_worker_ends_with_its_exit_status_and_flushed_output(tmp_path):
     # still report the status and lose no output.
     script = tmp_path / "end.py"
     script.write_text(_END_PROCESS_SCRIPT)
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    for launch in ([], ["-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29557"]):
-        proc = subprocess.run([sys.executable, *launch, str(script)], capture_output=True, text=True, env=env, timeout=120)
-        if not launch:  # a single process joins no group: end_process returns, the script goes on
-            assert proc.returncode == 1 and "end_process returned in a gloo worker" in proc.stderr
-            continue
-        assert proc.returncode != 0 and "end_process returned" not in proc.stderr, proc.stderr[-2000:]
-        assert "rank 0 flushed" in proc.stdout and "rank 1 flushed" in proc.stdout
-        assert "exitcode  : 3" in proc.stderr or "exitcode  : 4" in proc.stderr, proc.stderr[-2000:]
+    # A single process joins no group: end_process returns and the script goes on.
+    alone = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
+    assert alone.returncode == 1 and "end_process returned in a gloo worker" in alone.stderr
+    proc = torchrun(tmp_path, 2, 29557, script, timeout=120)
+    assert proc.returncode != 0 and "end_process returned" not in proc.stderr, proc.stderr[-2000:]
+    assert "rank 0 flushed" in proc.stdout and "rank 1 flushed" in proc.stdout
+    assert "exitcode  : 3" in proc.stderr or "exitcode  : 4" in proc.stderr, proc.stderr[-2000:]
