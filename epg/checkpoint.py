@@ -129,6 +129,19 @@ def weights_digest(path: str | os.PathLike) -> str:
     return f"sha256:{digest.hexdigest()}"
 
 
+def checked_weights_digest(path: str | os.PathLike) -> str:
+    """The SHA-256 of the weights :func:`load` reads for ``path`` (a folder or a weights file in
+    one): the digest recorded in ``config.json`` where :func:`load` checks the file against it,
+    so a caller that loaded the folder need not read the file again; else computed."""
+    path = Path(path)
+    weights = path if path.is_file() else path / WEIGHTS_NAME
+    if weights.name == WEIGHTS_NAME:
+        _, _, recorded = _read_payload(weights.parent)
+        if isinstance(recorded, str):
+            return recorded
+    return weights_digest(weights)
+
+
 def _check_digest(weights: Path, recorded: Any) -> None:
     """Refuse a weights file whose bytes are not the ones :func:`save` wrote: safetensors reads a
     changed byte inside a tensor as a silently different weight."""

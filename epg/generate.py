@@ -177,7 +177,7 @@ def load_network(
         if meta.get("convention") in CONVENTIONS:
             info["convention"] = meta["convention"]
         net = ckpt.load(folder, device=device)
-        info["weights"] = ckpt.weights_digest(folder if folder.is_file() else folder / ckpt.WEIGHTS_NAME)
+        info["weights"] = ckpt.checked_weights_digest(folder)
     if not isinstance(net, EPGViT):
         raise ValueError(f"{info['source']} is a {type(net).__name__}; sampling needs an EPGViT "
                          "(a stage-2 diffusion or consistency network)")

@@ -287,3 +287,20 @@ def test_a_weights_file_changed_after_saving_is_refused_by_its_recorded_digest(t
     del payload["weights_sha256"]
     config.write_text(json.dumps(payload))
     ck.load(tmp_path / "run")
+
+
+def test_checked_weights_digest_takes_the_recorded_one_that_load_checks(tmp_path):
+    ck.save(_noisy("epg-tiny"), tmp_path / "run")
+    weights, config = tmp_path / "run" / "model.safetensors", tmp_path / "run" / "config.json"
+    actual = ck.weights_digest(weights)
+    other = tmp_path / "run" / "copy.safetensors"  # not the file load() checks: hashed
+    other.write_bytes(weights.read_bytes())
+    payload = json.loads(config.read_text())
+    payload["weights_sha256"] = "sha256:recorded"
+    config.write_text(json.dumps(payload))
+    assert ck.checked_weights_digest(tmp_path / "run") == "sha256:recorded"
+    assert ck.checked_weights_digest(weights) == "sha256:recorded"
+    assert ck.checked_weights_digest(other) == actual
+    del payload["weights_sha256"]  # nothing recorded: hashed
+    config.write_text(json.dumps(payload))
+    assert ck.checked_weights_digest(tmp_path / "run") == actual
