@@ -135,11 +135,17 @@ def checked_weights_digest(path: str | os.PathLike) -> str:
     so a caller that loaded the folder need not read the file again; else computed."""
     path = Path(path)
     weights = path if path.is_file() else path / WEIGHTS_NAME
-    if weights.name == WEIGHTS_NAME:
+    if _digest_is_checked(weights):
         _, _, recorded = _read_payload(weights.parent)
         if isinstance(recorded, str):
             return recorded
     return weights_digest(weights)
+
+
+def _digest_is_checked(weights: Path) -> bool:
+    """Whether :func:`load` checks ``weights`` against the recorded digest: the digest is of the
+    folder's own weights file, not of another one a caller points at."""
+    return weights.name == WEIGHTS_NAME
 
 
 def _check_digest(weights: Path, recorded: Any) -> None:
@@ -277,7 +283,7 @@ def load(directory: str | os.PathLike, device: str | torch.device = "cpu") -> nn
             f"{weights} is corrupt, perhaps truncated by an interrupted copy or download "
             f"({weights.stat().st_size} bytes): {exc}"
         ) from exc
-    if weights.name == WEIGHTS_NAME:  # the file the recorded digest is of
+    if _digest_is_checked(weights):
         _check_digest(weights, recorded_digest)
     return _materialize(build_from_config, config, state, device, str(weights))
 
