@@ -581,6 +581,42 @@ def test_schedule_drops_a_different_remainder_each_epoch():
         BatchSchedule(15, 6, rank=0, world_size=4)
 
 
+def test_schedule_keeps_two_epochs_and_gives_each_thread_the_epoch_it_asked_for(monkeypatch):
+    # DALI's feeder thread reads ahead into the next epoch while the main thread asks for the
+    # current one: both epochs are kept (one randperm each), and concurrent callers never get
+    # another epoch's order.
+    import threading
+
+    fresh = {e: BatchSchedule(64, 8, seed=3).epoch_order(e)[0].copy() for e in range(3)}
+    schedule = BatchSchedule(64, 8, seed=3)
+    calls = []
+    randperm = torch.randperm
+    monkeypatch.setattr(torch, "randperm", lambda *a, **k: calls.append(a) or randperm(*a, **k))
+    for epoch in (0, 1, 0, 1, 1, 0):
+        assert np.array_equal(schedule.epoch_order(epoch)[0], fresh[epoch])
+    assert len(calls) == 2
+    monkeypatch.setattr(torch, "randperm", randperm)
+
+    wrong = []
+    switch = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # switch threads as often as the interpreter can
+    try:
+        def ask(epoch):  # three epochs in turn: the two-epoch cache keeps being replaced
+            for _ in range(20_000):
+                if not np.array_equal(schedule.epoch_order(epoch)[0], fresh[epoch]):
+                    wrong.append(epoch)
+                    return
+
+        threads = [threading.Thread(target=ask, args=(e,)) for e in range(3)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    finally:
+        sys.setswitchinterval(switch)
+    assert wrong == []
+
+
 # ---------------------------------------------------------------------------------------------
 # DALI CPU against Pillow on real JPEGs
 # ---------------------------------------------------------------------------------------------

@@ -431,16 +431,26 @@ class BatchSchedule:
     @seed.setter
     def seed(self, value: int) -> None:
         self._seed = value
-        self._cached: tuple[int, np.ndarray, np.ndarray] | None = None
+        self._recent: tuple[tuple[int, np.ndarray, np.ndarray], ...] = ()
 
     def epoch_order(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
-        """(file index per position (N,) int64, flip per position (N,) bool) of an epoch."""
-        if self._cached is None or self._cached[0] != epoch:
-            g = torch.Generator().manual_seed(torch_seed(self.seed * 1_000_003 + epoch))
-            order = torch.randperm(self.num_samples, generator=g)
-            flips = torch.rand(self.num_samples, generator=g) < self.flip_p
-            self._cached = (epoch, order.numpy(), flips.numpy())
-        return self._cached[1], self._cached[2]
+        """(file index per position (N,) int64, flip per position (N,) bool) of an epoch.
+
+        The two epochs asked for last are kept: at an epoch boundary DALI's feeder thread reads
+        ahead in the next epoch while the main thread still asks for the current one. The cache
+        is read once and replaced whole, so a thread never returns an order another thread put
+        in between (with one slot read twice, 1 of 3 runs of two threads asking 300k times each
+        got the other epoch's order)."""
+        recent = self._recent
+        for entry in recent:
+            if entry[0] == epoch:
+                return entry[1], entry[2]
+        g = torch.Generator().manual_seed(torch_seed(self.seed * 1_000_003 + epoch))
+        order = torch.randperm(self.num_samples, generator=g)
+        flips = torch.rand(self.num_samples, generator=g) < self.flip_p
+        entry = (epoch, order.numpy(), flips.numpy())
+        self._recent = (entry, *recent[:1])
+        return entry[1], entry[2]
 
     def normalize(self, epoch: int, index: int) -> tuple[int, int]:
         """The position with the batch index folded into 0..batches_per_epoch−1."""
