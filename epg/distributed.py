@@ -52,6 +52,9 @@ def resolve_device(device: str | None = None, local_rank: int = 0) -> torch.devi
     return dev
 
 
+_joined_gloo = False  # whether setup() made this process a member of a gloo process group
+
+
 def setup(device: str | None = None) -> DistInfo:
     """Join the torchrun process group when launched by torchrun; pick this rank's device."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
@@ -66,9 +69,6 @@ def setup(device: str | None = None) -> DistInfo:
         global _joined_gloo
         _joined_gloo = _joined_gloo or backend == "gloo"
     return DistInfo(rank, world_size, local_rank, dev)
-
-
-_joined_gloo = False  # whether setup() made this process a member of a gloo process group
 
 
 def teardown() -> None:

@@ -69,9 +69,10 @@ def layer_norm_backward(
     grad: Tensor, x: Tensor, weight: Tensor, eps: float
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Returns (grad_x, grad_weight, grad_bias)."""
-    _, mean, rstd = _layer_norm_stats(x, weight, None, eps)
+    xc = x.to(_compute_dtype(x))  # once: the statistics and the input grads both read it
+    _, mean, rstd = _layer_norm_stats(xc, weight, None, eps)
     g = grad.to(mean.dtype)
-    grad_x, grad_w = _layer_norm_input_grads(g, x, weight, mean, rstd)
+    grad_x, grad_w = _layer_norm_input_grads(g, xc, weight, mean, rstd)
     lead = tuple(range(x.dim() - 1))
     return (
         grad_x.to(x.dtype).contiguous(),
@@ -97,11 +98,12 @@ def ln_modulate_backward(
     grad: Tensor, x: Tensor, weight: Tensor, bias: Tensor, shift: Tensor, scale: Tensor, eps: float
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Returns (grad_x, grad_weight, grad_bias, grad_shift, grad_scale)."""
-    y, mean, rstd = _layer_norm_stats(x, weight, bias, eps)
+    xc = x.to(_compute_dtype(x))  # once: the statistics and the input grads both read it
+    y, mean, rstd = _layer_norm_stats(xc, weight, bias, eps)
     ct = y.dtype
     g = grad.to(ct)
     grad_y = g * (1 + scale.to(ct)[:, None])
-    grad_x, grad_w = _layer_norm_input_grads(grad_y, x, weight, mean, rstd)
+    grad_x, grad_w = _layer_norm_input_grads(grad_y, xc, weight, mean, rstd)
     return (
         grad_x.to(x.dtype).contiguous(),
         grad_w.to(weight.dtype),
