@@ -12,7 +12,8 @@ Backends:
 
 Automatic choice (the default, ``EPG_BACKEND=auto``): on a CUDA tensor the first backend in
 ``AUTO_ORDER`` that implements the op, else the reference; on any other device the reference.
-Automatic choice never raises.
+Automatic choice never raises. (On a CPU, eager calls of the network's ops then skip the custom
+op and call the reference directly: see ``epg.ops``.)
 
 Forcing: ``EPG_BACKEND=reference|triton|cuda|sdpa|flash_attn`` for every op, ``EPG_BACKEND_<OP>`` (for example
 ``EPG_BACKEND_LAYER_NORM``) for one op, or :func:`use_backend` in code (it wins over both
@@ -160,6 +161,11 @@ def _forced_backend(op: str) -> str | None:
                 raise ValueError(f"{var}={value!r}: expected auto or one of {BACKENDS}")
             return value
     return None
+
+
+def is_forced(op: str) -> bool:
+    """Whether a backend other than ``auto`` (the reference included) is forced for ``op``."""
+    return _forced_backend(_base_op(op)) is not None
 
 
 def environment_problems() -> list[str]:
