@@ -45,7 +45,9 @@ class DemoConfig:
     batch_size: int = 64
     samples_per_class: int = 50
     sampling_steps: int = 18  # Heun grid points (diffusion)
-    guidance: float = 3.0
+    # 1.5: 99.2-99.8% recognised, FD 10-13 over seeds 0-2; 1.0 (no guidance) 96% / FD 4-7, close
+    # to real vs real (3-7); 2.0 99.8-100% / FD 19-23; 3.0 100% / FD 31-37 (fewer shapes).
+    guidance: float = 1.5
     # Unshifted σ bounds. The released (0.19, 1.61] was tuned for 256-px ImageNet; on 16-px digits
     # the class is decided at higher noise, so the demo guides at every σ of the grid.
     guidance_interval: tuple[float, float] = (0.0, 80.0)
@@ -88,11 +90,17 @@ def _stage2_config(cfg: DemoConfig, run_dir: Path, encoder: Path) -> TrainConfig
         log_every=10, progress=cfg.progress, resume="restart",
     )  # fmt: skip
     if cfg.objective == "diffusion":
-        # Plain x0 MSE instead of the paper's 1/Δσ weighting: that weighting spends nearly all of
-        # the gradient on tiny noise levels and needs ~1M steps; the demo has ~1,400.
+        # Two departures, measured on the demo's digits (2 CPU cores, seeds 0-2):
+        # - plain x0 MSE instead of the paper's 1/Δσ weighting: that weighting spends nearly all
+        #   of the gradient on tiny noise levels and needs ~1M steps; the demo has ~1,400;
+        # - ln σ drawn around 0.0 instead of the released -1.2 (unshifted): the shift H/64 = 1/4
+        #   puts the released draws at a median σ of 0.075, and only 5% of them above σ = 1,
+        #   where a digit's class is decided. With -1.2 the outcome hung on the run's rounding:
+        #   46.6% / 96.0% / 66.6% recognised (guidance 3.0) for seeds 0 / 1 / 2, and 92.2% for
+        #   seed 0 before the CPU path's arithmetic changed; with 0.0: 100% for all three.
         options.update(
             betas=(0.9, 0.999), weight_decay=0.01,
-            objective=dict(label_dropout=0.1, weighting="uniform"),
+            objective=dict(label_dropout=0.1, weighting="uniform", P_mean=0.0),
         )  # fmt: skip
     else:
         # Two departures, measured on the demo's digits (one-step samples, seed 0):
