@@ -170,7 +170,7 @@ def test_gradcheck(name):
     public = getattr(ops, name)
     tensors = [a for a in args if isinstance(a, torch.Tensor)]
     rest = args[len(tensors):]
-    with ops.use_backend("reference"):  # the custom op and its registered gradient, also for NETWORK_OPS
+    with ops.use_backend("reference"):  # the custom op and its registered gradient, every op
         assert torch.autograd.gradcheck(lambda *t: public(*t, *rest), tuple(tensors), fast_mode=True)
 
 
