@@ -29,6 +29,7 @@ from . import sampling
 from .data.embedded import load_digits_tensors, make_grid_png
 from .evaluation.digits import DigitsJudge, digits_report
 from .models import Denoiser
+from .presets import get_preset
 from .train import TrainConfig, Trainer
 
 IMAGE_SIZE = 16
@@ -40,8 +41,8 @@ class DemoConfig:
     objective: str = "diffusion"  # diffusion | consistency
     out_dir: str = "epg-demo"
     seed: int = 0
-    stage1_steps: int = 60
-    stage2_steps: int | None = None  # None: 1,400 (diffusion) or 1,200 (consistency: ~2x per step)
+    stage1_steps: int = 60  # the demo-pretrain preset's
+    stage2_steps: int | None = None  # None: the preset's 1,400 (diffusion) or 1,200 (consistency)
     batch_size: int = 64
     samples_per_class: int = 50
     sampling_steps: int = 18  # Heun grid points (diffusion)
@@ -65,57 +66,28 @@ class DemoConfig:
         if out.exists() and not out.is_dir():
             raise NotADirectoryError(f"{out} is a file; the demo's output needs a folder")
         if self.stage2_steps is None:
-            self.stage2_steps = 1400 if self.objective == "diffusion" else 1200
+            self.stage2_steps = get_preset(f"demo-{self.objective}")["steps"]
 
 
 def _stage1_config(cfg: DemoConfig, run_dir: Path) -> TrainConfig:
-    options = dict(
-        mode="pretrain", model="rcm-digits", run_dir=str(run_dir), steps=cfg.stage1_steps,
-        batch_size=cfg.batch_size, lr=1e-3, betas=(0.9, 0.95), weight_decay=0.03,
-        no_weight_decay=(), warmup_steps=10, target_ema=0.99, seed=cfg.seed,
-        # Digits are 16 px and flipping one makes another shape: milder crops, no flips.
-        augment=dict(crop_scale=(0.4, 1.0), flip_p=0.0, blur_sigma=(0.1, 1.0)),
-        objective=dict(s0=4, s1=64), compile=cfg.compile, ckpt_every=0, log_every=10,
-        progress=cfg.progress, resume="restart",
+    options = get_preset("demo-pretrain")
+    options.update(
+        run_dir=str(run_dir), steps=cfg.stage1_steps, batch_size=cfg.batch_size, seed=cfg.seed,
+        compile=cfg.compile, ckpt_every=0, log_every=10, progress=cfg.progress, resume="restart",
     )  # fmt: skip
     options.update(cfg.stage1)
     return TrainConfig(**options)
 
 
 def _stage2_config(cfg: DemoConfig, run_dir: Path, encoder: Path) -> TrainConfig:
-    options = dict(
-        mode=cfg.objective, model="epg-digits", run_dir=str(run_dir), steps=cfg.stage2_steps,
-        batch_size=cfg.batch_size, lr=2e-3, warmup_steps=20, grad_clip=1.0, ema_decay=0.995,
+    options = get_preset(f"demo-{cfg.objective}")  # the recipes and why they depart from the paper
+    options.update(
+        run_dir=str(run_dir), steps=cfg.stage2_steps, batch_size=cfg.batch_size,
         encoder=str(encoder), seed=cfg.seed + 1, compile=cfg.compile, ckpt_every=0,
         log_every=10, progress=cfg.progress, resume="restart",
     )  # fmt: skip
-    if cfg.objective == "diffusion":
-        # Two departures, measured on the demo's digits (2 CPU cores, seeds 0-2):
-        # - plain x0 MSE instead of the paper's 1/Δσ weighting: that weighting spends nearly all
-        #   of the gradient on tiny noise levels and needs ~1M steps; the demo has ~1,400;
-        # - ln σ drawn around 0.0 instead of the released -1.2 (unshifted): the shift H/64 = 1/4
-        #   puts the released draws at a median σ of 0.075, and only 5% of them above σ = 1,
-        #   where a digit's class is decided. With -1.2 the outcome hung on the run's rounding:
-        #   46.6% / 96.0% / 66.6% recognised (guidance 3.0) for seeds 0 / 1 / 2, and 92.2% for
-        #   seed 0 before the CPU path's arithmetic changed; with 0.0: 100% for all three.
-        options.update(
-            betas=(0.9, 0.999), weight_decay=0.01,
-            objective=dict(label_dropout=0.1, weighting="uniform", P_mean=0.0),
-        )  # fmt: skip
-    else:
-        # Two departures, measured on the demo's digits (one-step samples, seed 0):
-        # - t drawn around e^1.0 instead of the released e^-0.4, whose draws fall three times in
-        #   four below t = 2, where a 16-px digit is still easy to recover (the diffusion demo's
-        #   denoiser recognises 98% there). 1,200 steps: 78.8% recognised / FD 48.9 with 1.0
-        #   (seed 1: 74.0% / 58.9), 32.8% / 79.5 with -0.4; 900 steps: 65.0% / 61.1 with 1.0,
-        #   61.6% / 65.6 with 1.5. 600 steps stay under 20% with either.
-        # - EMA 0.98, not the 0.995 shared with diffusion: in a run this short whose lr decays to
-        #   ~0, the slower average still carries the early, worse networks (600 steps: FD 161
-        #   with 0.995, 132.5 with 0.98; the online network alone 132.2).
-        options.update(
-            betas=(0.9, 0.99), weight_decay=0.03, ema_decay=0.98,
-            objective=dict(stage_length=max(1, cfg.stage2_steps // 4), P_mean=1.0),
-        )  # fmt: skip
+    if cfg.objective == "consistency":  # ECT stages a quarter of the run long
+        options["objective"]["stage_length"] = max(1, cfg.stage2_steps // 4)
     options.update(cfg.stage2)
     return TrainConfig(**options)
 

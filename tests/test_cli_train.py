@@ -1,5 +1,6 @@
 """The training commands of the CLI: presets, config files, --set, and the demo pipeline."""
 
+import dataclasses
 import json
 
 import pytest
@@ -156,3 +157,31 @@ def test_demo_quick_consistency_runs_the_one_step_pipeline(tmp_path):
     assert stage2["mode"] == "consistency" and stage2["ema_decay"] == 0.98
     assert stage2["objective"] == {"stage_length": 10, "P_mean": 1.0}  # 40 quick steps in 4 ECT stages
     assert (out / "samples.png").is_file()
+
+
+def test_demo_presets_rerun_the_demo_stages_from_the_command_line(tmp_path):
+    from pathlib import Path
+
+    from epg.demo import DemoConfig, _stage1_config, _stage2_config
+
+    quick = ["--set", "steps=2", "--set", "progress=false", "--set", "batch_size=8"]
+    stage1 = tmp_path / "s1"
+    assert main(["pretrain", "--preset", "demo-pretrain", "--run-dir", str(stage1), *quick]) == 0
+    for objective in ("diffusion", "consistency"):
+        run = tmp_path / objective
+        assert main(["finetune", "--objective", objective, "--preset", f"demo-{objective}",
+                     "--encoder", str(stage1), "--run-dir", str(run), *quick]) == 0  # fmt: skip
+        saved = json.loads((run / "train_config.json").read_text())
+        # The demo trains with the same recipe; only the run's own settings differ.
+        cfg = DemoConfig(objective=objective)
+        cfg.validate()
+        demo = dataclasses.asdict(_stage2_config(cfg, Path("r"), Path("e")))
+        own = {"run_dir", "steps", "batch_size", "encoder", "seed", "ckpt_every", "progress", "resume"}
+        differs = {k for k in demo if json.loads(json.dumps(demo[k])) != saved[k]}
+        assert differs <= own, differs
+        assert saved["model"] == "epg-digits" and saved["compile"] is False
+    demo1 = dataclasses.asdict(_stage1_config(DemoConfig(), Path("r")))
+    saved = json.loads((stage1 / "train_config.json").read_text())
+    differs = {k for k in demo1 if json.loads(json.dumps(demo1[k])) != saved[k]}
+    assert differs <= {"run_dir", "steps", "batch_size", "ckpt_every", "progress", "resume"}, differs
+    assert saved["objective"] == {"s0": 4, "s1": 64} and saved["augment"]["flip_p"] == 0.0
