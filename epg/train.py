@@ -157,6 +157,11 @@ class TrainConfig:
                         }.get(name, "the consistency loss's perceptual network (consistency runs)")  # fmt: skip
                 raise ValueError(f"{name} is an option of {what}; a {self.mode} run does not use it "
                                  f"(got {getattr(self, name)!r})")  # fmt: skip
+        if self.mode == "consistency" and dict(self.objective).get("aux_weight") == 0:
+            for name in ("perceptual", "perceptual_config"):
+                if getattr(self, name):
+                    raise ValueError(f"{name} names the auxiliary InfoNCE's network, which "
+                                     f"objective.aux_weight=0 turns off (got {getattr(self, name)!r})")  # fmt: skip
         if self.precision not in ("auto", "bf16", "fp32"):
             raise ValueError(f"precision must be auto, bf16 or fp32, got {self.precision!r}")
         # Ranges: out of them a run used to train wrongly without a word (a negative grad_clip
@@ -686,11 +691,13 @@ class Trainer:
             elif self.dist.is_main:
                 print("note: no encoder (--encoder) or init given: the network starts from random "
                       "weights, without the stage-1 pre-training EPG builds on", file=sys.stderr)  # fmt: skip
-            if cfg.mode == "consistency" and not (cfg.perceptual or cfg.encoder) and self.dist.is_main:
+            # aux_weight=0 turns the auxiliary InfoNCE off: its network is then not even loaded.
+            wants_perceptual = cfg.mode == "consistency" and cfg.objective.get("aux_weight") != 0
+            if wants_perceptual and not (cfg.perceptual or cfg.encoder) and self.dist.is_main:
                 print("note: no stage-1 network (encoder or perceptual) given: the auxiliary InfoNCE "
                       "term of the consistency loss is off", file=sys.stderr)  # fmt: skip
             self.ema = self._frozen_copy(self.model)
-            if cfg.mode == "consistency" and (cfg.perceptual or cfg.encoder):
+            if wants_perceptual and (cfg.perceptual or cfg.encoder):
                 path = ckpt.run_output(cfg.perceptual or cfg.encoder)
                 official = cfg.perceptual_config
                 if not official and not ckpt.is_epg_checkpoint(path):  # epg folders carry their config

@@ -431,6 +431,24 @@ def test_consistency_loss_matches_formula():
     assert_close(loss, (cons + aux).mean(), atol=1e-5, rtol=1e-4, what="loss")
 
 
+def test_consistency_aux_weight_0_does_not_run_the_perceptual_network():
+    obj, net, perceptual = make_consistency(aux_weight=0.0)
+    plain, _, _ = make_consistency(aux=False)
+    plain.net = net
+    calls = []
+    perceptual.register_forward_hook(lambda *_: calls.append(1))
+    B = 4
+    x0 = torch.randn(B, *SHAPE) * 0.5
+    batch = {"image": x0, "label": torch.tensor([1, 2, 3, 4])}
+    draws = obj.draw(300_000, B, SHAPE, gen(9), "cpu")
+    loss, terms = obj.loss(batch, draws)
+    assert not calls and float(terms["aux"]) == 0.0
+    assert torch.equal(loss, plain.loss(batch, draws)[0])
+    obj.aux_weight = 1.0  # the hook does see the network when the term is on
+    obj.loss(batch, draws)
+    assert len(calls) == 2
+
+
 def test_consistency_stage_0_is_the_codes_denoising_warm_up():
     # first_stage=0 (the code's delta = 0): the first stage_length steps regress D_θ(x_t, t) on
     # x0 with the weight 1/(σ_i − σ_{i+1}) of the 2560-point grid point nearest to t, no L_aux;

@@ -288,6 +288,19 @@ def test_stage2_starts_from_a_stage1_encoder(tmp_path):
             assert torch.equal(stage2.model.state_dict()[name], p), name
 
 
+def test_consistency_with_aux_weight_0_loads_no_perceptual_network(tmp_path):
+    stage1 = tmp_path / "s1"
+    ckpt.save(build("rcm-tiny", **TINY), stage1)
+    cfg = _cfg(tmp_path / "a", "consistency", encoder=str(stage1), objective={"aux_weight": 0.0})
+    trainer = Trainer(cfg)
+    assert trainer.perceptual is None and trainer.objective.perceptual is None
+    trainer.train_step()
+    assert Trainer(_cfg(tmp_path / "b", "consistency", encoder=str(stage1))).perceptual is not None
+    cfg = _cfg(tmp_path / "c", "consistency", perceptual=str(stage1), objective={"aux_weight": 0})
+    with pytest.raises(ValueError, match="perceptual names the auxiliary InfoNCE's network, which objective.aux_weight=0"):
+        Trainer(cfg)
+
+
 def test_consistency_reads_an_official_stage1_file_with_the_matching_config(tmp_path):
     # A released RCM .pth carries no config: the perceptual network takes the stage-1 config
     # whose encoder has the model's shape (epg-tiny -> rcm-tiny, epg-l-16 -> rcm-l-16).

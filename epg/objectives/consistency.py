@@ -68,7 +68,7 @@ class ConsistencyObjective:
             it equals the current online network.
         perceptual: frozen stage-1 RCMViT W_φ with its projector (``perceptual(x_in, t_cond) ->
             (z, h)``), in eval mode with requires_grad False (the Trainer's job); ``None`` turns
-            the auxiliary term off.
+            the auxiliary term off, and so does ``aux_weight=0`` (W_φ is then not run).
         img_size: image side H (σ shift H/64).
         num_classes: class count (null class = num_classes); 0: unconditional (y=None).
         stage_length, P_mean, P_std, q, k, b: the t/r sampling of §7.2
@@ -103,8 +103,8 @@ class ConsistencyObjective:
         "t", "r" (B,) float32 shifted; "weight" (B,) float32 = 1/(t − r) (0 where t = r);
         "eps" (B, C, H, W) float32; "drop" (B,) bool label-dropout mask; with first_stage=0 also
         "denoise" (B,) bool, all True in stage 0, where "weight" is the grid's 1/(σ_i − σ_{i+1}).
-    loss terms: "consistency" = mean(w·ℓ), "aux" = mean(L_aux) (unweighted; 0 without
-    ``perceptual``).
+    loss terms: "consistency" = mean(w·ℓ), "aux" = mean(L_aux) (unweighted; 0 when the term is
+    off).
     """
 
     def __init__(
@@ -252,7 +252,7 @@ class ConsistencyObjective:
         # w·Δ²/sqrt(sg(Δ²) + c²), Δ² the per-sample squared distance (§7.3).
         consistency = ops.pseudo_huber_loss(d_online, d_target, weight, self.c)  # (B,)
 
-        if self.perceptual is not None:
+        if self.perceptual is not None and self.aux_weight > 0:
             q = self.perceptual_features(d_online.to(x0.dtype))
             with torch.no_grad():
                 k = self.perceptual_features(x0)
