@@ -42,7 +42,7 @@ class DemoConfig:
     out_dir: str = "epg-demo"
     seed: int = 0
     stage1_steps: int = 60  # the demo-pretrain preset's
-    stage2_steps: int | None = None  # None: the preset's 1,400 (diffusion) or 1,200 (consistency)
+    stage2_steps: int | None = None  # None: the preset's 1,400 (diffusion) or 1,500 (consistency)
     batch_size: int = 64
     samples_per_class: int = 50
     sampling_steps: int = 18  # Heun grid points (diffusion)

@@ -155,7 +155,7 @@ def test_demo_quick_consistency_runs_the_one_step_pipeline(tmp_path):
     assert metrics["frechet_distance"] > 0
     stage2 = json.loads((out / "stage2" / "train_config.json").read_text())
     assert stage2["mode"] == "consistency" and stage2["ema_decay"] == 0.98
-    assert stage2["objective"] == {"stage_length": 10, "P_mean": 1.0}  # 40 quick steps in 4 ECT stages
+    assert stage2["objective"] == {"stage_length": 10, "P_mean": 1.0, "aux_weight": 0.0}  # 40 quick steps in 4 ECT stages
     assert (out / "samples.png").is_file()
 
 
