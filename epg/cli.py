@@ -413,7 +413,13 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--no-progress", action="store_true")
     ev.set_defaults(func=_cmd_evaluate)
 
-    demo = sub.add_parser("demo", help="both stages, sampling and a quality check on bundled digits (CPU, minutes)")
+    demo = sub.add_parser(
+        "demo", help="both stages, sampling and a quality check on bundled digits (CPU, minutes)",
+        description="Stage 1, stage 2, sampling and a digit classifier's verdict on scikit-learn's "
+        "digits. The training recipes are the presets demo-pretrain, demo-diffusion and "
+        "demo-consistency: `epg finetune --objective diffusion --preset demo-diffusion --encoder "
+        "OUT/stage1/final --set steps=3000` reruns a stage on its own, longer.",
+    )  # fmt: skip
     demo.add_argument("--objective", choices=("diffusion", "consistency"), default="diffusion")
     demo.add_argument("--out", default="epg-demo", help="output folder (default: ./epg-demo)")
     demo.add_argument("--seed", type=int, default=0)
