@@ -459,12 +459,13 @@ def _cuda_device():
     return torch.device("cuda", torch.cuda.current_device())
 
 
-def _on(device, args, view=None):
-    """args moved to device; `view` (a function of the first tensor) is applied after the move,
-    so that slices with storage offsets stay unaligned on the GPU."""
+def _on(device, args, view=None, at=(0,)):
+    """args moved to device; `view` (a function of a tensor) is applied to the arguments at the
+    positions `at` after the move, so that slices with storage offsets stay unaligned on the GPU."""
     moved = [a.to(device) if isinstance(a, torch.Tensor) else a for a in args]
     if view is not None:
-        moved[0] = view(moved[0])
+        for i in at:
+            moved[i] = view(moved[i])
     return moved
 
 
@@ -472,11 +473,11 @@ def _as_tuple(x):
     return x if isinstance(x, tuple) else (x,)
 
 
-def _same_on_cuda(name, args, exact, view=None):
+def _same_on_cuda(name, args, exact, view=None, at=(0,)):
     """The CUDA kernel against the CPU kernel (the same shared math) on the same inputs."""
     dev = _cuda_device()
-    out = _as_tuple(getattr(E, name)(*_on(dev, args, view)))
-    cpu = _as_tuple(getattr(E, name)(*_on("cpu", args, view)))
+    out = _as_tuple(getattr(E, name)(*_on(dev, args, view, at)))
+    cpu = _as_tuple(getattr(E, name)(*_on("cpu", args, view, at)))
     for o, c in zip(out, cpu):
         assert o.device == dev and o.is_contiguous() and o.dtype == c.dtype and o.shape == c.shape
         if exact:
@@ -506,7 +507,8 @@ def test_cuda_noise_precondition_matches_cpu_kernel_and_reference(dtype):
         assert_close(out[4].cpu(), cpu[4], **tol(cpu[4].dtype))
     base = randn((3 * 5 * 7 + 1,), dtype, 5)
     unaligned = (lambda t: t[1:].view(3, 5, 7))  # every sample starts off a 16-byte boundary
-    _same_on_cuda("noise_precondition", (base, base.clone(), sigmas(3, sdt), SD, SMIN, "x0"), False, unaligned)
+    args = (base, base.clone(), sigmas(3, sdt), SD, SMIN, "x0")
+    _same_on_cuda("noise_precondition", args, False, unaligned, at=(0, 1))
 
 
 @pytest.mark.cuda
@@ -524,7 +526,9 @@ def test_cuda_losses_match_cpu_kernel(dtypes):
     target, weight = randn((2, 33), dtypes[1], 7), torch.rand(2, dtype=weight.dtype)
     unaligned = (lambda t: t[1:].view(2, 33))
     _same_on_cuda("weighted_mse_loss", (pred, target, weight), False, unaligned)
-    _same_on_cuda("pseudo_huber_loss_backward", (pred, target, weight, torch.rand(2), C_HUBER), False)
+    sqsum = E.pseudo_huber_loss(unaligned(pred), target, weight, C_HUBER)[1]
+    args = (torch.rand(2, dtype=weight.dtype), pred, target, weight, sqsum, C_HUBER)
+    _same_on_cuda("pseudo_huber_loss_backward", args, False, unaligned, at=(1,))
 
 
 def lost_in_float32_sum(B=2, M=4096):

@@ -162,13 +162,19 @@ def test_noise_precondition_float64_images():
 
 def test_noise_precondition_scalings_are_the_references():
     """The in-kernel scalings equal edm_scalings in float32 (correctly rounded sqrt and division;
-    t_cond through float64 as the reference) at σ from σ̃_min to σ̃_max·4, both modes."""
+    t_cond through float64 as the reference) at σ from σ̃_min to σ̃_max·4, both modes. On a GPU
+    torch's rsqrt is within 2 ulp, not correctly rounded: there the float64 scalings are the
+    yardstick, with room for the kernel's own roundings (each op rounded once, no FMA)."""
     sigma = torch.tensor([0.008, 0.01, 0.3, 0.5, 1.0, 80.0, 320.0, 1280.0], device=DEVICE)
     x0 = torch.zeros(8, 3, device=DEVICE)
     for mode in ("x0", "edm"):
         outs = K["noise_precondition"](x0, x0, sigma, SD, SMIN, mode)[1:]
-        for o, r in zip(outs, R.edm_scalings(sigma, SD, SMIN, mode)):
-            torch.testing.assert_close(o, r, rtol=2e-7, atol=0)
+        if sigma.is_cuda:
+            expected, rtol = R.edm_scalings(sigma.double(), SD, SMIN, mode), 4e-7
+        else:
+            expected, rtol = R.edm_scalings(sigma, SD, SMIN, mode), 2e-7
+        for o, r in zip(outs, expected):
+            torch.testing.assert_close(o, r.to(o.dtype), rtol=rtol, atol=0)
     c_skip, c_out = K["noise_precondition"](x0[:1], x0[:1], sigma[:1], SD, SMIN, "edm")[2:4]
     assert c_skip.item() == 1.0 and c_out.item() == 0.0  # D(x, σ̃_min) = x exactly
 
