@@ -16,6 +16,13 @@ import os
 
 import torch
 
+# Whether Triton may contract a*b + c into one fused multiply-add (one rounding instead of two).
+# Every launch says so: Triton 3.9 warns that its default (on) turns off in 3.10, and the GPU
+# numerics must not move with the Triton version. On, as Triton has always run these kernels,
+# except the elementwise preconditioning, whose scalings are meant to round as torch's separate
+# operations do (kernels/precondition.py). The interpreter never contracts.
+FP_FUSION = {"enable_fp_fusion": True}
+NO_FP_FUSION = {"enable_fp_fusion": False}
 # Elements of one [BLOCK_T, BLOCK_D] tile that the row-block heuristic aims for, and its row cap.
 _TILE_ELEMS = 4096
 _MAX_ROWS = 64

@@ -57,7 +57,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._common import cdiv, device_guard, is_interpreter, next_power_of_2
+from ._common import FP_FUSION, cdiv, device_guard, is_interpreter, next_power_of_2
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_HEAD_DIM = 256
@@ -429,7 +429,7 @@ def _launch_config(head_dim: int, dtype: torch.dtype) -> dict:
         MASK0=d1 == 0 and d0 != head_dim, MASK1=d1 > 0 and width != head_dim,
         IEEE=dtype == torch.float32,
         BLOCK_M=block_m, BLOCK_N=block_n, TAIL=_TAIL,
-        num_warps=4 if width <= 64 else 8, num_stages=2,
+        num_warps=4 if width <= 64 else 8, num_stages=2, **FP_FUSION,
     )
 
 

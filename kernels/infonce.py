@@ -65,7 +65,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._common import cdiv, device_guard, is_interpreter, next_power_of_2, target_programs
+from ._common import FP_FUSION, cdiv, device_guard, is_interpreter, next_power_of_2, target_programs
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _MIN_DOT = 16  # tl.dot needs every dimension >= 16
@@ -320,11 +320,11 @@ def _logsumexp(q: Tensor, k: Tensor, tau: float) -> tuple[Tensor, Tensor]:
             B, M, plan["n_tiles"], plan["tiles_per_split"], row_blocks, _LOG2E / tau,
             *q.stride(), *k.stride(),
             D=D, BLOCK_M=plan["BLOCK_M"], BLOCK_N=plan["BLOCK_N"], BLOCK_K=plan["BLOCK_K"],
-            F32_DOT=plan["F32_DOT"], num_warps=4, num_stages=3,
+            F32_DOT=plan["F32_DOT"], num_warps=4, num_stages=3, **FP_FUSION,
         )
         _lse_combine_kernel[(cdiv(B, block),)](
             parts[0], parts[1], parts[2], loss, lse, B, splits, BLOCK=block,
-            num_warps=4 if block >= 512 else 1,
+            num_warps=4 if block >= 512 else 1, **FP_FUSION,
         )
     return loss, lse
 
@@ -390,11 +390,11 @@ def info_nce_backward(grad: Tensor, q: Tensor, k: Tensor, tau: float) -> Tensor:
             B, M, plan["n_tiles"], plan["tiles_per_split"], row_blocks, d_chunks, _LOG2E / tau,
             *q.stride(), *k.stride(),
             D=D, BLOCK_M=plan["BLOCK_M"], BLOCK_N=plan["BLOCK_N"], BLOCK_K=plan["BLOCK_K"],
-            BLOCK_D=block_d, F32_DOT=plan["F32_DOT"], num_warps=8, num_stages=2,
+            BLOCK_D=block_d, F32_DOT=plan["F32_DOT"], num_warps=8, num_stages=2, **FP_FUSION,
         )
         _grad_finalize_kernel[(cdiv(B, fin_m) * cdiv(D, fin_d),)](
             acc, mass, k, grad, grad_q, B, splits, 1.0 / tau,
             *k.stride(), grad.stride(0),
-            D=D, BLOCK_M=fin_m, BLOCK_D=fin_d, num_warps=4,
+            D=D, BLOCK_M=fin_m, BLOCK_D=fin_d, num_warps=4, **FP_FUSION,
         )
     return grad_q

@@ -27,9 +27,20 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._common import cdiv, device_guard, row_block, target_programs
+from ._common import FP_FUSION, cdiv, device_guard, row_block, target_programs
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+# Each program holds whole rows (BLOCK_D >= D), and the backward four accumulators of a row: past
+# this width they no longer fit in registers (EPG's widths are at most 1584).
+MAX_WIDTH = 8192
+
+
+def declines(x: Tensor, *rest) -> str | None:
+    """The SUPPORTS hook of the four launchers (called with their forward input, or with grad
+    and x): rows wider than MAX_WIDTH go to the reference, or None."""
+    if x.dim() >= 1 and x.shape[-1] > MAX_WIDTH:
+        return f"rows of {x.shape[-1]} > {MAX_WIDTH} elements"
+    return None
 
 
 # --- kernels ------------------------------------------------------------------------------------
@@ -227,7 +238,7 @@ def _forward(x3: Tensor, weight: Tensor, bias: Tensor, shift, scale, y3: Tensor,
             *shift_strides, *scale_strides,
             *y3.stride(),
             HAS_MODULATION=has_mod, ACC_DTYPE=_acc_dtypes(x3)[1],
-            BLOCK_T=block_t, BLOCK_D=block_d, num_warps=num_warps,
+            BLOCK_T=block_t, BLOCK_D=block_d, num_warps=num_warps, **FP_FUSION,
         )
 
 
@@ -256,7 +267,7 @@ def _backward(grad3: Tensor, x3: Tensor, weight: Tensor, bias, scale, grad_x3: T
             *scale_strides,
             *grad_x3.stride(),
             HAS_MODULATION=has_mod, ACC_DTYPE=acc_tl,
-            BLOCK_T=block_t, BLOCK_D=block_d, num_warps=num_warps,
+            BLOCK_T=block_t, BLOCK_D=block_d, num_warps=num_warps, **FP_FUSION,
         )
     return progs, part_w, part_b, part_shift, part_scale
 

@@ -56,7 +56,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._common import cdiv, device_guard, is_interpreter, next_power_of_2
+from ._common import FP_FUSION, cdiv, device_guard, is_interpreter, next_power_of_2
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _MIN_DOT = 16  # tl.dot needs every dimension >= 16
@@ -188,7 +188,7 @@ def _patch_embed_bwd_weight_kernel(
         mask_n = offs_n < N
         # Tokens of sample 0; the pointers advance one sample per step of the batch loop.
         row, _ = _token_offsets(offs_n, N, W_PATCHES, 0, stride_img_h, stride_img_w, P)
-        g_ptrs = g_cols + offs_n[None, :] * stride_g_n  # gᵀ [BLOCK_D, BLOCK_M]
+        g_ptrs = g_cols + offs_n.to(tl.int64)[None, :] * stride_g_n  # gᵀ [BLOCK_D, BLOCK_M]
         a_ptrs = img_ptr + chunk_off + row[:, None] + a_off[None, :]  # A [BLOCK_M, BLOCK_K]
         mask_g = mask_d[:, None] & mask_n[None, :]
         if MASK_K:
@@ -368,6 +368,7 @@ def patch_embed(img: Tensor, weight: Tensor, bias: Tensor, pos_embed: Tensor) ->
             *img.stride(), *weight.stride(), bias.stride(0), *pos_embed.stride(),
             **_chunking(p), **_dot_config(img.dtype, weight.dtype),
             BLOCK_M=_BLOCK_M, BLOCK_N=block_n, num_warps=4 if block_n <= 64 else 8, num_stages=3,
+            **FP_FUSION,
         )
     return out
 
@@ -399,7 +400,7 @@ def patch_embed_backward(
             B, N, D, C * p * p, w, tiles_k,
             *grad.stride(), *img.stride(),
             **chunking, **_dot_config(grad.dtype, img.dtype),
-            BLOCK_D=_BLOCK_M, BLOCK_M=_block(N, _BLOCK_M), num_warps=4, num_stages=3,
+            BLOCK_D=_BLOCK_M, BLOCK_M=_block(N, _BLOCK_M), num_warps=4, num_stages=3, **FP_FUSION,
         )
         if need_img_grad:
             _patch_embed_bwd_img_kernel[(cdiv(B * N, _BLOCK_M) * tiles_k,)](
@@ -408,5 +409,6 @@ def patch_embed_backward(
                 *grad.stride(), *weight.stride(), *grad_img.stride(),
                 **chunking, **_dot_config(grad.dtype, weight.dtype),
                 BLOCK_M=_BLOCK_M, BLOCK_D=_block(D, _BLOCK_M), num_warps=4, num_stages=3,
+                **FP_FUSION,
             )
     return grad_img, grad_w, grad_bias, grad_pos

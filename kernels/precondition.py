@@ -52,7 +52,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._common import cdiv, device_guard, is_interpreter, target_programs
+from ._common import NO_FP_FUSION, cdiv, device_guard, is_interpreter, target_programs
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 EDM_MODES = ("x0", "edm")
@@ -213,11 +213,11 @@ def _launch(kernel, grid: tuple[int, int], *args, **constexprs) -> None:
     which cannot autotune; they only store (no accumulation into outputs), so the autotuner's
     repeated trial launches leave correct results."""
     if kernel not in _TUNED:
-        kernel[grid](*args, **_REDUCTION_CONFIG, **constexprs)
+        kernel[grid](*args, **_REDUCTION_CONFIG, **constexprs, **NO_FP_FUSION)
     elif is_interpreter():
-        kernel[grid](*args, BLOCK=_INTERPRETER_BLOCK, num_warps=4, **constexprs)
+        kernel[grid](*args, BLOCK=_INTERPRETER_BLOCK, num_warps=4, **constexprs, **NO_FP_FUSION)
     else:
-        _TUNED[kernel][grid](*args, **constexprs)
+        _TUNED[kernel][grid](*args, **constexprs, **NO_FP_FUSION)
 
 
 def _chunks(B: int, M: int, device: torch.device, kernel) -> int:

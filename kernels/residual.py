@@ -38,6 +38,7 @@ import triton.language as tl
 from torch import Tensor
 
 from ._common import (
+    FP_FUSION,
     cdiv,
     device_guard,
     is_interpreter,
@@ -182,7 +183,7 @@ def gated_residual(x: Tensor, gate: Tensor, y: Tensor) -> Tensor:
         _gated_residual_fwd_kernel[(B * tiles_t * tiles_d,)](
             x, gate, y, out, T, D, tiles_t, tiles_d,
             *x.stride(), *gate.stride(), *y.stride(), *out.stride(),
-            ACC_DTYPE=_acc_dtype(x), BLOCK_T=block_t, BLOCK_D=block_d, num_warps=num_warps,
+            ACC_DTYPE=_acc_dtype(x), BLOCK_T=block_t, BLOCK_D=block_d, num_warps=num_warps, **FP_FUSION,
         )
     return out
 
@@ -214,6 +215,6 @@ def gated_residual_backward(grad: Tensor, gate: Tensor, y: Tensor) -> tuple[Tens
         _gated_residual_bwd_kernel[(B * chunks * tiles_d,)](
             grad, gate, y, grad_y, part, T, D, chunks, tiles_d,
             *grad.stride(), *gate.stride(), *y.stride(), *grad_y.stride(),
-            ACC_DTYPE=acc, BLOCK_T=block_t, BLOCK_D=block_d, num_warps=num_warps,
+            ACC_DTYPE=acc, BLOCK_T=block_t, BLOCK_D=block_d, num_warps=num_warps, **FP_FUSION,
         )
     return part.sum(1).to(gate.dtype), grad_y

@@ -11,6 +11,7 @@ when its error against the truth is at most twice the low-dtype reference's erro
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import sys
 
@@ -211,3 +212,34 @@ def test_empty_inputs():
     assert all(not t.any() for t in (gw, gb, gsh, gsc))
     gx, gw, gb = K["layer_norm_backward"](x, x, w, EPS)
     assert gx.shape == x.shape and gw.shape == (8,) and not gw.any() and not gb.any()
+
+
+def test_rows_wider_than_the_kernel_holds_go_to_the_reference(monkeypatch):
+    """On CUDA tensors the automatic choice passes rows over MAX_WIDTH to the reference (the
+    kernels keep whole rows in registers); the four SUPPORTS hooks see the right argument."""
+    import dataclasses
+
+    from epg import _backend
+
+    supports = epg_kernels.SUPPORTS
+    max_width = importlib.import_module("epg_kernels.layer_norm").MAX_WIDTH
+    wide, ok = torch.zeros(1, 2, max_width + 1), torch.zeros(1, 2, 1584)
+    for x in (wide, ok):
+        w, b, mod = torch.ones(x.shape[-1]), torch.zeros(x.shape[-1]), torch.zeros(1, x.shape[-1])
+        calls = {
+            "layer_norm": (x, w, b, 1e-6),
+            "layer_norm_backward": (x, x, w, 1e-6),
+            "ln_modulate": (x, w, b, mod, mod, 1e-6),
+            "ln_modulate_backward": (x, x, w, b, mod, mod, 1e-6),
+        }
+        for op, args in calls.items():
+            reason = supports[op](*args)
+            assert (reason is None) == (x is ok), (op, reason)
+    assert f"{max_width + 1} > {max_width}" in supports["layer_norm"](wide, None, None, 1e-6)
+    # Pretend Triton runs CUDA tensors here, so the choice among backends can be seen on CPU.
+    triton = _backend.info("triton")
+    monkeypatch.setitem(_backend._INFO, "triton", lambda: dataclasses.replace(triton, runs_on_cuda=True))
+    monkeypatch.setattr(_backend, "AUTO_ORDER", ("triton",))
+    cuda = torch.device("cuda")
+    assert _backend.choose("ln_modulate_backward", cuda, (ok, ok)) == "triton"
+    assert _backend.choose("ln_modulate_backward", cuda, (wide, wide)) == "reference"
