@@ -236,7 +236,9 @@ def _make_extension(plan, with_cuda):
     cpp_sources = _sources("*.cpp")
     headers = _sources("*.h") + _sources("*.cuh")
     is_msvc = os.name == "nt"
-    cxx_flags = ["/O2"] if is_msvc else ["-O3"]
+    # No contraction into fused multiply-adds: the C++ twins must round like the CUDA kernels
+    # (csrc/numerics.h), also where GCC contracts by default (aarch64, -march=native).
+    cxx_flags = ["/O2", "/fp:precise"] if is_msvc else ["-O3", "-ffp-contract=off"]
     kwargs = dict(
         name=EXT_NAME,
         include_dirs=[os.path.join(ROOT, CSRC)],

@@ -5,7 +5,7 @@
 //
 // mul_rn / add_rn: a product or sum rounded on its own. nvcc contracts a*b + c
 // into one fused multiply-add by default (one rounding instead of two), the
-// host compiler does not (x86-64 without -mfma), and torch's reference runs
+// host compiler does not (setup.py passes -ffp-contract=off), and torch's reference runs
 // each op separately. Writing the elementwise formulas with these makes the
 // CUDA kernels round exactly like the CPU kernels, so the CPU tests check the
 // arithmetic the GPU runs bit for bit (division and sqrt are IEEE-rounded on
