@@ -12,7 +12,7 @@ Backends:
 
 Automatic choice (the default, ``EPG_BACKEND=auto``): on a CUDA tensor the first backend in
 ``AUTO_ORDER`` that implements the op, else the reference; on any other device the reference.
-Automatic choice never raises. (On a CPU, eager calls of the network's ops then skip the custom
+Automatic choice never raises. (On a CPU, unforced calls of the network's ops then skip the custom
 op and call the reference directly: see ``epg.ops``.)
 
 Forcing: ``EPG_BACKEND=reference|triton|cuda|sdpa|flash_attn`` for every op, ``EPG_BACKEND_<OP>`` (for example
@@ -147,13 +147,27 @@ def info(name: str) -> BackendInfo:
     return _INFO[name]()
 
 
+# os.environ's own dict (bytes keys on POSIX). torch.compile guards a lookup in it also when the
+# variable is unset, where it does not guard ``os.environ.get`` of an unset variable: a function
+# compiled with EPG_BACKEND unset would keep the automatic choice after it is set.
+_ENVIRON_DATA = getattr(os.environ, "_data", None) if os.name == "posix" else None
+
+
+def _environ_get(var: str) -> str:
+    """``os.environ.get(var, "")``, read so that ``torch.compile`` guards it (see above)."""
+    if isinstance(_ENVIRON_DATA, dict):
+        raw = _ENVIRON_DATA.get(var.encode())
+        return "" if raw is None else raw.decode(errors="replace")
+    return os.environ.get(var, "")
+
+
 def _forced_backend(op: str) -> str | None:
     forced = _forced.get()
     for key in (op, None):
         if key in forced:
             return None if forced[key] == "auto" else forced[key]
     for var in (f"{ENV_VAR}_{op.upper()}", ENV_VAR):
-        value = os.environ.get(var, "").strip().lower()
+        value = _environ_get(var).strip().lower()
         if value and value != "auto":
             if value == "ref":
                 value = "reference"

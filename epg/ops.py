@@ -11,16 +11,19 @@ So ``torch.compile(fullgraph=True)`` traces through them without graph breaks, a
 ``torch.library.opcheck`` passes. The public functions below validate shapes (raising
 ``ValueError`` with the expected form) and call the custom ops; models call only these.
 
-One shortcut: the network's ops (``NETWORK_OPS``) called eagerly on a non-CUDA tensor with no
-backend forced call the reference forward directly and let autograd record it, because the
-custom op would run the reference there anyway and only adds cost: its dispatch, and a backward
-that recomputes what autograd keeps (the attention backward recomputes the probabilities where
-PyTorch's SDPA backward reads its saved log-sum-exp). Measured on the digits demo's stage-2
-step (2 CPU cores): ~10% less time. The gradient of each of these reference forwards is its
-``<op>_backward`` (tested); under ``torch.compile``, on CUDA, or with ``EPG_BACKEND=reference``
-(or :func:`use_backend`) the custom op runs as described above. Autograd keeps more tensors for
-the backward than the custom op (~6% more saved activations for the demo network at batch 64),
-and an activation-checkpointed region must see the same forced backends in its forward and its
+One shortcut: the network's ops (``NETWORK_OPS``) called on a non-CUDA tensor with no backend
+forced call the reference forward directly and let autograd record it, because the custom op
+would run the reference there anyway and only adds cost: its dispatch, and a backward that
+recomputes what autograd keeps (the attention backward recomputes the probabilities where
+PyTorch's SDPA backward reads its saved log-sum-exp). Measured on the digits demo's stage-2 step
+(2 CPU cores): ~10% less time eagerly. Under ``torch.compile`` the same holds, so inductor sees
+and fuses the reference math instead of opaque calls; the choice is made when the function is
+traced and guarded (``use_backend`` and the ``EPG_BACKEND`` variables, set or unset), so forcing
+a backend later recompiles. The gradient of each of these reference forwards is its
+``<op>_backward`` (tested); on CUDA, or with ``EPG_BACKEND=reference`` (or :func:`use_backend`)
+the custom op runs as described above. Autograd keeps more tensors for the backward than the
+custom op (~6% more saved activations for the demo network at batch 64), and an
+activation-checkpointed region must see the same forced backends in its forward and its
 recomputation (the two paths save different tensors; ``torch.utils.checkpoint`` rejects that).
 
 Shapes: B batch, T tokens, D width, H heads, Dh head dim, C channels, p patch size.
@@ -60,7 +63,7 @@ __all__ = [
     "NETWORK_OPS",
 ]
 
-#: The ops of the networks, which eager CPU calls run as the reference itself (module docstring).
+#: The ops of the networks, which unforced CPU calls run as the reference itself (module docstring).
 NETWORK_OPS = (
     "layer_norm",
     "ln_modulate",
@@ -119,11 +122,7 @@ def _run(op: str, device_tensor: Tensor, *args):
 
 def _network_op(op, name: str, device_tensor: Tensor, *args):
     """``op(*args)``, or the reference ``name`` called directly (see the module's docstring)."""
-    if (
-        device_tensor.device.type != "cuda"
-        and not torch.compiler.is_compiling()
-        and not _backend.is_forced(name)
-    ):
+    if device_tensor.device.type != "cuda" and not _backend.is_forced(name):
         return getattr(reference, name)(*args)
     return op(*args)
 

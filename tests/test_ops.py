@@ -1,5 +1,6 @@
 """The op layer: references against independent math, gradients, registration, backend choice."""
 
+import contextlib
 import math
 
 import pytest
@@ -176,8 +177,8 @@ def test_gradcheck(name):
 
 @pytest.mark.parametrize("name", ops.NETWORK_OPS)
 def test_network_ops_on_cpu_call_the_reference_directly_with_the_same_gradients(name):
-    """Eager and unforced, a network op is the reference forward under autograd; forced (or
-    compiled) it is the custom op; both give the reference backward's gradients."""
+    """Unforced, a network op is the reference forward under autograd; forced it is the custom
+    op; both give the reference backward's gradients."""
     args = _make_inputs()[name]
     tensors = [a for a in args if isinstance(a, torch.Tensor)]
     rest = args[len(tensors):]
@@ -237,7 +238,10 @@ def test_patch_embed_skips_image_gradient_when_not_needed():
     assert img.grad is None and w.grad is not None and pos.grad is not None
 
 
-def test_ops_under_torch_compile_fullgraph_equal_eager():
+@pytest.mark.parametrize("forced", [False, True], ids=["unforced", "forced_reference"])
+def test_ops_under_torch_compile_fullgraph_equal_eager(forced):
+    """Compiled on a CPU with no backend forced, the network ops are their reference math
+    (inductor can fuse it); forced, they stay custom ops. Both equal eager."""
     x = torch.randn(2, 9, 12, requires_grad=True)
     w, b = torch.randn(12, requires_grad=True), torch.randn(12, requires_grad=True)
     shift, scale, gate = (torch.randn(2, 12, requires_grad=True) for _ in range(3))
@@ -256,15 +260,50 @@ def test_ops_under_torch_compile_fullgraph_equal_eager():
 
     eager = block(x)  # on a CPU: the references called directly
     grads_eager = torch.autograd.grad(eager, [x, w, shift, qkv_w])
-    torch.compile(block, fullgraph=True, backend=recording_backend)(x)
-    assert {f"epg.{op}.default" for op in ("ln_modulate", "attention", "gated_residual", "layer_norm")} <= graph_ops
-    compiled = torch.compile(block, fullgraph=True, backend="aot_eager")(x)
-    grads_compiled = torch.autograd.grad(compiled, [x, w, shift, qkv_w])
+    force = ops.use_backend("reference") if forced else contextlib.nullcontext()
+    with force:
+        torch.compile(block, fullgraph=True, backend=recording_backend)(x)
+        compiled = torch.compile(block, fullgraph=True, backend="aot_eager")(x)
+        grads_compiled = torch.autograd.grad(compiled, [x, w, shift, qkv_w])
+    custom = {f"epg.{op}.default" for op in ("ln_modulate", "attention", "gated_residual", "layer_norm")}
+    if forced:
+        assert custom <= graph_ops
+    else:
+        assert not any(str(op).startswith("epg.") for op in graph_ops), graph_ops
     assert_close(compiled.detach(), eager.detach(), atol=1e-5, rtol=1e-5)
     for gc, ge in zip(grads_compiled, grads_eager):
-        # Eager runs autograd of the reference forwards, compiled the registered backwards:
-        # float32 roundings differ, by ~2e-6 of the largest gradient each (against float64).
+        # Forced, the compiled backward is the registered backwards, eager is autograd of the
+        # reference forwards: float32 roundings differ, by ~2e-6 of the largest gradient each.
         assert_close(gc, ge, atol=1e-5 * ge.abs().max().item(), rtol=1e-5)
+
+
+def test_compiled_network_op_follows_a_backend_forced_after_compiling(monkeypatch):
+    """A function compiled with no backend forced is recompiled, not reused, once EPG_BACKEND or
+    use_backend forces one: the choice made at tracing time is guarded."""
+    monkeypatch.delenv("EPG_BACKEND", raising=False)
+    monkeypatch.delenv("EPG_BACKEND_LAYER_NORM", raising=False)
+    x, w, b = torch.randn(3, 8), torch.randn(8), torch.randn(8)
+    graphs = []
+
+    def recording_backend(gm, example_inputs):
+        graphs.append({str(n.target) for n in gm.graph.nodes if n.op == "call_function"})
+        return gm
+
+    compiled = torch.compile(lambda x: ops.layer_norm(x, w, b), fullgraph=True, backend=recording_backend)
+
+    def uses_custom_op():
+        compiled(x)
+        return "epg.layer_norm.default" in graphs[-1]
+
+    assert not uses_custom_op()
+    monkeypatch.setenv("EPG_BACKEND_LAYER_NORM", "reference")
+    assert uses_custom_op() and len(graphs) == 2
+    monkeypatch.delenv("EPG_BACKEND_LAYER_NORM")
+    monkeypatch.setenv("UNRELATED_TO_EPG", "1")
+    compiled(x)
+    assert len(graphs) == 2  # the first graph again: no new tracing, unrelated variables unguarded
+    with ops.use_backend("reference", "layer_norm"):
+        assert uses_custom_op() and len(graphs) == 3
 
 
 # --- input validation -----------------------------------------------------------------------
