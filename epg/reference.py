@@ -529,7 +529,8 @@ def normalize_images(
     mirrored left-right where ``flip`` (bool (B,), or None) is set. Arithmetic in float32
     (float64 for a float64 result), rounded to ``dtype`` once."""
     ct = torch.float64 if dtype == torch.float64 else torch.float32
-    x = images.permute(0, 3, 1, 2).to(ct)
+    # Converted straight into NCHW order: the arithmetic below then runs on contiguous memory.
+    x = images.permute(0, 3, 1, 2).to(ct, memory_format=torch.contiguous_format)
     if flip is not None:
         x = torch.where(flip.reshape(-1, 1, 1, 1), x.flip(-1), x)
     m = x.new_tensor(mean).reshape(1, -1, 1, 1)

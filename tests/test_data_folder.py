@@ -207,6 +207,8 @@ def test_portable_batches_follow_the_schedule(png_tree):
         batch = next(loader)
         rows, flips = schedule.rows(*divmod(step, 3))
         assert batch["image"].dtype == torch.uint8 and batch["image"].shape == (4, 3, RES, RES)
+        # Channels-last in memory, as decoded: normalize_images reads it without a copy.
+        assert batch["image"].permute(0, 2, 3, 1).is_contiguous()
         expected = images[rows].clone()
         expected[flips] = expected[flips].flip(-1)
         assert torch.equal(batch["image"], expected)
@@ -332,7 +334,10 @@ def test_dali_cpu_gives_the_portable_images_and_resumes(png_tree):
         portable = _take(PortableLoader(png_tree, RES, 4, num_workers=0, **options), 8)
         with DaliLoader(png_tree, RES, 4, num_threads=1, **options) as loader:
             assert loader.decoder == "cpu"
-            assert _equal(_take(loader, 5), portable[:5])
+            batches = _take(loader, 5)
+            assert _equal(batches, portable[:5])
+            if convention is None:  # channels-last in memory, as the portable loader's
+                assert all(b["image"].permute(0, 2, 3, 1).is_contiguous() for b in batches)
             state = loader.state_dict()
         with DaliLoader(png_tree, RES, 4, num_threads=1, **options) as resumed:
             resumed.load_state_dict(state)

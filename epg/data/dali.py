@@ -18,7 +18,7 @@ prefetching never shifts the data, and resuming means building the pipeline at t
 position. The rest of the graph:
 
     external_source → decoders.image ("mixed" on a CUDA device, "cpu" otherwise; RGB, EXIF
-    orientation ignored like Pillow) → crop_mirror_normalize (the scheduled mirror, CHW, uint8;
+    orientation ignored like Pillow) → crop_mirror_normalize (the scheduled mirror, HWC, uint8;
     no crop: the images are resolution² already)
 
 and the uint8 batch is normalised by the same torch code as the portable loader, so both paths
@@ -332,7 +332,7 @@ class DaliLoader(FolderLoaderBase):
             )
             # No crop: the reader checked that every image is resolution² (read_for_dali).
             images = fn.crop_mirror_normalize(
-                images, mirror=flips, dtype=types.UINT8, output_layout="CHW"
+                images, mirror=flips, dtype=types.UINT8, output_layout="HWC"
             )
             pipe.set_outputs(images, labels)
         pipe.build()
@@ -355,7 +355,8 @@ class DaliLoader(FolderLoaderBase):
                 new_bad += self._diagnose(exc)
         files = self.schedule.rows(self.epoch, self.index)[0].tolist()
         substituted = sum(i in self._bad for i in files)
-        return out["image"], out["label"].view(-1), new_bad, substituted
+        # (B, 3, H, W) over the (B, H, W, 3) memory: normalize_uint8 reads it as is.
+        return out["image"].permute(0, 3, 1, 2), out["label"].view(-1), new_bad, substituted
 
     def _diagnose(self, exc: Exception) -> list[tuple[str, str]]:
         """Find, with Pillow, the bad files behind a DALI failure; raise or mark them bad.

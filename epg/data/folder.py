@@ -379,7 +379,8 @@ def normalize_uint8(images: Tensor, convention: str | None) -> Tensor:
     """uint8 (B, C, H, W) → float32 in the convention (``None``: the uint8 images unchanged).
 
     x01 = u / 255, then ``"imagenet"``: (x01 − mean)/(2·std), ``"simple"``: 2·x01 − 1. Both
-    loaders call this on the device batch, so their outputs agree bit for bit.
+    loaders call this on the device batch, so their outputs agree bit for bit. The loaders'
+    batches are channels-last in memory (the decoders' layout), which the op reads without a copy.
     """
     if convention is None:
         return images

@@ -4,7 +4,7 @@ Each DataLoader item is one whole local batch: the sampler yields positions (epo
 from the current one on, forever, and a worker decodes that position's files (the
 :class:`~epg.data.folder.BatchSchedule` of epg/data/folder.py), checks they are
 ``resolution``² (they are not cropped: see below), flips the scheduled ones and
-stacks them as uint8 (B, 3, H, W). The main
+stacks them as uint8 (B, 3, H, W), channels-last in memory as decoded. The main
 process moves the batch to the device (from pinned memory on CUDA) and normalises it there.
 Workers run batches in parallel and the DataLoader returns them in order, so the output is the
 same for any ``num_workers``.
@@ -89,7 +89,8 @@ class _BatchReader(Dataset):
             substituted += j != i
             bad.extend(met)
         return {
-            "image": torch.from_numpy(images).permute(0, 3, 1, 2).contiguous(),  # (B, 3, H, W)
+            # (B, 3, H, W) over the decoded (B, H, W, 3) memory: normalize_uint8 reads it as is.
+            "image": torch.from_numpy(images).permute(0, 3, 1, 2),
             "label": torch.from_numpy(labels),
             "position": position,
             "bad": bad,
