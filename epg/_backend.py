@@ -31,6 +31,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import functools
+import importlib
 import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -159,6 +160,18 @@ def _environ_get(var: str) -> str:
         raw = _ENVIRON_DATA.get(var.encode())
         return "" if raw is None else raw.decode(errors="replace")
     return os.environ.get(var, "")
+
+
+@torch.compiler.assume_constant_result
+def choice_traceable() -> bool:
+    """Whether ``torch.compile`` can trace, and guard, the backend choice itself: dynamo traces
+    the :func:`use_backend` context variable in torch 2.14, while torch 2.11's stops at it (a graph
+    break, an error under ``fullgraph=True``). Fixed per process; run once per traced graph."""
+    try:
+        variables = importlib.import_module("torch._dynamo.variables")  # loaded when compiling
+    except ImportError:
+        return False
+    return hasattr(variables, "ContextVarVariable")
 
 
 def _forced_backend(op: str) -> str | None:

@@ -19,7 +19,8 @@ PyTorch's SDPA backward reads its saved log-sum-exp). Measured on the digits dem
 (2 CPU cores): ~10% less time eagerly. Under ``torch.compile`` the same holds, so inductor sees
 and fuses the reference math instead of opaque calls; the choice is made when the function is
 traced and guarded (``use_backend`` and the ``EPG_BACKEND`` variables, set or unset), so forcing
-a backend later recompiles. The gradient of each of these reference forwards is its
+a backend later recompiles. (Where dynamo cannot trace that choice, torch 2.11 for one, compiled
+code keeps the custom ops: :func:`epg._backend.choice_traceable`.) The gradient of each of these reference forwards is its
 ``<op>_backward`` (tested); on CUDA, or with ``EPG_BACKEND=reference`` (or :func:`use_backend`)
 the custom op runs as described above. Autograd keeps more tensors for the backward than the
 custom op (~6% more saved activations for the demo network at batch 64), and an
@@ -122,7 +123,11 @@ def _run(op: str, device_tensor: Tensor, *args):
 
 def _network_op(op, name: str, device_tensor: Tensor, *args):
     """``op(*args)``, or the reference ``name`` called directly (see the module's docstring)."""
-    if device_tensor.device.type != "cuda" and not _backend.is_forced(name):
+    if (
+        device_tensor.device.type != "cuda"
+        and (not torch.compiler.is_compiling() or _backend.choice_traceable())
+        and not _backend.is_forced(name)
+    ):
         return getattr(reference, name)(*args)
     return op(*args)
 

@@ -266,7 +266,7 @@ def test_ops_under_torch_compile_fullgraph_equal_eager(forced):
         compiled = torch.compile(block, fullgraph=True, backend="aot_eager")(x)
         grads_compiled = torch.autograd.grad(compiled, [x, w, shift, qkv_w])
     custom = {f"epg.{op}.default" for op in ("ln_modulate", "attention", "gated_residual", "layer_norm")}
-    if forced:
+    if forced or not _backend.choice_traceable():  # torch 2.11: compiled code keeps the custom ops
         assert custom <= graph_ops
     else:
         assert not any(str(op).startswith("epg.") for op in graph_ops), graph_ops
@@ -280,6 +280,9 @@ def test_ops_under_torch_compile_fullgraph_equal_eager(forced):
 def test_compiled_network_op_follows_a_backend_forced_after_compiling(monkeypatch):
     """A function compiled with no backend forced is recompiled, not reused, once EPG_BACKEND or
     use_backend forces one: the choice made at tracing time is guarded."""
+    if not _backend.choice_traceable():
+        pytest.skip(f"torch {torch.__version__}: dynamo cannot trace the backend choice, compiled "
+                    "code keeps the custom ops (covered by test_ops_under_torch_compile_...)")
     monkeypatch.delenv("EPG_BACKEND", raising=False)
     monkeypatch.delenv("EPG_BACKEND_LAYER_NORM", raising=False)
     x, w, b = torch.randn(3, 8), torch.randn(8), torch.randn(8)
