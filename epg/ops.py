@@ -20,9 +20,9 @@ PyTorch's SDPA backward reads its saved log-sum-exp). Measured on the digits dem
 and fuses the reference math instead of opaque calls; the choice is made when the function is
 traced and guarded (``use_backend`` and the ``EPG_BACKEND`` variables, set or unset), so forcing
 a backend later recompiles. (Where dynamo cannot trace that choice, torch 2.11 for one, compiled
-code keeps the custom ops: :func:`epg._backend.choice_traceable`.) The gradient of each of these reference forwards is its
-``<op>_backward`` (tested); on CUDA, or with ``EPG_BACKEND=reference`` (or :func:`use_backend`)
-the custom op runs as described above. Autograd keeps more tensors for the backward than the
+code keeps the custom ops: :func:`epg._backend.choice_traceable`.) The gradient of each of these
+reference forwards is its ``<op>_backward`` (tested); on CUDA, or with ``EPG_BACKEND=reference``
+(or :func:`use_backend`) the custom op runs as described above. Autograd keeps more tensors for the backward than the
 custom op (~6% more saved activations for the demo network at batch 64), and an
 activation-checkpointed region must see the same forced backends in its forward and its
 recomputation (the two paths save different tensors; ``torch.utils.checkpoint`` rejects that).

@@ -30,8 +30,9 @@ from torch import Tensor
 from ._common import FP_FUSION, cdiv, device_guard, row_block, target_programs
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-# Each program holds whole rows (BLOCK_D >= D), and the backward four accumulators of a row: past
-# this width they no longer fit in registers (EPG's widths are at most 1584).
+# Each program holds whole rows (BLOCK_D >= D), and the backward four accumulators of a row, so
+# wide rows spill registers long before Triton's block limit stops the compile. The cap keeps
+# EPG's widths (at most 1584) far inside; wider rows go to the reference.
 MAX_WIDTH = 8192
 
 
