@@ -25,7 +25,23 @@ def require_triton() -> None:
             "Triton kernels need a CUDA GPU, or TRITON_INTERPRET=1 to run them on the CPU",
             allow_module_level=True,
         )
-    pytest.importorskip("triton", reason="triton is not installed")
+    triton = pytest.importorskip("triton", reason="triton is not installed")
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        import numpy
+
+        if _release(triton.__version__) < (3, 7) and _release(numpy.__version__) >= (2, 4):
+            # Its interpreter turns 1-element arrays into ints with int(), which NumPy 2.4
+            # refuses: every kernel would fail with an InterpreterError (3.7 uses squeeze()).
+            pytest.skip(
+                f"Triton {triton.__version__}'s interpreter needs NumPy < 2.4 (this is "
+                f"{numpy.__version__}); scripts/check_triton_versions.sh pairs it with NumPy 2.2",
+                allow_module_level=True,
+            )
+
+
+def _release(version: str) -> tuple[int, ...]:
+    """(major, minor) of a version string such as '3.6.0' or '2.4.0rc1'."""
+    return tuple(int("".join(c for c in part if c.isdigit()) or 0) for part in version.split(".")[:2])
 
 
 def import_epg_kernels():
