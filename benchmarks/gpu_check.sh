@@ -20,6 +20,7 @@
 #   EPG_CHECK_BUDGET_S  total seconds to plan for (default 470); later steps shrink to fit
 #   EPG_CHECK_CPU_ONLY  1: behave as on a machine without a GPU
 #   MAX_JOBS, EPG_NVCC_THREADS   build parallelism (default MAX_JOBS = number of CPUs)
+#   EPG_CHECK_TEST_WORKERS  pytest-xdist workers for the GPU tests when xdist is installed (default 4)
 #   EPG_GIT_REV         revision to record when the tree has no .git
 #   EPG_WHEELS          folder of wheels to install missing test tools or epg dependencies from
 #                       (offline, into a venv over the interpreter; default: .whl/ in the repo)
@@ -154,9 +155,13 @@ elif [ $(( $(left) - 170 )) -lt 30 ]; then
     step "GPU tests (cuda, triton)" "skipped" "time budget: $(left)s left, kept for the benchmarks"
 else
     LIMIT=$(min 200 $(( $(left) - 170 )))
-    say "GPU tests: pytest -m 'cuda or triton' tests (limit ${LIMIT}s, log gpu-tests.log)"
+    # On a fresh machine every Triton test compiles its kernels' specialisations on first use, one
+    # after another in one process; pytest-xdist (in the GPU image) spreads them over workers.
+    WORKERS=()
+    if "$PY" -c "import xdist" 2>/dev/null; then WORKERS=(-n "${EPG_CHECK_TEST_WORKERS:-4}"); fi
+    say "GPU tests: pytest -m 'cuda or triton' tests ${WORKERS[*]} (limit ${LIMIT}s, log gpu-tests.log)"
     run_limited "$LIMIT" "$OUT_DIR/gpu-tests.log" "$PY" -m pytest tests -m "cuda or triton" -q \
-        -p no:cacheprovider
+        -p no:cacheprovider "${WORKERS[@]}"
     RC=$?
     SUMMARY=$(pytest_summary "$OUT_DIR/gpu-tests.log")
     case $RC in
