@@ -8,6 +8,7 @@ GPU). Skipped as a whole when the extension is not built.
 """
 
 import math
+import sys
 
 import pytest
 import torch
@@ -609,3 +610,19 @@ def test_cuda_ops_use_the_current_stream_and_pass_opcheck():
         for o, c in zip(outs[name], _as_tuple(getattr(E, name)(*args))):
             assert_close(o.cpu(), c, **loss_tol(torch.float32), what=name)
         torch.library.opcheck(getattr(E, name).default, _on(dev, args))
+
+
+def test_the_gpu_tests_run_with_the_cpu_kernels_standing_in(monkeypatch):
+    """The cuda-marked tests above with the CPU kernels in the CUDA kernels' place ("cuda" is the
+    CPU here). They compare the CUDA kernels only on a GPU, but their argument lists, views and
+    shapes are checked now: two of them had wrong ones that the first GPU run would have met.
+    (The stream test needs CUDA streams and stays GPU-only.)"""
+    monkeypatch.setattr(sys.modules[__name__], "_cuda_device", lambda: torch.device("cpu"))
+    for dtype in FLOATS:
+        test_cuda_noise_precondition_matches_cpu_kernel_and_reference(dtype)
+        test_cuda_image_conversion_equals_cpu_kernel(dtype)
+    for dtypes in LOSS_DTYPES:
+        test_cuda_losses_match_cpu_kernel(dtypes)
+    for dtype in LAYOUT_DTYPES:
+        test_cuda_patch_layout_equals_cpu_kernel(dtype)
+    test_cuda_loss_forward_accumulates_in_float64_like_the_cpu_kernel()
