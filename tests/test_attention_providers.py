@@ -128,3 +128,10 @@ def test_sdpa_and_flash_attn_match_the_reference_on_gpu(head_dim):
     """Forward, and the backward the op layer runs (on the autograd engine's CUDA thread), against
     the float64 reference; the gradient within twice plain bfloat16 attention's error."""
     _check_providers("cuda", head_dim)
+
+
+@pytest.mark.parametrize("head_dim", [64, 72])
+def test_sdpa_matches_the_reference_in_bfloat16_on_cpu(head_dim):
+    """The GPU test's body on the CPU (SDPA's CPU kernels, bfloat16 at 258 tokens): the same
+    tolerance rule, and the provider's forcing and backward path exercised without a GPU."""
+    _check_providers("cpu", head_dim)
