@@ -119,6 +119,12 @@ class TrainConfig:
     resume: str = "auto"  # auto | none | restart | a checkpoint file (see the module docstring)
     progress: bool = True
 
+    @property
+    def aux_term_off(self) -> bool:
+        """A consistency run whose objective sets aux_weight=0: the auxiliary InfoNCE is off and
+        its network is neither needed nor loaded."""
+        return self.mode == "consistency" and dict(self.objective).get("aux_weight") == 0
+
     def validate(self) -> None:
         if self.mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
@@ -157,7 +163,7 @@ class TrainConfig:
                         }.get(name, "the consistency loss's perceptual network (consistency runs)")  # fmt: skip
                 raise ValueError(f"{name} is an option of {what}; a {self.mode} run does not use it "
                                  f"(got {getattr(self, name)!r})")  # fmt: skip
-        if self.mode == "consistency" and dict(self.objective).get("aux_weight") == 0:
+        if self.aux_term_off:
             for name in ("perceptual", "perceptual_config"):
                 if getattr(self, name):
                     raise ValueError(f"{name} names the auxiliary InfoNCE's network, which "
@@ -691,8 +697,7 @@ class Trainer:
             elif self.dist.is_main:
                 print("note: no encoder (--encoder) or init given: the network starts from random "
                       "weights, without the stage-1 pre-training EPG builds on", file=sys.stderr)  # fmt: skip
-            # aux_weight=0 turns the auxiliary InfoNCE off: its network is then not even loaded.
-            wants_perceptual = cfg.mode == "consistency" and cfg.objective.get("aux_weight") != 0
+            wants_perceptual = cfg.mode == "consistency" and not cfg.aux_term_off
             if wants_perceptual and not (cfg.perceptual or cfg.encoder) and self.dist.is_main:
                 print("note: no stage-1 network (encoder or perceptual) given: the auxiliary InfoNCE "
                       "term of the consistency loss is off", file=sys.stderr)  # fmt: skip
