@@ -336,6 +336,7 @@ def test_diffusion_compiled_loss_matches_eager():
     obj = DiffusionObjective(net, img_size=IMG, num_classes=10)
     B = 4
     batch = {"image": torch.randn(B, *SHAPE) * 0.5, "label": torch.tensor([0, 1, 2, 3])}
+    torch._dynamo.reset()  # an earlier test's graph of the same method would count as a recompile
     compiled = torch.compile(obj.loss, backend="aot_eager")
     with torch._dynamo.config.patch(error_on_recompile=True):
         for step in range(2):  # a second step with new draws must not recompile
