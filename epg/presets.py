@@ -75,6 +75,9 @@ _DEMO_CONSISTENCY = dict(
 PRESETS: dict[str, dict[str, Any]] = {
     "pretrain-rcm-b-16": {**_STAGE1, "model": "rcm-b-16"},
     "pretrain-rcm-l-16": {**_STAGE1, "model": "rcm-l-16"},
+    # For diffusion-epg-l-32 at 512 px. No 512-px stage-1 recipe is published (§13 questions 3,
+    # 4): the 256-px one, with every σ shifted by 512/64 = 8 as at 256 by 4.
+    "pretrain-rcm-l-32": {**_STAGE1, "model": "rcm-l-32"},
     "diffusion-epg-xl-16": {**_DIFFUSION, "model": "epg-xl-16"},
     "diffusion-epg-xxl-16": {**_DIFFUSION, "model": "epg-xxl-16"},
     "diffusion-epg-g-16": {**_DIFFUSION, "model": "epg-g-16", "steps": 2_000_000},  # 1600 epochs

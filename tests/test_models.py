@@ -79,6 +79,21 @@ def test_epg_l_has_no_encoder_to_decoder_and_512_uses_patch_32():
     assert tuple(sd["out.weight"].shape) == (3072, 1024)
 
 
+def test_the_512_px_stage1_encoder_fits_epg_l_32():
+    # epg-l-32 finetunes from rcm-l-32: every encoder weight the fine-tuning copies has its shape,
+    # and an official stage-1 .pth for epg-l-32 is read with that config.
+    from epg.train import _matching_rcm_config
+
+    with torch.device("meta"):
+        rcm, epg = build("rcm-l-32").state_dict(), build("epg-l-32").state_dict()
+    encoder = {k for k in epg if k.split(".")[0] in ("patch_embed", "cls_token", "pos_embed", "blocks", "norm")}
+    # patch_embed, cls_token + pos_embed, final norm: 2 each; 11 per block (qkv has no bias)
+    assert len(encoder) == 2 + 2 + 2 + 16 * 11
+    assert {k: rcm[k].shape for k in encoder} == {k: epg[k].shape for k in encoder}
+    assert _matching_rcm_config(get_config("epg-l-32")) == "rcm-l-32"
+    assert _matching_rcm_config(get_config("epg-l-16")) == "rcm-l-16"
+
+
 def test_rcm_state_dict_has_the_official_projector_keys():
     with torch.device("meta"):
         model = build("rcm-b-16")

@@ -105,6 +105,10 @@ CONFIGS: dict[str, EPGConfig | RCMConfig] = {
     ),  # fmt: skip
     "rcm-b-16": RCMConfig(**_ENC_B),
     "rcm-l-16": RCMConfig(**_ENC_L),
+    # The stage-1 encoder EPG-L/32 needs at 512 px. Not a released config: the releases list
+    # "RCM-B (IN-512)", whose 768 width does not fit EPG-L/32's 1024-wide encoder (epg-method.md
+    # §13 open question 3), so this is the L encoder at EPG-L/32's image and patch size.
+    "rcm-l-32": RCMConfig(img_size=512, patch_size=32, **_ENC_L),
     # Tiny networks that train on a CPU in seconds; the decoder is wider than the encoder so
     # encoder_to_decoder is exercised, as in EPG-XL.
     "epg-tiny": EPGConfig(
