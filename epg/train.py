@@ -82,6 +82,11 @@ class TrainConfig:
     run_dir: str = ""  # "": runs/<mode>
     steps: int = 1000
     batch_size: int = 64  # global, over all ranks
+    # micro-batches per step: each rank runs its batch_size/world rows in grad_accum slices, one
+    # backward each, and steps once, for a batch that does not fit in memory at once. The
+    # InfoNCE terms then take their negatives from the micro-batch (over all ranks), and stage
+    # 1's projector BatchNorm its statistics (see Trainer.train_step).
+    grad_accum: int = 1
     lr: float = 1e-4
     betas: tuple[float, float] = (0.9, 0.999)
     weight_decay: float = 0.01
@@ -130,9 +135,6 @@ class TrainConfig:
             raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
         if self.steps < 1 or self.batch_size < 1:
             raise ValueError("steps and batch_size must be positive")
-        if self.mode == "pretrain" and self.batch_size < 2:  # failed at step 0 in BatchNorm's words
-            raise ValueError(f"stage 1 needs batch_size >= 2 (the InfoNCE's negatives, the projector's "
-                             f"BatchNorm), got {self.batch_size}")  # fmt: skip
         # Non-negative, as the sampler's seed: a negative seed used to train and then fail in
         # the sampling of `epg demo` and of the previews.
         if not isinstance(self.seed, numbers.Integral) or isinstance(self.seed, bool) or self.seed < 0:
@@ -185,6 +187,7 @@ class TrainConfig:
             ("preview_every", lambda v: v >= 0, ">= 0 (0: no previews)"),
             ("keep_checkpoints", lambda v: v >= 1, ">= 1"),
             ("max_bad_steps", lambda v: v >= 1, ">= 1"),
+            ("grad_accum", lambda v: isinstance(v, numbers.Integral) and v >= 1, "an integer >= 1 (1: no accumulation)"),
         )  # fmt: skip
         for name, ok, expected in ranges:
             value = getattr(self, name)
@@ -192,6 +195,9 @@ class TrainConfig:
                 raise ValueError(f"{name} must be a number, got {value!r} (from_dict reads strings)")
             if not ok(value):
                 raise ValueError(f"{name} must be {expected}, got {getattr(self, name)!r}")
+        if self.mode == "pretrain" and self.batch_size < 2 * self.grad_accum:  # failed at step 0 in BatchNorm's words
+            raise ValueError(f"stage 1 needs batch_size / grad_accum >= 2 (the InfoNCE's negatives, the "
+                             f"projector's BatchNorm), got {self.batch_size} / {self.grad_accum}")  # fmt: skip
         if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
             raise ValueError(f"betas must be two numbers in [0, 1), got {self.betas!r}")
         if list(self.lr_milestones) != sorted(self.lr_milestones):
@@ -647,6 +653,10 @@ class Trainer:
             # without a word (global randomness builds the loader as rank 0 of 1).
             raise ValueError(f"batch_size {cfg.batch_size} is not divisible by the world size {world} "
                              f"(torchrun processes): use a multiple of {world}")  # fmt: skip
+        if (cfg.batch_size // world) % cfg.grad_accum:
+            raise ValueError(f"each of the {world} rank(s) takes {cfg.batch_size // world} rows of batch_size "
+                             f"{cfg.batch_size}, which grad_accum {cfg.grad_accum} does not divide into "
+                             "equal micro-batches")  # fmt: skip
         self.device = self.dist.device
         self.run_dir = Path(cfg.run_dir)
         self.ckpt_dir = self.run_dir / ckpt.RUN_CHECKPOINTS_NAME
@@ -1178,15 +1188,57 @@ class Trainer:
             return torch.autocast(self.device.type, dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
+    def _micro_batches(self, batch: dict[str, Tensor], draws: dict[str, Tensor]):
+        """(batch, draws) of each of the step's ``grad_accum`` micro-batches: consecutive rows of
+        the local batch; per-batch draws (0-d, like stage 1's grid index) are shared."""
+        n = self.cfg.grad_accum
+        if n == 1:
+            yield batch, draws
+            return
+        rows = self.local_batch // n
+
+        def part(values: dict[str, Tensor], i: int) -> dict[str, Tensor]:
+            return {k: v[i * rows : (i + 1) * rows] if _is_per_sample(v, self.local_batch) else v
+                    for k, v in values.items()}  # fmt: skip
+
+        for i in range(n):
+            yield part(batch, i), part(draws, i)
+
+    def _gradient_sync(self, last: bool):
+        """DDP reduces the gradients once, in the last micro-batch's backward. FSDP reduce-
+        scatters every micro-batch's gradients: they then accumulate sharded, where skipping
+        the sync would hold every gradient unsharded until the last (the memory FSDP saves)."""
+        if last or not isinstance(self.train_model, nn.parallel.DistributedDataParallel):
+            return contextlib.nullcontext()
+        return self.train_model.no_sync()
+
     def train_step(self) -> dict[str, float]:
-        """One optimisation step (or a skipped one); returns the logged values."""
+        """One optimisation step (or a skipped one); returns the logged values.
+
+        With ``grad_accum`` n > 1 the loss is the mean of the n micro-batches' losses, and each
+        backward takes 1/n of its own: for losses that average over samples independently
+        (diffusion; consistency without the auxiliary InfoNCE) this is the whole batch's loss
+        and gradient, up to rounding (tested). The InfoNCE terms contrast each query with the
+        keys of its micro-batch (gathered over ranks) instead of the whole batch, and stage 1's
+        projector BatchNorm normalises over the micro-batch (over ranks, SyncBatchNorm), so
+        there the accumulated step is a smaller-batch step's gradient averaged n times.
+        """
         step = self.step
         batch = self._batch(step)
         draws = self._draws(step)
         self.optimizer.zero_grad(set_to_none=True)
-        with self._autocast():
-            loss, terms = self.loss_fn(batch, draws)
-        loss.backward()
+        n = self.cfg.grad_accum
+        parts = []
+        for i, (micro_batch, micro_draws) in enumerate(self._micro_batches(batch, draws)):
+            with self._gradient_sync(last=i == n - 1):
+                with self._autocast():
+                    micro_loss, micro_terms = self.loss_fn(micro_batch, micro_draws)
+                (micro_loss / n if n > 1 else micro_loss).backward()
+            parts.append({"loss": micro_loss.detach(), **{k: v.detach() for k, v in micro_terms.items()}})
+        if n > 1:
+            parts = [{k: torch.stack([p[k] for p in parts]).mean() for k in parts[0]}]
+        loss = parts[0].pop("loss")
+        terms = parts[0]
         clip = self.cfg.grad_clip if (self.cfg.grad_clip and (step >= self.cfg.warmup_steps or not self.cfg.clip_after_warmup)) else math.inf
         grad_norm = torch.nn.utils.clip_grad_norm_(self.params, clip)
         if hasattr(grad_norm, "full_tensor"):  # a DTensor under FSDP

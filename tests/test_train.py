@@ -339,6 +339,56 @@ def test_a_seed_past_the_generators_64_bits_trains(tmp_path):
     assert len(records) == 2 and all(math.isfinite(r["loss"]) for r in records)
 
 
+@pytest.mark.parametrize("mode", ["diffusion", "consistency"])
+def test_gradient_accumulation_takes_the_whole_batchs_step(tmp_path, mode):
+    # Per-sample losses averaged over the batch: n micro-batches of B/n rows, each backward
+    # taking 1/n, give the loss and gradient of the whole batch (up to rounding). Dropout off:
+    # its masks come from a stream consumed per pass, which micro-batches split differently.
+    runs = {}
+    for n in (1, 2, 4):
+        cfg = _cfg(tmp_path / f"n{n}", mode, steps=3, ckpt_every=0, grad_accum=n)
+        cfg.model_overrides["drop"] = 0.0
+        trainer = Trainer(cfg)
+        runs[n] = (trainer.fit(), trainer)
+    records, reference = runs[1]
+    terms = [k for k in records[0] if k not in ("step", "lr", "skipped", "images_per_s")]
+    assert "grad_norm" in terms and len(terms) >= 3
+    for n in (2, 4):
+        other, trainer = runs[n]
+        for a, b in zip(records, other):
+            assert [b[k] for k in terms] == pytest.approx([a[k] for k in terms], rel=1e-5, abs=1e-7)
+        # AdamW divides by sqrt(v): where a gradient is ~0 its rounding moves the update, so
+        # parameters agree to 1% of one step's size (lr 1e-3), not to the gradients' 1e-5.
+        for (name, a), b in zip(reference.model.named_parameters(), trainer.model.parameters()):
+            torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5, msg=name)
+    # The same batch taken as two halves is a different step when the halves do not average.
+    assert records[0]["loss"] != pytest.approx(runs[2][0][0]["loss"] * 2)
+
+
+def test_accumulated_stage1_contrasts_within_the_micro_batch_and_resumes_exactly(tmp_path):
+    # Stage 1's InfoNCE takes its negatives (and the projector's BatchNorm its statistics) from
+    # the micro-batch: the step's loss is the mean of the halves' own losses.
+    probe = Trainer(_cfg(tmp_path / "p", "pretrain", steps=4, grad_accum=2))
+    with torch.no_grad():
+        halves = [probe.objective.loss(b, d)[0] for b, d in probe._micro_batches(probe._batch(0), probe._draws(0))]
+    full = _losses(Trainer(_cfg(tmp_path / "a", "pretrain", steps=4, grad_accum=2)).fit())
+    assert full[0] == pytest.approx(float(sum(halves)) / 2, rel=1e-6)
+    whole = _losses(Trainer(_cfg(tmp_path / "w", "pretrain", steps=1)).fit())
+    assert whole[0] != pytest.approx(full[0], rel=1e-3)
+    part = _losses(Trainer(_cfg(tmp_path / "b", "pretrain", steps=4, grad_accum=2)).fit(stop_at=2))
+    rest = _losses(Trainer(_cfg(tmp_path / "b", "pretrain", steps=4, grad_accum=2)).fit())
+    assert part + rest == full
+
+
+def test_grad_accum_must_divide_each_ranks_rows(tmp_path):
+    for bad in (0, -1, 1.5, 2.0):
+        with pytest.raises(ValueError, match="grad_accum must be an integer >= 1"):
+            Trainer(_cfg(tmp_path, "diffusion", grad_accum=bad))
+    with pytest.raises(ValueError, match="takes 8 rows of batch_size 8, which grad_accum 3 does not divide"):
+        Trainer(_cfg(tmp_path, "diffusion", grad_accum=3))
+    assert TrainConfig.from_dict({"grad_accum": "4"}).grad_accum == 4
+
+
 @pytest.mark.slow
 def test_compiled_steps_agree_with_eager_and_resume_within_tolerance(tmp_path):
     eager = _losses(Trainer(_cfg(tmp_path / "e", "diffusion", steps=4)).fit())
@@ -406,16 +456,22 @@ end_process(0)  # as the epg CLI ends a gloo worker
 
 @pytest.mark.slow
 @pytest.mark.parametrize(
-    "mode,parallel,stop_at", [("pretrain", "ddp", 0), ("diffusion", "ddp", 0), ("diffusion", "fsdp", 2)]
-)
-def test_two_processes_match_one_on_the_same_global_batch(tmp_path, mode, parallel, stop_at):
+    "mode,parallel,stop_at,accum",
+    [("pretrain", "ddp", 0, 1), ("diffusion", "ddp", 0, 1), ("diffusion", "fsdp", 2, 1),
+     ("diffusion", "ddp", 0, 2), ("diffusion", "fsdp", 0, 2)],
+)  # fmt: skip
+def test_two_processes_match_one_on_the_same_global_batch(tmp_path, mode, parallel, stop_at, accum):
+    # accum: the two processes accumulate their rows in that many micro-batches (DDP reduces
+    # once, in the last backward; FSDP every micro-batch), the one process takes its batch whole.
     script = tmp_path / "run.py"
     script.write_text(_DIST_SCRIPT)
     results = {}
     for nproc in (1, 2):
-        cfg = _cfg(tmp_path / f"p{nproc}", mode, steps=3, ckpt_every=0, parallel=parallel)
+        cfg = _cfg(tmp_path / f"p{nproc}", mode, steps=3, ckpt_every=0, parallel=parallel,
+                   grad_accum=accum if nproc == 2 else 1)  # fmt: skip
         out = tmp_path / f"losses{nproc}.json"
-        port = 29500 + 10 * nproc + {"pretrain": 1, "diffusion": 2}[mode] + (5 if parallel == "fsdp" else 0)
+        port = (29500 + 10 * nproc + {"pretrain": 1, "diffusion": 2}[mode] + (5 if parallel == "fsdp" else 0)
+                + 100 * (accum - 1))  # fmt: skip
         proc = torchrun(tmp_path, nproc, port, script, json.dumps(cfg.to_dict()), out, stop_at)
         assert proc.returncode == 0, proc.stderr[-3000:]
         results[nproc] = json.loads(out.read_text())

@@ -43,8 +43,12 @@ def test_an_option_the_mode_does_not_use_is_refused(mode, option, value):
 
 
 def test_stage1_needs_two_images_a_batch():
-    with pytest.raises(ValueError, match=r"stage 1 needs batch_size >= 2 .*got 1"):
+    with pytest.raises(ValueError, match=r"stage 1 needs batch_size / grad_accum >= 2 .*got 1 / 1"):
         TrainConfig(mode="pretrain", batch_size=1).validate()
+    with pytest.raises(ValueError, match=r"stage 1 needs batch_size / grad_accum >= 2 .*got 8 / 8"):
+        TrainConfig(mode="pretrain", batch_size=8, grad_accum=8).validate()
+    with pytest.raises(ValueError, match="grad_accum must be a number"):
+        TrainConfig(mode="pretrain", grad_accum="x").validate()
     TrainConfig(mode="diffusion", batch_size=1).validate()
 
 
