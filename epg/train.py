@@ -87,6 +87,9 @@ class TrainConfig:
     # InfoNCE terms then take their negatives from the micro-batch (over all ranks), and stage
     # 1's projector BatchNorm its statistics (see Trainer.train_step).
     grad_accum: int = 1
+    # keep only each transformer block's input for the backward and run the block again there:
+    # about one more forward pass per step, for the activation memory of a whole network
+    activation_checkpointing: bool = False
     lr: float = 1e-4
     betas: tuple[float, float] = (0.9, 0.999)
     weight_decay: float = 0.01
@@ -721,6 +724,9 @@ class Trainer:
                 if not isinstance(net, RCMViT):
                     raise ValueError("the perceptual network of the consistency loss must be a stage-1 (rcm) network")
                 self.perceptual = self._frozen_copy(net.to(self.device))
+        for net in (self.model, self.perceptual):  # the networks a gradient flows through
+            if net is not None:
+                net.activation_checkpointing = cfg.activation_checkpointing
         self.model.train()
         self.train_model: nn.Module = self.model
         self.fsdp = self.dist.distributed and cfg.parallel == "fsdp"

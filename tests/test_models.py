@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 import epg.ops as ops
 from epg import _backend
-from epg.models import CONFIGS, Denoiser, build, count_parameters, get_config
+from epg.models import CONFIGS, Denoiser, build, count_parameters, get_config, networks
 from helpers import assert_close
 
 
@@ -257,6 +257,70 @@ def test_tiny_model_forward_and_backward_agree_across_backends(backend, op):
     assert_close(out, out_ref, atol=1e-4, rtol=1e-4, what="output")
     for (name, _), g, e in zip(model.named_parameters(), grads, grads_ref):
         assert_close(g, e, atol=1e-3, rtol=1e-3, what=name)
+
+
+def _grads_with_and_without_recomputation(model, call):
+    """(output, grads) of ``call(model)`` without and with activation checkpointing, the same
+    dropout masks in both (the global RNG reseeded before each)."""
+    results = []
+    for recompute in (False, True):
+        model.activation_checkpointing = recompute
+        torch.manual_seed(5)
+        out = call(model)
+        out = out[0] if isinstance(out, tuple) else out
+        loss = (out * torch.linspace(-1, 1, out.numel()).view(out.shape)).sum()
+        results.append((out.detach(), torch.autograd.grad(loss, list(model.parameters()))))
+    return results
+
+
+def test_activation_checkpointing_changes_no_number(monkeypatch):
+    # The blocks run again in the backward (dropout 0.5: the checkpoint replays the masks).
+    x, t, y = torch.randn(3, 3, 32, 32), torch.randn(3) * 100, torch.tensor([3, 10, 1])
+    epg = _randomised(build("epg-tiny", drop=0.5)).train()
+    rcm = _randomised(build("rcm-tiny")).train()
+    for model, call in ((epg, lambda m: m(x, t, y)), (rcm, lambda m: m(x, t))):
+        (out, grads), (out_r, grads_r) = _grads_with_and_without_recomputation(model, call)
+        assert torch.equal(out_r, out)
+        for (name, _), g, e in zip(model.named_parameters(), grads_r, grads):
+            assert torch.equal(g, e), name
+    # Not used without a gradient (sampling, target passes): there is no backward to recompute for.
+    calls = []
+    monkeypatch.setattr(networks, "_recomputed", lambda block, *args: calls.append(1) or block(*args))
+    epg.activation_checkpointing = True
+    with torch.no_grad():
+        epg(x, t, y)
+    assert calls == []
+    epg(x, t, y)
+    assert len(calls) == 4  # two encoder and two decoder blocks
+
+
+def test_recomputation_takes_the_forwards_forced_backends():
+    # Forced to the custom ops in the forward, with the backward run outside the force: the
+    # recomputation must not take the direct reference path (the checkpoint refuses the
+    # different tensors it saves).
+    model = _randomised(build("epg-tiny")).train()
+    model.activation_checkpointing = True
+    x, t = torch.randn(2, 3, 32, 32), torch.randn(2) * 100
+    with ops.use_backend("reference"):
+        out = model(x, t)
+    grads = torch.autograd.grad(out.square().sum(), list(model.parameters()))
+    model.activation_checkpointing = False
+    with ops.use_backend("reference"):
+        expected = torch.autograd.grad(model(x, t).square().sum(), list(model.parameters()))
+    for (name, _), g, e in zip(model.named_parameters(), grads, expected):
+        assert torch.equal(g, e), name
+
+
+@pytest.mark.slow
+def test_compiled_activation_checkpointing_equals_eager():
+    model = _randomised(build("epg-tiny"))
+    model.activation_checkpointing = True
+    x, t, y = torch.randn(2, 3, 32, 32), torch.randn(2) * 100, torch.tensor([3, 10])
+    out_eager, grads_eager = _loss_and_grads(model, x, t, y)
+    out_comp, grads_comp = _loss_and_grads(torch.compile(model, fullgraph=True), x, t, y)
+    assert_close(out_comp, out_eager, atol=1e-4, rtol=1e-4, what="output")
+    for (name, _), g, e in zip(model.named_parameters(), grads_comp, grads_eager):
+        assert_close(g, e, atol=1e-4, rtol=1e-3, what=name)
 
 
 @pytest.mark.slow

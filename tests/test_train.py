@@ -380,6 +380,27 @@ def test_accumulated_stage1_contrasts_within_the_micro_batch_and_resumes_exactly
     assert part + rest == full
 
 
+@pytest.mark.parametrize("mode", ["pretrain", "diffusion", "consistency"])
+def test_activation_checkpointing_trains_the_same_steps(tmp_path, mode):
+    # Bit for bit: the recomputed blocks replay the forward, dropout masks included (consistency:
+    # drop 0.5, the target pass rewinding the RNG to the online pass's masks), and in consistency
+    # the gradient also flows through the frozen perceptual network, which recomputes too.
+    extra = {}
+    if mode == "consistency":
+        ckpt.save(build("rcm-tiny", **TINY), tmp_path / "s1")
+        extra["encoder"] = str(tmp_path / "s1")
+    runs = []
+    for on in (False, True):
+        trainer = Trainer(_cfg(tmp_path / str(on), mode, steps=3, ckpt_every=0, activation_checkpointing=on, **extra))
+        assert trainer.model.activation_checkpointing is on
+        if mode == "consistency":
+            assert trainer.perceptual.activation_checkpointing is on and trainer.ema.activation_checkpointing is False
+        runs.append([{k: v for k, v in r.items() if k != "images_per_s"} for r in trainer.fit()])
+    assert runs[1] == runs[0]
+    if mode == "consistency":
+        assert runs[0][0]["aux"] != 0
+
+
 def test_grad_accum_must_divide_each_ranks_rows(tmp_path):
     for bad in (0, -1, 1.5, 2.0):
         with pytest.raises(ValueError, match="grad_accum must be an integer >= 1"):

@@ -7,14 +7,34 @@ state dicts, so official checkpoints load with ``strict=True``.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
-from .. import ops
+from .. import _backend, ops
 from .configs import EPGConfig, RCMConfig, _ViTShape
 from .layers import DecoderBlock, EncoderBlock, LayerNorm, PatchEmbed, init_vit_weights
 
 NUM_EXTRA_TOKENS = 2  # [cls (+ class embedding), time] before the patch tokens
+
+
+def _recomputed(block: nn.Module, *args: Tensor | None) -> Tensor:
+    """``block(*args)`` keeping only its inputs for the backward, which runs it again.
+
+    The recomputation must take the op paths the forward took (the direct reference path and
+    the custom ops save different tensors, which the checkpoint refuses), so eagerly it runs
+    under the forward's :func:`epg.ops.use_backend` forces; compiled code fixed its ops when
+    traced (and dynamo takes no ``context_fn`` there).
+    """
+    if torch.compiler.is_compiling():
+        return checkpoint(block, *args, use_reentrant=False)
+    forced = _backend.forced_state()
+    return checkpoint(
+        block, *args, use_reentrant=False,
+        context_fn=lambda: (contextlib.nullcontext(), _backend.forced_as(forced)),
+    )  # fmt: skip
 
 
 class _ViTEncoder(nn.Module):
@@ -33,6 +53,14 @@ class _ViTEncoder(nn.Module):
             for _ in range(config.depth)
         )
         self.norm = LayerNorm(D)
+        # Training option, not architecture (so not in the config or the state dict): recompute
+        # each transformer block's activations in the backward instead of keeping them.
+        self.activation_checkpointing = False
+
+    def _run_block(self, block: nn.Module, *args: Tensor | None) -> Tensor:
+        if self.activation_checkpointing and torch.is_grad_enabled():
+            return _recomputed(block, *args)
+        return block(*args)
 
     def _check_inputs(self, x_in: Tensor, t_cond: Tensor) -> None:
         c = self.config
@@ -94,7 +122,7 @@ class RCMViT(_ViTEncoder):
         time = ops.timestep_embedding(t_cond, self.config.embed_dim)
         x = self._embed(x_in, time, self.cls_token[0].expand(B, -1))
         for block in self.blocks:
-            x = block(x)
+            x = self._run_block(block, x)
         return self.norm(x[:, 0])
 
     def forward(self, x_in: Tensor, t_cond: Tensor) -> tuple[Tensor, Tensor]:
@@ -187,13 +215,13 @@ class EPGViT(_ViTEncoder):
         x = self._embed(x_in, time, cls)  # (B, N+2, D)
         skips = []
         for block in self.blocks:
-            x = block(x)
+            x = self._run_block(block, x)
             skips.append(x)
         x = self.norm(x)
         if self.encoder_to_decoder is not None:
             x = self.encoder_to_decoder(x)  # (B, N+2, Dd)
         for block in self.decoder_blocks:
-            x = block(x, cond, skips.pop() if skips else None)
+            x = self._run_block(block, x, cond, skips.pop() if skips else None)
         c = self.config
         return ops.output_head(
             x[:, NUM_EXTRA_TOKENS:], self.out_norm.weight, self.out_norm.bias,
