@@ -18,6 +18,9 @@ RCM-B/16, diffusion EPG-XL/16, consistency EPG-L/16 with the RCM-L/16 perceptual
 randomly initialised stage-1 checkpoint, written once per run). The quick subset is diffusion
 EPG-XL/16 at batch 64. CPU cases (float32): the tiny and demo configs.
 
+On a GPU a case also records the peak memory allocated by torch over its timed steps
+(``peak_memory_gib``: weights, optimiser state, activations), which report.py prints.
+
 MFU = images/s × ``flops.train_step_flops`` / the device's dense bf16 peak
 (``flops.PEAK_BF16_TFLOPS``, by device name); FLOPs are matmul multiply-adds × 2 with
 attention's Q·Kᵀ and P·V included and backward = 2 × forward (see flops.py). No GPU figure
@@ -161,7 +164,11 @@ def test_train_step(benchmark, tmp_path_factory, device, mode, model, path, batc
             common.sync(dev)
             benchmark.extra_info["first_step_s"] = time.perf_counter() - start
             rounds = common.rounds(10, 5) if gpu else common.rounds(5, 3)
+            if gpu:
+                torch.cuda.reset_peak_memory_stats(dev)
             common.time_rounds(benchmark, trainer.train_step, dev, rounds=rounds, warmup_rounds=2)
+            if gpu:  # what a step needs on top of nothing: weights, optimiser state, activations
+                benchmark.extra_info["peak_memory_gib"] = torch.cuda.max_memory_allocated(dev) / 2**30
         finally:
             del trainer
             common.release_memory()

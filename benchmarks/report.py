@@ -19,7 +19,8 @@ Figures (per call = median round time / calls per round):
             each pinned SDPA kernel, the sdpa backend and flash-attn (both of its entries), for
             every other op torch.compile of the reference (ref_compiled)
   train     images/s = batch / step time; MFU = images/s × model FLOPs per image / the device's
-            dense bf16 peak (GPU); on a CPU the fraction of the measured float32 matmul rate
+            dense bf16 peak (GPU), then the peak memory torch allocated over the timed steps; on
+            a CPU the fraction of the measured float32 matmul rate
   sampling  images/s = batch / time of one Heun-32 batch; the same FLOP-based fraction
   loader    images/s = batch / time per batch
 
@@ -49,7 +50,7 @@ MODES = {"pretrain": "stage 1", "diffusion": "diffusion", "consistency": "consis
 SAMPLING_PATHS = {"eager": "eager", "cuda_graph": "CUDA graphs"}
 MFU_BASIS = (
     "MFU: model FLOPs (matmul multiply-adds × 2, attention Q·Kᵀ and P·V included, backward = "
-    "2 × forward) per second / the GPU's dense bf16 peak"
+    "2 × forward) per second / the GPU's dense bf16 peak; then the peak memory allocated"
 )
 CPU_BASIS = "in brackets: model FLOP/s as a fraction of the float32 matmul rate measured in the run"
 EPG_PROVIDERS = ("epg", "triton", "cuda")  # the op rows that get a speed-up
@@ -257,6 +258,8 @@ def _train_section(measured: list[dict], not_run: list[dict], gpu: bool) -> list
         key = (f["mode"], f["model"], f["batch"])
         if gpu:
             rate = f"{pct(row['mfu'])} MFU" if row.get("mfu") is not None else "peak unknown"
+            if f.get("peak_memory_gib") is not None:
+                rate += f", {fmt(f['peak_memory_gib'])} GiB"
         else:
             rate = f"{pct(row.get('matmul_fraction'))} of fp32 matmul"
         cells[key][f["path"]] = f"{fmt(row['images_per_s'])} ({rate})"
@@ -398,6 +401,8 @@ def _value(row: dict) -> str:
         value += f", MFU {pct(row['mfu'])}"
     elif row.get("matmul_fraction") is not None:
         value += f", {pct(row['matmul_fraction'])} of measured matmul"
+    if row["fields"].get("peak_memory_gib") is not None:
+        value += f", peak {fmt(row['fields']['peak_memory_gib'])} GiB"
     return value
 
 

@@ -287,7 +287,8 @@ def test_report_turns_a_cpu_run_into_tables_and_lists_gpu_rows_as_not_measured(t
 def test_report_measured_gpu_row_wins_and_gives_mfu(tmp_path):
     not_run = [{"kind": "train", "params": TRAIN_GPU, "gpu": True, "reason": NO_GPU}]
     cpu = _results(tmp_path, "cpu.json", CPU_ENV, [], not_run)
-    extra = {"kind": "train", **TRAIN_GPU, "flops_per_image": 787.7e9, "peak_bf16_tflops": 989.0}
+    extra = {"kind": "train", **TRAIN_GPU, "flops_per_image": 787.7e9, "peak_bf16_tflops": 989.0,
+             "peak_memory_gib": 61.25}  # fmt: skip
     gpu = _results(tmp_path, "gpu.json", GPU_ENV, [_bench(TRAIN_GPU, extra, median=0.2)], [])
     runs, measured, not_run = report.load([cpu, gpu])
     assert not_run == []
@@ -295,7 +296,8 @@ def test_report_measured_gpu_row_wins_and_gives_mfu(tmp_path):
     assert row["images_per_s"] == pytest.approx(320.0)
     assert row["mfu"] == pytest.approx(320.0 * 787.7e9 / 989e12)
     text = report.render_markdown(runs, measured, not_run)
-    assert "| epg-xl-16 | diffusion | 64 | — | — | — | 320 (25% MFU) | [2] |" in text
+    assert "| epg-xl-16 | diffusion | 64 | — | — | — | 320 (25% MFU, 61.2 GiB) | [2] |" in text
+    assert "320 img/s, MFU 25%, peak 61.2 GiB" in report.render_compact(runs, measured, not_run)
     legend = ("| [2] | 2026-12-01 | NVIDIA H200 (CPU: Host CPU, 16 cores) | 2.11.0+cu130 | 3.6.0 "
               "| 13.0 |")
     assert legend in text
