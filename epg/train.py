@@ -88,7 +88,7 @@ class TrainConfig:
     # 1's projector BatchNorm its statistics (see Trainer.train_step).
     grad_accum: int = 1
     # keep only each transformer block's input for the backward and run the block again there:
-    # about one more forward pass per step, for the activation memory of a whole network
+    # about one more forward pass per step, for most of the blocks' activation memory
     activation_checkpointing: bool = False
     lr: float = 1e-4
     betas: tuple[float, float] = (0.9, 0.999)
@@ -718,9 +718,18 @@ class Trainer:
             if wants_perceptual and (cfg.perceptual or cfg.encoder):
                 path = ckpt.run_output(cfg.perceptual or cfg.encoder)
                 official = cfg.perceptual_config
-                if not official and not ckpt.is_epg_checkpoint(path):  # epg folders carry their config
+                guessed = not official and not ckpt.is_epg_checkpoint(path)  # epg folders carry their config
+                if guessed:
                     official = _matching_rcm_config(self.model.config)
-                net = _load_network(path, official)
+                try:
+                    net = _load_network(path, official)
+                except ckpt.CheckpointError as exc:
+                    if not guessed:
+                        raise
+                    raise ckpt.CheckpointError(
+                        f"{exc}\n(read as {official}, the stage-1 config whose encoder has this model's shape; "
+                        "if the file holds another stage-1 network, name its config with perceptual_config)"
+                    ) from exc
                 if not isinstance(net, RCMViT):
                     raise ValueError("the perceptual network of the consistency loss must be a stage-1 (rcm) network")
                 self.perceptual = self._frozen_copy(net.to(self.device))
@@ -1156,10 +1165,15 @@ class Trainer:
     # --- the step -------------------------------------------------------------------------------
 
     def _local_rows(self, t: Tensor) -> Tensor:
+        """This rank's rows of a global-batch tensor, micro-batch by micro-batch: the global
+        batch's micro-batch i is its rows [i·B/n, (i+1)·B/n), shared out over the ranks, so the
+        micro-batches (the InfoNCE's negatives, the BatchNorm statistics) do not depend on the
+        number of ranks."""
         if not self.global_randomness or not self.dist.distributed:
             return t
-        r, b = self.dist.rank, self.local_batch
-        return t[r * b : (r + 1) * b]
+        n, world = self.cfg.grad_accum, self.dist.world_size
+        rows = t.reshape(n, world, self.local_batch // n, *t.shape[1:])[:, self.dist.rank]
+        return rows.reshape(self.local_batch, *t.shape[1:])
 
     def _draws(self, step: int) -> dict[str, Tensor]:
         gen_device = self.device if self.device.type == "cuda" else torch.device("cpu")
@@ -1197,18 +1211,14 @@ class Trainer:
     def _micro_batches(self, batch: dict[str, Tensor], draws: dict[str, Tensor]):
         """(batch, draws) of each of the step's ``grad_accum`` micro-batches: consecutive rows of
         the local batch; per-batch draws (0-d, like stage 1's grid index) are shared."""
+        for name, v in (*batch.items(), *draws.items()):
+            if v.dim() > 0 and v.shape[0] != self.local_batch:  # neither per sample nor per batch
+                raise RuntimeError(f"{name} has {v.shape[0]} rows where the step has {self.local_batch}")
         n = self.cfg.grad_accum
-        if n == 1:
-            yield batch, draws
-            return
         rows = self.local_batch // n
-
-        def part(values: dict[str, Tensor], i: int) -> dict[str, Tensor]:
-            return {k: v[i * rows : (i + 1) * rows] if _is_per_sample(v, self.local_batch) else v
-                    for k, v in values.items()}  # fmt: skip
-
         for i in range(n):
-            yield part(batch, i), part(draws, i)
+            yield tuple({k: v[i * rows : (i + 1) * rows] if v.dim() > 0 else v for k, v in part.items()}
+                        for part in (batch, draws))  # fmt: skip
 
     def _gradient_sync(self, last: bool):
         """DDP reduces the gradients once, in the last micro-batch's backward. FSDP reduce-
@@ -1224,9 +1234,11 @@ class Trainer:
         With ``grad_accum`` n > 1 the loss is the mean of the n micro-batches' losses, and each
         backward takes 1/n of its own: for losses that average over samples independently
         (diffusion; consistency without the auxiliary InfoNCE) this is the whole batch's loss
-        and gradient, up to rounding (tested). The InfoNCE terms contrast each query with the
-        keys of its micro-batch (gathered over ranks) instead of the whole batch, and stage 1's
-        projector BatchNorm normalises over the micro-batch (over ranks, SyncBatchNorm), so
+        and gradient, up to rounding (tested without dropout: with it, each micro-batch's
+        forward draws its own masks, so the step is the same in distribution only). The
+        InfoNCE terms contrast each query with the keys of its micro-batch (gathered over
+        ranks) instead of the whole batch, and stage 1's projector BatchNorm normalises over
+        the micro-batch (over ranks) and updates its running statistics n times a step, so
         there the accumulated step is a smaller-batch step's gradient averaged n times.
         """
         step = self.step
@@ -1239,12 +1251,10 @@ class Trainer:
             with self._gradient_sync(last=i == n - 1):
                 with self._autocast():
                     micro_loss, micro_terms = self.loss_fn(micro_batch, micro_draws)
-                (micro_loss / n if n > 1 else micro_loss).backward()
+                (micro_loss / n).backward()
             parts.append({"loss": micro_loss.detach(), **{k: v.detach() for k, v in micro_terms.items()}})
-        if n > 1:
-            parts = [{k: torch.stack([p[k] for p in parts]).mean() for k in parts[0]}]
-        loss = parts[0].pop("loss")
-        terms = parts[0]
+        terms = {k: torch.stack([p[k] for p in parts]).mean() for k in parts[0]}
+        loss = terms.pop("loss")
         clip = self.cfg.grad_clip if (self.cfg.grad_clip and (step >= self.cfg.warmup_steps or not self.cfg.clip_after_warmup)) else math.inf
         grad_norm = torch.nn.utils.clip_grad_norm_(self.params, clip)
         if hasattr(grad_norm, "full_tensor"):  # a DTensor under FSDP

@@ -227,7 +227,7 @@ def test_rcm_forward_shapes_and_head():
 
 def _loss_and_grads(model, x, t, y):
     out = model(x, t, y)
-    loss = (out * torch.linspace(-1, 1, out.numel()).view(out.shape)).sum()
+    loss = (out * torch.linspace(-1, 1, out.numel(), device=out.device).view(out.shape)).sum()
     grads = torch.autograd.grad(loss, list(model.parameters()))
     return out.detach(), grads
 
