@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from epg.cli import _parse_sets, main
+from epg.cli import TRAIN_OPTION_GROUPS, _parse_sets, main
 from epg.presets import PRESETS, get_preset, read_config_file, set_option
 from epg.train import TrainConfig
 
@@ -20,6 +20,16 @@ def test_presets_are_valid_train_configs():
         TrainConfig.from_dict(get_preset(name)).validate()
     xl = get_preset("diffusion-epg-xl-16")
     assert (xl["lr"], xl["grad_clip"], xl["ema_decay"], xl["objective"]["label_dropout"]) == (1e-4, 0.5, 0.9999, 0.1)
+
+
+def test_training_help_names_every_option_and_preset(capsys):
+    listed = [key.removesuffix(".*") for _, keys in TRAIN_OPTION_GROUPS for key in keys]
+    assert sorted(listed) == sorted(f.name for f in dataclasses.fields(TrainConfig))
+    with pytest.raises(SystemExit):
+        main(["finetune", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "grad_accum" in text and "objective.*" in text
+    assert all(name in text for name in PRESETS)
 
 
 def test_set_option_reaches_nested_keys():
