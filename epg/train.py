@@ -64,6 +64,9 @@ from .seeding import torch_seed
 MODES = ("pretrain", "diffusion", "consistency")
 CHECKPOINT_FORMAT = "epg-train-v1"
 _CKPT_RE = re.compile(r"^step_(\d{8})\.pt$")
+# precision="fp16": the loss scaling of the official code's GradScaler (epg-method.md §5.5): start
+# at 2^14, grow ×1.000693 after every finite step (doubling in ~1,000 steps), halve on overflow.
+LOSS_SCALE_INIT, LOSS_SCALE_GROWTH, LOSS_SCALE_BACKOFF = 2.0**14, 1.000693, 0.5
 EXPORTS_NAME = "exports"  # export_checkpoint's default home in a run folder
 # What Trainer.state_dict writes and load_checkpoint reads ("ema"/"target" may hold None).
 _CHECKPOINT_KEYS = ("step", "config", "model_config", "model", "ema", "target", "optimizer", "scheduler",
@@ -114,7 +117,9 @@ class TrainConfig:
     # model's shape (rcm-l-16 for epg-l-16, as the released run uses RCM-L for both)
     perceptual_config: str = ""
     compile: bool = True
-    precision: str = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU | bf16 | fp32
+    # auto: bf16 autocast on CUDA, fp32 on CPU | bf16 | fp32 | fp16 (autocast with loss scaling,
+    # as the paper's runs; see Trainer.train_step)
+    precision: str = "auto"
     device: str = "auto"
     seed: int = 0
     log_every: int = 10
@@ -173,8 +178,8 @@ class TrainConfig:
                 if getattr(self, name):
                     raise ValueError(f"{name} names the auxiliary InfoNCE's network, which "
                                      f"objective.aux_weight=0 turns off (got {getattr(self, name)!r})")  # fmt: skip
-        if self.precision not in ("auto", "bf16", "fp32"):
-            raise ValueError(f"precision must be auto, bf16 or fp32, got {self.precision!r}")
+        if self.precision not in ("auto", "bf16", "fp16", "fp32"):
+            raise ValueError(f"precision must be auto, bf16, fp16 or fp32, got {self.precision!r}")
         # Ranges: out of them a run used to train wrongly without a word (a negative grad_clip
         # flipped every gradient, a decay above 1 extrapolates the average) or fail after its
         # first step (log_every=0: a division by zero). 0 = off where the comment says so.
@@ -668,7 +673,10 @@ class Trainer:
             self.global_randomness = self.device.type == "cpu"
         else:
             self.global_randomness = cfg.global_randomness
-        self.use_bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and self.device.type == "cuda")
+        precision = cfg.precision if cfg.precision != "auto" else ("bf16" if self.device.type == "cuda" else "fp32")
+        self.autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[precision]
+        # fp16 gradients underflow unscaled: the loss is multiplied by this before the backward
+        self.loss_scale = LOSS_SCALE_INIT if precision == "fp16" else None
 
         torch.manual_seed(torch_seed(cfg.seed))  # identical initialisation on every rank
         self._build_models()
@@ -679,7 +687,7 @@ class Trainer:
         self.bad_in_a_row = 0
         self.skipped_total = 0
         self._interrupted = self.stop_requested = self._updating = False
-        self._bad_before_resume = 0
+        self._bad_before_resume = self._overflows_in_a_row = 0
         # Dropout streams differ per rank; seeded after init so init is rank-independent.
         torch.manual_seed(torch_seed(cfg.seed * 7919 + 1 + self.dist.rank))
         self._check_run_folder()
@@ -964,6 +972,7 @@ class Trainer:
             "data": self.loader.state_dict(),
             "skipped_total": self.skipped_total,
             "bad_in_a_row": self.bad_in_a_row,
+            "loss_scale": self.loss_scale,
         }
 
     def save_checkpoint(self) -> Path | None:
@@ -1029,6 +1038,8 @@ class Trainer:
         self.step = state["step"]
         self.skipped_total = state["skipped_total"]
         self.bad_in_a_row = state["bad_in_a_row"]
+        if self.loss_scale is not None:  # (None in a checkpoint of another precision)
+            self.loss_scale = state.get("loss_scale") or LOSS_SCALE_INIT
         # A run stopped by non-finite steps saved its count: the resumed run gets a full
         # max_bad_steps tries of its own (the count still seeds fresh draws).
         self._bad_before_resume = self.bad_in_a_row
@@ -1204,8 +1215,8 @@ class Trainer:
         return {k: self._local_rows(v) for k, v in batch.items()}
 
     def _autocast(self):
-        if self.use_bf16:
-            return torch.autocast(self.device.type, dtype=torch.bfloat16)
+        if self.autocast_dtype is not None:
+            return torch.autocast(self.device.type, dtype=self.autocast_dtype)
         return contextlib.nullcontext()
 
     def _micro_batches(self, batch: dict[str, Tensor], draws: dict[str, Tensor]):
@@ -1251,10 +1262,13 @@ class Trainer:
             with self._gradient_sync(last=i == n - 1):
                 with self._autocast():
                     micro_loss, micro_terms = self.loss_fn(micro_batch, micro_draws)
-                (micro_loss / n).backward()
+                scale = n if self.loss_scale is None else n / self.loss_scale
+                (micro_loss / scale).backward()
             parts.append({"loss": micro_loss.detach(), **{k: v.detach() for k, v in micro_terms.items()}})
         terms = {k: torch.stack([p[k] for p in parts]).mean() for k in parts[0]}
         loss = terms.pop("loss")
+        if self.loss_scale is not None:  # gradients back to the loss's scale, before clipping
+            torch._foreach_mul_([p.grad for p in self.params if p.grad is not None], 1.0 / self.loss_scale)
         clip = self.cfg.grad_clip if (self.cfg.grad_clip and (step >= self.cfg.warmup_steps or not self.cfg.clip_after_warmup)) else math.inf
         grad_norm = torch.nn.utils.clip_grad_norm_(self.params, clip)
         if hasattr(grad_norm, "full_tensor"):  # a DTensor under FSDP
@@ -1275,21 +1289,32 @@ class Trainer:
         values.update({name: v / world for name, v in zip(terms, packed[1:-2])})
         values["grad_norm"] = grad_norm.item()
         values["lr"] = self.scheduler.get_last_lr()[0]
+        if self.loss_scale is not None:
+            values["loss_scale"] = self.loss_scale
         if bad:
             self.skipped_total += 1
             self.bad_in_a_row += 1
             self.optimizer.zero_grad(set_to_none=True)
-            if self.bad_in_a_row - self._bad_before_resume >= self.cfg.max_bad_steps:
+            # fp16: a finite loss whose gradients overflowed at a scale above 1 asks for a smaller
+            # scale, and does not count towards max_bad_steps (the official GradScaler's skip).
+            if self.loss_scale is not None and self.loss_scale > 1 and math.isfinite(values["loss"]):
+                self.loss_scale *= LOSS_SCALE_BACKOFF
+                self._overflows_in_a_row += 1
+            elif self.bad_in_a_row - self._overflows_in_a_row - self._bad_before_resume >= self.cfg.max_bad_steps:
                 shown = ", ".join(f"{k}={v:.4g}" for k, v in values.items())
+                overflows = (f", {self._overflows_in_a_row} of them fp16 overflows that lowered the loss scale"
+                             if self._overflows_in_a_row else "")  # fmt: skip
                 raise NonFiniteStop(
-                    f"stopping: {self.bad_in_a_row} non-finite steps in a row, the last at step "
+                    f"stopping: {self.bad_in_a_row} non-finite steps in a row{overflows}, the last at step "
                     f"{step} ({shown}); "
                     # (the steps made since the last checkpoint are saved on the way out)
                     + (f"the newest checkpoint is in {self.ckpt_dir}" if self.step > 0 or self.checkpoints()
                        else "no step was made, so there is no checkpoint")
                 )
         else:
-            self.bad_in_a_row = self._bad_before_resume = 0
+            self.bad_in_a_row = self._bad_before_resume = self._overflows_in_a_row = 0
+            if self.loss_scale is not None:
+                self.loss_scale *= LOSS_SCALE_GROWTH
             self._updating = True  # an exception from here on leaves no consistent state to save
             self.optimizer.step()
             self.scheduler.step()

@@ -277,6 +277,46 @@ def test_non_finite_steps_are_skipped_and_too_many_stop_the_run(tmp_path):
         fresh.fit()
 
 
+def test_fp16_scales_the_loss_as_the_paper_and_tracks_fp32(tmp_path):
+    fp32 = Trainer(_cfg(tmp_path / "f", "diffusion", steps=3, ckpt_every=0)).fit()
+    # From a scale whose gradients fit in fp16 there is no retry, so the draws are fp32's.
+    settled = Trainer(_cfg(tmp_path / "s", "diffusion", steps=3, ckpt_every=0, precision="fp16"))
+    settled.loss_scale = 64.0
+    fp16 = settled.fit()
+    assert [r["skipped"] for r in fp16] == [0, 0, 0]
+    for key in ("loss", "grad_norm"):
+        assert [r[key] for r in fp16] == pytest.approx([r[key] for r in fp32], rel=2e-2), key
+    assert [r["loss_scale"] for r in fp16] == pytest.approx([64.0 * 1.000693**k for k in range(3)])
+    # From the paper's 2^14 this network's first gradients overflow fp16 (more times in a row
+    # than max_bad_steps): each overflow halves the scale and retries, without stopping the run.
+    fresh = Trainer(_cfg(tmp_path / "p", "diffusion", steps=3, ckpt_every=0, precision="fp16", max_bad_steps=2))
+    records = fresh.fit()
+    assert records[0]["loss_scale"] == 2.0**14 and fresh.step == 3 and fresh.skipped_total >= 3
+    skipped = [r["skipped"] > (p["skipped"] if p else 0) for p, r in zip([None, *records], records)]
+    for a, b, a_skipped in zip(records, records[1:], skipped):
+        assert b["loss_scale"] == pytest.approx(a["loss_scale"] * (0.5 if a_skipped else 1.000693))
+
+
+def test_fp16_resumes_exactly_with_its_loss_scale(tmp_path):
+    full = Trainer(_cfg(tmp_path / "a", "diffusion", steps=4, precision="fp16")).fit()
+    part = Trainer(_cfg(tmp_path / "b", "diffusion", steps=4, precision="fp16")).fit(stop_at=2)
+    resumed = Trainer(_cfg(tmp_path / "b", "diffusion", steps=4, precision="fp16"))
+    assert resumed.loss_scale == pytest.approx(part[-1]["loss_scale"] * 1.000693)
+    rest = resumed.fit()
+    assert [r["loss"] for r in part + rest] == [r["loss"] for r in full]
+
+
+def test_fp16_overflows_count_as_bad_steps_once_the_scale_is_down_to_1(tmp_path):
+    # Gradients that stay infinite are not the scale's fault: from scale 4 two retries halve it
+    # to 1, and from there max_bad_steps (3) tries stop the run.
+    trainer = Trainer(_cfg(tmp_path, "diffusion", precision="fp16", max_bad_steps=3))
+    trainer.loss_scale = 4.0
+    next(trainer.model.parameters()).register_hook(lambda g: g * float("inf"))
+    with pytest.raises(RuntimeError, match="5 non-finite steps in a row, 2 of them fp16 overflows"):
+        trainer.fit()
+    assert trainer.loss_scale == 1.0 and trainer.step == 0 and trainer.skipped_total == 5
+
+
 def test_stage2_starts_from_a_stage1_encoder(tmp_path):
     stage1 = Trainer(_cfg(tmp_path / "s1", "pretrain", steps=2))
     stage1.fit()
@@ -627,12 +667,17 @@ def test_previews_and_logs_are_written(tmp_path):
 
 @pytest.mark.cuda
 def test_cuda_bf16_compiled_steps_track_fp32_eager(tmp_path):
-    """GPU only: bf16 autocast + torch.compile on CUDA against fp32 eager on the same draws."""
+    """GPU only: bf16 (and fp16) autocast + torch.compile on CUDA against fp32 eager on the same
+    draws."""
     fp32 = _losses(Trainer(_cfg(tmp_path / "f", "diffusion", steps=3, device="cuda", precision="fp32")).fit())
     bf16 = _losses(Trainer(_cfg(tmp_path / "b", "diffusion", steps=3, device="cuda", precision="bf16",
                                 compile=True)).fit())  # fmt: skip
     assert all(math.isfinite(v) for v in bf16)
     assert bf16 == pytest.approx(fp32, rel=5e-2)
+    # fp16 with loss scaling, from a scale this network's gradients fit (no retry, same draws)
+    trainer = Trainer(_cfg(tmp_path / "h", "diffusion", steps=3, device="cuda", precision="fp16", compile=True))
+    trainer.loss_scale = 64.0
+    assert _losses(trainer.fit()) == pytest.approx(fp32, rel=5e-2)
 
 
 @pytest.mark.cuda
