@@ -8,6 +8,7 @@ import json
 import os
 import platform
 import sys
+import textwrap
 from pathlib import Path
 from typing import Any
 
@@ -317,11 +318,20 @@ TRAIN_OPTION_GROUPS = (
 )  # fmt: skip
 
 
-def _train_epilog() -> str:
+class _NamesHelpFormatter(argparse.HelpFormatter):
+    """Wraps paragraphs without breaking a name at its hyphen (diffusion-epg-xl-16)."""
+
+    def _fill_text(self, text: str, width: int, indent: str) -> str:
+        text = " ".join(text.split())
+        return textwrap.fill(text, width, initial_indent=indent, subsequent_indent=indent, break_on_hyphens=False)
+
+
+def _train_epilog(stage1: bool) -> str:
     from .presets import PRESETS
 
+    presets = [name for name, preset in PRESETS.items() if (preset["mode"] == "pretrain") == stage1]
     groups = "; ".join(f"{name}: {', '.join(keys)}" for name, keys in TRAIN_OPTION_GROUPS)
-    return (f"presets: {', '.join(PRESETS)} (epg/presets.py). Options for --set KEY=VALUE "
+    return (f"presets: {', '.join(presets)} (epg/presets.py). Options for --set KEY=VALUE "
             f"(epg.train.TrainConfig, defaults and meanings there; batch_size is the global batch) "
             f"— {groups}.")  # fmt: skip
 
@@ -344,12 +354,12 @@ def build_parser() -> argparse.ArgumentParser:
     info.set_defaults(func=_cmd_info)
 
     pre = sub.add_parser("pretrain", help="stage 1: self-supervised pre-training of the encoder",
-                         epilog=_train_epilog())  # fmt: skip
+                         epilog=_train_epilog(stage1=True), formatter_class=_NamesHelpFormatter)  # fmt: skip
     _add_train_options(pre)
     pre.set_defaults(func=_cmd_pretrain)
 
     fin = sub.add_parser("finetune", help="stage 2: diffusion or consistency fine-tuning",
-                         epilog=_train_epilog())  # fmt: skip
+                         epilog=_train_epilog(stage1=False), formatter_class=_NamesHelpFormatter)  # fmt: skip
     fin.add_argument("--objective", choices=("diffusion", "consistency"), required=True)
     fin.add_argument("--encoder", help="stage-1 checkpoint: an epg folder or an official RCM .pth")
     _add_train_options(fin)

@@ -8,6 +8,18 @@ skip is counted, the step number does not advance, and the retry takes the next 
 noise; ``max_bad_steps`` skips in a row stop the run). Then the EMA of the model (stage 2) or
 of the target encoder (stage 1), logs, previews and checkpoints.
 
+``precision="fp16"`` (the paper's runs) scales the loss as the official GradScaler settings do
+(epg-method.md §5.5): from 2^14, ×1.000693 after every step made, ×0.5 when the gradients
+overflow. The scale is one number kept alike on every rank; it multiplies each micro-batch's
+backward and is divided out of the gradients before clipping. An overflow skips the step like
+any non-finite gradient, but while the scale is above 1 it only halves the scale and does not
+count towards ``max_bad_steps``; at 1 the scale stays and the skip counts (gradients infinite
+there are not the scale's doing). Two departures from the official loop: a skip does not use up
+a step (the retry takes a fresh batch, so a run makes exactly ``steps`` updates), and the scale
+stops halving at 1. Gradients that are infinite at any scale therefore cost ~14 halvings (each
+on a fresh batch) before ``max_bad_steps`` applies, and leave the scale near 1, from where it
+doubles every ~1,000 steps.
+
 Resuming is exact: a checkpoint holds the model, EMA, target, optimiser, LR schedule, step, every
 rank's torch RNG state (dropout), the data position and the config, and every other random number
 is a function of (seed, step). (Resumed on another number of ranks, each rank gets a fresh
@@ -118,7 +130,7 @@ class TrainConfig:
     perceptual_config: str = ""
     compile: bool = True
     # auto: bf16 autocast on CUDA, fp32 on CPU | bf16 | fp32 | fp16 (autocast with loss scaling,
-    # as the paper's runs; see Trainer.train_step)
+    # as the paper's runs; see the module docstring)
     precision: str = "auto"
     device: str = "auto"
     seed: int = 0
@@ -1039,7 +1051,8 @@ class Trainer:
         self.skipped_total = state["skipped_total"]
         self.bad_in_a_row = state["bad_in_a_row"]
         if self.loss_scale is not None:  # (None in a checkpoint of another precision)
-            self.loss_scale = state.get("loss_scale") or LOSS_SCALE_INIT
+            saved_scale = state.get("loss_scale")
+            self.loss_scale = LOSS_SCALE_INIT if saved_scale is None else saved_scale
         # A run stopped by non-finite steps saved its count: the resumed run gets a full
         # max_bad_steps tries of its own (the count still seeds fresh draws).
         self._bad_before_resume = self.bad_in_a_row

@@ -22,14 +22,18 @@ def test_presets_are_valid_train_configs():
     assert (xl["lr"], xl["grad_clip"], xl["ema_decay"], xl["objective"]["label_dropout"]) == (1e-4, 0.5, 0.9999, 0.1)
 
 
-def test_training_help_names_every_option_and_preset(capsys):
+@pytest.mark.parametrize("columns", ["60", "100", "200"])
+def test_training_help_names_every_option_and_preset(capsys, monkeypatch, columns):
     listed = [key.removesuffix(".*") for _, keys in TRAIN_OPTION_GROUPS for key in keys]
     assert sorted(listed) == sorted(f.name for f in dataclasses.fields(TrainConfig))
-    with pytest.raises(SystemExit):
-        main(["finetune", "--help"])
-    text = " ".join(capsys.readouterr().out.split())
-    assert "grad_accum" in text and "objective.*" in text
-    assert all(name in text for name in PRESETS)
+    monkeypatch.setenv("COLUMNS", columns)  # argparse wraps to it: no name may be split
+    for command, stage1 in (["pretrain"], True), (["finetune", "--objective", "diffusion"], False):
+        with pytest.raises(SystemExit):
+            main([*command, "--help"])
+        words = set(capsys.readouterr().out.replace(",", " ").split())
+        assert {"grad_accum", "objective.*", "precision"} <= words
+        for name, preset in PRESETS.items():
+            assert (name in words) == ((preset["mode"] == "pretrain") == stage1), name
 
 
 def test_set_option_reaches_nested_keys():

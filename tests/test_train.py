@@ -277,16 +277,21 @@ def test_non_finite_steps_are_skipped_and_too_many_stop_the_run(tmp_path):
         fresh.fit()
 
 
-def test_fp16_scales_the_loss_as_the_paper_and_tracks_fp32(tmp_path):
+@pytest.mark.parametrize("accum", [1, 2])
+def test_fp16_scales_the_loss_as_the_paper_and_tracks_fp32(tmp_path, accum):
     fp32 = Trainer(_cfg(tmp_path / "f", "diffusion", steps=3, ckpt_every=0)).fit()
-    # From a scale whose gradients fit in fp16 there is no retry, so the draws are fp32's.
-    settled = Trainer(_cfg(tmp_path / "s", "diffusion", steps=3, ckpt_every=0, precision="fp16"))
+    # From a scale whose gradients fit in fp16 there is no retry, so the draws are fp32's; with
+    # micro-batches each backward takes 1/accum of the scaled loss.
+    settled = Trainer(_cfg(tmp_path / "s", "diffusion", steps=3, ckpt_every=0, precision="fp16", grad_accum=accum))
     settled.loss_scale = 64.0
     fp16 = settled.fit()
     assert [r["skipped"] for r in fp16] == [0, 0, 0]
     for key in ("loss", "grad_norm"):
         assert [r[key] for r in fp16] == pytest.approx([r[key] for r in fp32], rel=2e-2), key
     assert [r["loss_scale"] for r in fp16] == pytest.approx([64.0 * 1.000693**k for k in range(3)])
+
+
+def test_fp16_overflows_from_the_papers_initial_scale_halve_it_without_stopping(tmp_path):
     # From the paper's 2^14 this network's first gradients overflow fp16 (more times in a row
     # than max_bad_steps): each overflow halves the scale and retries, without stopping the run.
     fresh = Trainer(_cfg(tmp_path / "p", "diffusion", steps=3, ckpt_every=0, precision="fp16", max_bad_steps=2))
@@ -309,12 +314,37 @@ def test_fp16_resumes_exactly_with_its_loss_scale(tmp_path):
 def test_fp16_overflows_count_as_bad_steps_once_the_scale_is_down_to_1(tmp_path):
     # Gradients that stay infinite are not the scale's fault: from scale 4 two retries halve it
     # to 1, and from there max_bad_steps (3) tries stop the run.
-    trainer = Trainer(_cfg(tmp_path, "diffusion", precision="fp16", max_bad_steps=3))
+    trainer = Trainer(_cfg(tmp_path / "a", "diffusion", precision="fp16", max_bad_steps=3))
     trainer.loss_scale = 4.0
     next(trainer.model.parameters()).register_hook(lambda g: g * float("inf"))
     with pytest.raises(RuntimeError, match="5 non-finite steps in a row, 2 of them fp16 overflows"):
         trainer.fit()
     assert trainer.loss_scale == 1.0 and trainer.step == 0 and trainer.skipped_total == 5
+
+    # A non-finite loss is no overflow: it counts at once and leaves the scale.
+    trainer = Trainer(_cfg(tmp_path / "b", "diffusion", precision="fp16", max_bad_steps=2))
+    trainer.loss_scale = 64.0
+    real = trainer.loss_fn
+    trainer.loss_fn = lambda b, d: (real(b, d)[0] * float("nan"), real(b, d)[1])
+    with pytest.raises(RuntimeError, match=r"2 non-finite steps in a row, the last at step 0 \(loss=nan"):
+        trainer.fit()
+    assert trainer.loss_scale == 64.0
+
+    # An overflow streak ends with the step made after it: later infinite gradients at scale 1
+    # get max_bad_steps (2) tries, not more.
+    trainer = Trainer(_cfg(tmp_path / "c", "diffusion", precision="fp16", max_bad_steps=2))
+    trainer.loss_scale = 2.0 * 64.0
+    param = next(trainer.model.parameters())
+    hook = param.register_hook(lambda g: g * float("inf"))
+    trainer.train_step()  # overflow: the scale halves to 64, where this network's gradients fit
+    hook.remove()
+    trainer.train_step()
+    assert trainer.step == 1 and trainer.loss_scale == pytest.approx(64.0 * 1.000693)
+    trainer.loss_scale = 1.0
+    param.register_hook(lambda g: g * float("inf"))
+    with pytest.raises(RuntimeError, match="2 non-finite steps in a row, the last at step 1"):
+        trainer.fit()
+    assert trainer.skipped_total == 3
 
 
 def test_stage2_starts_from_a_stage1_encoder(tmp_path):
