@@ -1275,8 +1275,9 @@ class Trainer:
             with self._gradient_sync(last=i == n - 1):
                 with self._autocast():
                     micro_loss, micro_terms = self.loss_fn(micro_batch, micro_draws)
-                scale = n if self.loss_scale is None else n / self.loss_scale
-                (micro_loss / scale).backward()
+                # 1/n of the micro-batch's loss (times the fp16 loss scale) into the gradients
+                divisor = n if self.loss_scale is None else n / self.loss_scale
+                (micro_loss / divisor).backward()
             parts.append({"loss": micro_loss.detach(), **{k: v.detach() for k, v in micro_terms.items()}})
         terms = {k: torch.stack([p[k] for p in parts]).mean() for k in parts[0]}
         loss = terms.pop("loss")
