@@ -1262,7 +1262,7 @@ class Trainer:
         forward draws its own masks, so the step is the same in distribution only). The
         InfoNCE terms contrast each query with the keys of its micro-batch (gathered over
         ranks) instead of the whole batch, and stage 1's projector BatchNorm normalises over
-        the micro-batch (over ranks) and updates its running statistics n times a step, so
+        the micro-batch (over ranks) and updates its running statistics n times as often, so
         there the accumulated step is a smaller-batch step's gradient averaged n times.
         """
         step = self.step
