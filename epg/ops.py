@@ -22,10 +22,11 @@ traced and guarded (``use_backend`` and the ``EPG_BACKEND`` variables, set or un
 a backend later recompiles. (Where dynamo cannot trace that choice, torch 2.11 for one, compiled
 code keeps the custom ops: :func:`epg._backend.choice_traceable`.) The gradient of each of these
 reference forwards is its ``<op>_backward`` (tested); on CUDA, or with ``EPG_BACKEND=reference``
-(or :func:`use_backend`) the custom op runs as described above. Autograd keeps more tensors for the backward than the
-custom op (~6% more saved activations for the demo network at batch 64), and an
-activation-checkpointed region must see the same forced backends in its forward and its
-recomputation (the two paths save different tensors; ``torch.utils.checkpoint`` rejects that).
+(or :func:`use_backend`) the custom op runs as described above. Autograd keeps more tensors for
+the backward than the custom op (~6% more saved activations for the demo network at batch 64),
+and an activation-checkpointed region must see the same forced backends in its forward and its
+recomputation (the two paths save different tensors; ``torch.utils.checkpoint`` rejects that:
+the networks' checkpointing re-enters the forward's forces, ``epg.models.networks._recomputed``).
 
 Shapes: B batch, T tokens, D width, H heads, Dh head dim, C channels, p patch size.
 """
