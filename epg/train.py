@@ -99,8 +99,8 @@ class TrainConfig:
     batch_size: int = 64  # global, over all ranks
     # micro-batches per step: each rank runs its batch_size/world rows in grad_accum slices, one
     # backward each, and steps once, for a batch that does not fit in memory at once. The
-    # InfoNCE terms then take their negatives from the micro-batch (over all ranks), and stage
-    # 1's projector BatchNorm its statistics (see Trainer.train_step).
+    # InfoNCE terms still take their negatives from the whole batch; stage 1's projector
+    # BatchNorm takes its statistics from the micro-batch (see Trainer.train_step).
     grad_accum: int = 1
     # keep only each transformer block's input for the backward and run the block again there:
     # about one more forward pass per step, for most of the blocks' activation memory
@@ -706,6 +706,10 @@ class Trainer:
         self._maybe_resume()
         self._saved_step = self.step  # nothing new to save before the first step
         self.loss_fn = torch.compile(self.objective.loss) if cfg.compile else self.objective.loss
+        # The InfoNCE objectives' keys: with grad_accum, computed for the whole batch before its
+        # micro-batches, so that each contrasts with all of them.
+        keys = getattr(self.objective, "keys", None) if cfg.grad_accum > 1 else None
+        self.keys_fn = torch.compile(keys) if keys is not None and cfg.compile else keys
 
     # --- construction ------------------------------------------------------------------------
 
@@ -1191,7 +1195,7 @@ class Trainer:
     def _local_rows(self, t: Tensor) -> Tensor:
         """This rank's rows of a global-batch tensor, micro-batch by micro-batch: the global
         batch's micro-batch i is its rows [i·B/n, (i+1)·B/n), shared out over the ranks, so the
-        micro-batches (the InfoNCE's negatives, the BatchNorm statistics) do not depend on the
+        micro-batches (over which stage 1's BatchNorm takes its statistics) do not depend on the
         number of ranks."""
         if not self.global_randomness or not self.dist.distributed:
             return t
@@ -1244,6 +1248,20 @@ class Trainer:
             yield tuple({k: v[i * rows : (i + 1) * rows] if v.dim() > 0 else v for k, v in part.items()}
                         for part in (batch, draws))  # fmt: skip
 
+    def _whole_batch_keys(self, batch: dict[str, Tensor], draws: dict[str, Tensor]) -> list[dict[str, Tensor]] | None:
+        """Each micro-batch's InfoNCE keys: those of every row of the local batch, its own rows
+        first (rolled there), so its queries' negatives are the whole batch's (over ranks). The
+        keys are computed micro-batch by micro-batch, at a micro-batch's memory: each depends on
+        its own sample only (see the objectives' ``keys``)."""
+        n = self.cfg.grad_accum
+        if self.keys_fn is None:
+            return None
+        with self._autocast():
+            parts = [self.keys_fn(b, d) for b, d in self._micro_batches(batch, draws)]
+        keys = {name: torch.cat([part[name] for part in parts]) for name in parts[0]}
+        rows = self.local_batch // n
+        return [{name: k.roll(-i * rows, 0) for name, k in keys.items()} for i in range(n)]
+
     def _gradient_sync(self, last: bool):
         """DDP reduces the gradients once, in the last micro-batch's backward. FSDP reduce-
         scatters every micro-batch's gradients: they then accumulate sharded, where skipping
@@ -1256,25 +1274,27 @@ class Trainer:
         """One optimisation step (or a skipped one); returns the logged values.
 
         With ``grad_accum`` n > 1 the loss is the mean of the n micro-batches' losses, and each
-        backward takes 1/n of its own: for losses that average over samples independently
-        (diffusion; consistency without the auxiliary InfoNCE) this is the whole batch's loss
-        and gradient, up to rounding (tested without dropout: with it, each micro-batch's
-        forward draws its own masks, so the step is the same in distribution only). The
-        InfoNCE terms contrast each query with the keys of its micro-batch (gathered over
-        ranks) instead of the whole batch, and stage 1's projector BatchNorm normalises over
-        the micro-batch (over ranks) and updates its running statistics n times as often, so
-        there the accumulated step is a smaller-batch step's gradient averaged n times.
+        backward takes 1/n of its own. The InfoNCE keys of the whole batch are computed first
+        (no gradient, micro-batch by micro-batch), and each micro-batch's queries contrast with
+        all of them, as in one pass. So diffusion and consistency (with its auxiliary InfoNCE)
+        take the whole batch's step up to rounding (tested without dropout: with it, each
+        micro-batch's forward draws its own masks, so the step is the same in distribution
+        only), and so does stage 1 but for its projector's BatchNorm: it normalises the queries
+        z over the micro-batch (over ranks), and updates its running statistics n times as
+        often. The keys cost no more compute; each micro-batch gathers the whole batch's keys
+        over ranks (n times the keys' traffic, which is small: B × 128–768 floats).
         """
         step = self.step
         batch = self._batch(step)
         draws = self._draws(step)
         self.optimizer.zero_grad(set_to_none=True)
         n = self.cfg.grad_accum
+        keys = self._whole_batch_keys(batch, draws)
         parts = []
         for i, (micro_batch, micro_draws) in enumerate(self._micro_batches(batch, draws)):
             with self._gradient_sync(last=i == n - 1):
                 with self._autocast():
-                    micro_loss, micro_terms = self.loss_fn(micro_batch, micro_draws)
+                    micro_loss, micro_terms = self.loss_fn(micro_batch, micro_draws, *([] if keys is None else [keys[i]]))
                 # 1/n of the micro-batch's loss (times the fp16 loss scale) into the gradients
                 divisor = n if self.loss_scale is None else n / self.loss_scale
                 (micro_loss / divisor).backward()

@@ -66,9 +66,13 @@ def t_cond(sigma):
 
 
 @pytest.mark.parametrize("tau", [0.2, torch.tensor(0.1)])
-def test_info_nce_matches_double_loop(tau):
-    q, k = torch.randn(7, 5), torch.randn(7, 5)
+@pytest.mark.parametrize("extra_keys", [0, 5])
+def test_info_nce_matches_double_loop(tau, extra_keys):
+    # extra keys: further negatives after the positives (a micro-batch against its whole batch)
+    q, k = torch.randn(7, 5), torch.randn(7 + extra_keys, 5)
     assert_close(info_nce(q, k, tau), naive_info_nce(q, k, tau).float(), what="info_nce")
+    with pytest.raises(ValueError, match=r"q must be \(B, D\) and k \(M >= B, D\), got \(7, 5\), \(6, 5\)"):
+        info_nce(q, k[:6], tau)
 
 
 def test_info_nce_keys_get_no_gradient():

@@ -221,10 +221,28 @@ class ConsistencyObjective:
         z, _ = self.perceptual(x * c_in.view(B, 1, 1, 1).to(x.dtype), t_cond)
         return z
 
+    @property
+    def aux_on(self) -> bool:
+        return self.perceptual is not None and self.aux_weight > 0
+
+    def keys(self, batch: dict[str, Tensor], draws: dict[str, Tensor]) -> dict[str, Tensor]:
+        """The auxiliary InfoNCE's keys, without gradient: W_φ's z of each clean image ("z"; none
+        with the term off). W_φ runs in eval mode (the Trainer's), so each key depends on its own
+        image only, and keys computed slice by slice are the whole batch's keys."""
+        if not self.aux_on:
+            return {}
+        with torch.no_grad():
+            return {"z": self.perceptual_features(batch["image"])}
+
     def loss(
-        self, batch: dict[str, Tensor], draws: dict[str, Tensor]
+        self, batch: dict[str, Tensor], draws: dict[str, Tensor], keys: dict[str, Tensor] | None = None
     ) -> tuple[Tensor, dict[str, Tensor]]:
+        """L and its terms for ``batch``. ``keys`` (from :meth:`keys`) may hold more rows than the
+        batch, its own first: the extra rows are further negatives of L_aux (the Trainer passes a
+        micro-batch the keys of its whole batch). Default: the batch's own keys."""
         x0 = batch["image"]
+        if keys is None:
+            keys = self.keys(batch, draws)
         t, r, weight = draws["t"], draws["r"], draws["weight"]
         denoise = draws.get("denoise")  # only with first_stage=0
         eps = draws["eps"].to(x0.dtype)
@@ -252,11 +270,9 @@ class ConsistencyObjective:
         # w·Δ²/sqrt(sg(Δ²) + c²), Δ² the per-sample squared distance (§7.3).
         consistency = ops.pseudo_huber_loss(d_online, d_target, weight, self.c)  # (B,)
 
-        if self.perceptual is not None and self.aux_weight > 0:
+        if self.aux_on:
             q = self.perceptual_features(d_online.to(x0.dtype))
-            with torch.no_grad():
-                k = self.perceptual_features(x0)
-            aux = info_nce(q, k, self.tau_aux)  # (B,)
+            aux = info_nce(q, keys["z"], self.tau_aux)  # (B,)
             if denoise is not None:
                 aux = torch.where(denoise, 0.0, aux)  # none in stage 0
         else:

@@ -53,18 +53,20 @@ def info_nce(q: Tensor, k: Tensor, tau: float | Tensor) -> Tensor:
 
     Args:
         q: (B, D) queries (gradients flow into them).
-        k: (B, D) keys; stop-gradient: they are detached here whatever the caller passes.
+        k: (M, D) keys, M ≥ B, key i query i's positive; rows past B are further negatives (a
+            micro-batch's queries against the keys of its whole batch); every rank must pass the
+            same M. Stop-gradient: they are detached here whatever the caller passes.
         tau: temperature, a float or a 0-d tensor.
     Returns:
-        (B,) float32: ℓ_i = logsumexp_j(q̂_i·k̂_j/τ) − q̂_i·k̂_i/τ over the W·B keys of the global
-        batch, with q̂, k̂ the L2-normalised vectors. Normalisation and logits are computed in
-        float32 with autocast off (bf16 logits divided by τ = 0.1 lose too much).
+        (B,) float32: ℓ_i = logsumexp_j(q̂_i·k̂_j/τ) − q̂_i·k̂_i/τ over the W·M keys of all ranks,
+        with q̂, k̂ the L2-normalised vectors. Normalisation and logits are computed in float32
+        with autocast off (bf16 logits divided by τ = 0.1 lose too much).
     """
-    if q.dim() != 2 or k.shape != q.shape:
+    if q.dim() != 2 or k.dim() != 2 or k.shape[1] != q.shape[1] or k.shape[0] < q.shape[0]:
         raise ValueError(
-            f"info_nce: q and k must be the same (B, D), got {tuple(q.shape)}, {tuple(k.shape)}"
+            f"info_nce: q must be (B, D) and k (M >= B, D), got {tuple(q.shape)}, {tuple(k.shape)}"
         )
-    keys = gather_keys(k)  # (W·B, D), local block first: key i is query i's positive
+    keys = gather_keys(k)  # (W·M, D), local block first: key i is query i's positive
     with torch.autocast(device_type=q.device.type, enabled=False):
         q_hat = F.normalize(q.float(), dim=1)
         k_hat = F.normalize(keys.float(), dim=1)

@@ -201,35 +201,47 @@ class PretrainObjective:
         x_in = (x + sigma.to(x.dtype) * eps) * c_in.view(B, 1, 1, 1).to(x.dtype)
         return x_in, t_cond
 
-    def loss(
-        self, batch: dict[str, Tensor], draws: dict[str, Tensor]
-    ) -> tuple[Tensor, dict[str, Tensor]]:
+    def keys(self, batch: dict[str, Tensor], draws: dict[str, Tensor]) -> dict[str, Tensor]:
+        """The InfoNCE keys of every sample, without gradient: the target's z of both views
+        ("z1", "z2") and the online h at σ_{n+1} ("h_n1").
+
+        Each key depends on its own sample only: h comes before the projector's BatchNorm, and
+        the target runs in eval mode (the Trainer's; its BatchNorms then use running
+        statistics). So keys computed slice by slice are the whole batch's keys, which is how
+        the Trainer gives every micro-batch the negatives of the whole batch.
+        """
         x, view1, view2 = batch["image"], batch["view1"], batch["view2"]
         eps = draws["eps"].to(x.dtype)
         sigma_min = torch.full((), self.sigma_min_shifted, device=x.device)
+        with torch.no_grad():
+            z1, _ = self.target(*self._inputs(view1, sigma_min, eps))
+            z2, _ = self.target(*self._inputs(view2, sigma_min, eps))
+            # the less noisy consistency key comes from the online network under stop-gradient
+            _, h_n1 = self.online(*self._inputs(x, draws["sigma_n1"], eps))
+        return {"z1": z1, "z2": z2, "h_n1": h_n1}
+
+    def loss(
+        self, batch: dict[str, Tensor], draws: dict[str, Tensor], keys: dict[str, Tensor] | None = None
+    ) -> tuple[Tensor, dict[str, Tensor]]:
+        """L and its terms for ``batch``. ``keys`` (from :meth:`keys`) may hold more rows than the
+        batch, its own first: the extra rows are further negatives (the Trainer passes a
+        micro-batch the keys of its whole batch). Default: the batch's own keys."""
+        x, view1, view2 = batch["image"], batch["view1"], batch["view2"]
+        eps = draws["eps"].to(x.dtype)
+        sigma_min = torch.full((), self.sigma_min_shifted, device=x.device)
+        if keys is None:
+            keys = self.keys(batch, draws)
 
         # Contrastive term on nearly clean views at time σ̃_min. Each view is a separate call
         # (as in the official code): the projector's BatchNorm computes batch statistics per
         # call, so batching v1 and v2 together would change the statistics and the loss.
-        v1_in, t_min = self._inputs(view1, sigma_min, eps)
-        v2_in, _ = self._inputs(view2, sigma_min, eps)
-        z1, _ = self.online(v1_in, t_min)
-        z2, _ = self.online(v2_in, t_min)
-        with torch.no_grad():
-            z1_target, _ = self.target(v1_in, t_min)
-            z2_target, _ = self.target(v2_in, t_min)
-        contrastive = info_nce(z1, z2_target, self.tau_con) + info_nce(
-            z2, z1_target, self.tau_con
-        )  # (B,)
+        z1, _ = self.online(*self._inputs(view1, sigma_min, eps))
+        z2, _ = self.online(*self._inputs(view2, sigma_min, eps))
+        contrastive = info_nce(z1, keys["z2"], self.tau_con) + info_nce(z2, keys["z1"], self.tau_con)  # (B,)
 
-        # Representation consistency between adjacent grid points, same ε; the (less noisy)
-        # key comes from the online network under stop-gradient.
-        xn_in, t_n = self._inputs(x, draws["sigma_n"], eps)
-        xn1_in, t_n1 = self._inputs(x, draws["sigma_n1"], eps)
-        _, h_n = self.online(xn_in, t_n)
-        with torch.no_grad():
-            _, h_n1 = self.online(xn1_in, t_n1)
-        consistency = info_nce(h_n, h_n1, draws["tau_rc"])  # (B,)
+        # Representation consistency between adjacent grid points, same ε.
+        _, h_n = self.online(*self._inputs(x, draws["sigma_n"], eps))
+        consistency = info_nce(h_n, keys["h_n1"], draws["tau_rc"])  # (B,)
 
         loss = (contrastive + consistency).mean()
         return loss, {"contrastive": contrastive.mean(), "consistency": consistency.mean()}
