@@ -316,6 +316,9 @@ TRAIN_OPTION_GROUPS = (
                  "resume", "progress", "max_bad_steps")),
     ("output", ("log_every", "ckpt_every", "keep_checkpoints", "preview_every")),
 )  # fmt: skip
+# Left out of the other stage's help: epg.train.UNUSED_OPTIONS (a test keeps them in step).
+STAGE1_ONLY_OPTIONS = ("augment.*", "target_ema")
+STAGE2_ONLY_OPTIONS = ("init", "encoder", "perceptual", "perceptual_config", "preview_every", "ema_decay")
 
 
 class _NamesHelpFormatter(argparse.HelpFormatter):
@@ -330,7 +333,9 @@ def _train_epilog(stage1: bool) -> str:
     from .presets import PRESETS
 
     presets = [name for name, preset in PRESETS.items() if (preset["mode"] == "pretrain") == stage1]
-    groups = "; ".join(f"{name}: {', '.join(keys)}" for name, keys in TRAIN_OPTION_GROUPS)
+    other_stage = STAGE2_ONLY_OPTIONS if stage1 else STAGE1_ONLY_OPTIONS
+    groups = "; ".join(f"{name}: {', '.join(key for key in keys if key not in other_stage)}"
+                       for name, keys in TRAIN_OPTION_GROUPS)  # fmt: skip
     return (f"presets: {', '.join(presets)} (epg/presets.py). Options for --set KEY=VALUE "
             f"(epg.train.TrainConfig, defaults and meanings there; batch_size is the global batch) "
             f"— {groups}.")  # fmt: skip

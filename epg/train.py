@@ -85,6 +85,15 @@ _CHECKPOINT_KEYS = ("step", "config", "model_config", "model", "ema", "target", 
                     "rng", "data", "skipped_total", "bad_in_a_row")  # fmt: skip
 
 
+# The options each mode never reads (validate refuses them set; `epg pretrain --help` leaves
+# stage 2's out, `epg finetune --help` stage 1's).
+UNUSED_OPTIONS = {
+    "pretrain": ("init", "encoder", "perceptual", "perceptual_config", "preview_every", "ema_decay"),
+    "diffusion": ("perceptual", "perceptual_config", "augment", "target_ema"),
+    "consistency": ("augment", "target_ema"),
+}
+
+
 @dataclass
 class TrainConfig:
     mode: str = "diffusion"  # pretrain | diffusion | consistency
@@ -166,13 +175,8 @@ class TrainConfig:
         if self.parallel not in ("ddp", "fsdp"):
             raise ValueError(f"parallel must be ddp or fsdp, got {self.parallel!r}")
         # Options the mode never reads: set, they used to be ignored without a word.
-        unused = {
-            "pretrain": ("init", "encoder", "perceptual", "perceptual_config", "preview_every", "ema_decay"),
-            "diffusion": ("perceptual", "perceptual_config", "augment", "target_ema"),
-            "consistency": ("augment", "target_ema"),
-        }[self.mode]
         fields = {f.name: f for f in dataclasses.fields(self)}
-        for name in unused:
+        for name in UNUSED_OPTIONS[self.mode]:
             field_ = fields[name]
             default = field_.default_factory() if field_.default is dataclasses.MISSING else field_.default
             if getattr(self, name) != default:
