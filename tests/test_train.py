@@ -568,22 +568,30 @@ end_process(0)  # as the epg CLI ends a gloo worker
 @pytest.mark.parametrize(
     "mode,parallel,stop_at,accum",
     [("pretrain", "ddp", 0, 1), ("diffusion", "ddp", 0, 1), ("diffusion", "fsdp", 2, 1),
-     ("diffusion", "ddp", 0, 2), ("diffusion", "fsdp", 0, 2), ("pretrain", "ddp", 0, 2)],
+     ("diffusion", "ddp", 0, 2), ("diffusion", "fsdp", 0, 2), ("pretrain", "ddp", 0, 2),
+     ("consistency", "ddp", 0, 2)],
 )  # fmt: skip
 def test_two_processes_match_one_on_the_same_global_batch(tmp_path, mode, parallel, stop_at, accum):
     # accum: the two processes accumulate their rows in that many micro-batches (DDP reduces
-    # once, in the last backward; FSDP every micro-batch); in diffusion the one process takes
-    # its batch whole. Stage 1's projector BatchNorm takes its statistics over the micro-batch:
-    # there both accumulate, and must pick the same micro-batches.
+    # once, in the last backward; FSDP every micro-batch); in stage 2 the one process takes its
+    # batch whole (consistency: dropout off, and the auxiliary InfoNCE's keys, the whole batch's
+    # in every micro-batch, gathered over the ranks). Stage 1's projector BatchNorm takes its
+    # statistics over the micro-batch: there both accumulate, and must pick the same ones.
     script = tmp_path / "run.py"
     script.write_text(_DIST_SCRIPT)
+    extra = {}
+    if mode == "consistency":
+        ckpt.save(build("rcm-tiny", **TINY), tmp_path / "s1")
+        extra["encoder"] = str(tmp_path / "s1")
     results = {}
     for nproc in (1, 2):
         cfg = _cfg(tmp_path / f"p{nproc}", mode, steps=3, ckpt_every=0, parallel=parallel,
-                   grad_accum=accum if nproc == 2 or mode == "pretrain" else 1)  # fmt: skip
+                   grad_accum=accum if nproc == 2 or mode == "pretrain" else 1, **extra)  # fmt: skip
+        if mode == "consistency":
+            cfg.model_overrides["drop"] = 0.0
         out = tmp_path / f"losses{nproc}.json"
-        port = (29500 + 10 * nproc + {"pretrain": 1, "diffusion": 2}[mode] + (5 if parallel == "fsdp" else 0)
-                + 100 * (accum - 1))  # fmt: skip
+        port = (29500 + 10 * nproc + {"pretrain": 1, "diffusion": 2, "consistency": 3}[mode]
+                + (5 if parallel == "fsdp" else 0) + 100 * (accum - 1))  # fmt: skip
         proc = torchrun(tmp_path, nproc, port, script, json.dumps(cfg.to_dict()), out, stop_at)
         assert proc.returncode == 0, proc.stderr[-3000:]
         results[nproc] = json.loads(out.read_text())
