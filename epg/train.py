@@ -1289,78 +1289,101 @@ class Trainer:
         over ranks (n times the keys' traffic, which is small: B × 128–768 floats).
         """
         step = self.step
+        terms = self._accumulate_gradients(step)
+        grad_norm = self._clip_gradients(step)
+        values, bad = self._reduced_values(terms, grad_norm)
+        if bad:
+            self._skip(step, values)
+        else:
+            self._apply()
+        values["skipped"] = self.skipped_total
+        return values
+
+    def _accumulate_gradients(self, step: int) -> dict[str, Tensor]:
+        """The step's gradients, in ``grad_accum`` micro-batches; returns this rank's loss and
+        loss terms, each the mean over the micro-batches."""
         batch = self._batch(step)
         draws = self._draws(step)
         self.optimizer.zero_grad(set_to_none=True)
         n = self.cfg.grad_accum
         keys = self._whole_batch_keys(batch, draws)
+        # 1/n of each micro-batch's loss (times the fp16 loss scale) into the gradients
+        divisor = n if self.loss_scale is None else n / self.loss_scale
         parts = []
         for i, (micro_batch, micro_draws) in enumerate(self._micro_batches(batch, draws)):
             with self._gradient_sync(last=i == n - 1):
                 with self._autocast():
                     micro_loss, micro_terms = self.loss_fn(micro_batch, micro_draws, *([] if keys is None else [keys[i]]))
-                # 1/n of the micro-batch's loss (times the fp16 loss scale) into the gradients
-                divisor = n if self.loss_scale is None else n / self.loss_scale
                 (micro_loss / divisor).backward()
             parts.append({"loss": micro_loss.detach(), **{k: v.detach() for k, v in micro_terms.items()}})
-        terms = {k: torch.stack([p[k] for p in parts]).mean() for k in parts[0]}
-        loss = terms.pop("loss")
+        if n == 1:
+            return parts[0]
+        return {k: torch.stack([part[k] for part in parts]).mean() for k in parts[0]}
+
+    def _clip_gradients(self, step: int) -> Tensor:
+        """Unscales (fp16) and clips the gradients; returns their norm before clipping."""
         if self.loss_scale is not None:  # gradients back to the loss's scale, before clipping
             torch._foreach_mul_([p.grad for p in self.params if p.grad is not None], 1.0 / self.loss_scale)
-        clip = self.cfg.grad_clip if (self.cfg.grad_clip and (step >= self.cfg.warmup_steps or not self.cfg.clip_after_warmup)) else math.inf
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, clip)
+        clipping = self.cfg.grad_clip and (step >= self.cfg.warmup_steps or not self.cfg.clip_after_warmup)
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.cfg.grad_clip if clipping else math.inf)
         if hasattr(grad_norm, "full_tensor"):  # a DTensor under FSDP
             grad_norm = grad_norm.full_tensor()
-        # One collective and one host sync per step: the loss terms averaged over ranks, and a
-        # non-finite flag (summed, so any rank's flag counts).
-        finite = torch.isfinite(loss.detach()) & torch.isfinite(grad_norm)
-        # The Ctrl-C flag rides along, so every rank stops after the same step.
+        return grad_norm
+
+    def _reduced_values(self, terms: dict[str, Tensor], grad_norm: Tensor) -> tuple[dict[str, float], bool]:
+        """The logged values (loss and terms averaged over ranks) and whether any rank's loss or
+        gradient is non-finite, in one collective and one host sync. The Ctrl-C flag rides
+        along, so every rank stops after the same step."""
+        finite = torch.isfinite(terms["loss"]) & torch.isfinite(grad_norm)
         interrupted = finite.new_full((), float(self._interrupted), dtype=torch.float32)  # no copy
-        packed = torch.stack(
-            [loss.detach().float(), *(t.detach().float() for t in terms.values()), (~finite).float(), interrupted]
-        )
+        # flags summed, so any rank's flag counts
+        packed = torch.stack([*(t.float() for t in terms.values()), (~finite).float(), interrupted])
         packed = distributed.all_reduce_sum(packed).tolist()
-        world = self.dist.world_size
         self.stop_requested = packed[-1] > 0
-        bad = packed[-2] > 0
-        values = {"loss": packed[0] / world}
-        values.update({name: v / world for name, v in zip(terms, packed[1:-2])})
+        world = self.dist.world_size
+        values = {name: v / world for name, v in zip(terms, packed[:-2])}
         values["grad_norm"] = grad_norm.item()
         values["lr"] = self.scheduler.get_last_lr()[0]
         if self.loss_scale is not None:
             values["loss_scale"] = self.loss_scale
-        if bad:
-            self.skipped_total += 1
-            self.bad_in_a_row += 1
-            self.optimizer.zero_grad(set_to_none=True)
-            # fp16: a finite loss whose gradients overflowed at a scale above 1 asks for a smaller
-            # scale, and does not count towards max_bad_steps (the official GradScaler's skip).
-            if self.loss_scale is not None and self.loss_scale > 1 and math.isfinite(values["loss"]):
-                self.loss_scale *= LOSS_SCALE_BACKOFF
-                self._overflows_in_a_row += 1
-            elif self.bad_in_a_row - self._overflows_in_a_row - self._bad_before_resume >= self.cfg.max_bad_steps:
-                shown = ", ".join(f"{k}={v:.4g}" for k, v in values.items())
-                overflows = (f", {self._overflows_in_a_row} of them fp16 overflows that lowered the loss scale"
-                             if self._overflows_in_a_row else "")  # fmt: skip
-                raise NonFiniteStop(
-                    f"stopping: {self.bad_in_a_row} non-finite steps in a row{overflows}, the last at step "
-                    f"{step} ({shown}); "
-                    # (the steps made since the last checkpoint are saved on the way out)
-                    + (f"the newest checkpoint is in {self.ckpt_dir}" if self.step > 0 or self.checkpoints()
-                       else "no step was made, so there is no checkpoint")
-                )
-        else:
-            self.bad_in_a_row = self._bad_before_resume = self._overflows_in_a_row = 0
-            if self.loss_scale is not None:
-                self.loss_scale *= LOSS_SCALE_GROWTH
-            self._updating = True  # an exception from here on leaves no consistent state to save
-            self.optimizer.step()
-            self.scheduler.step()
-            self._update_averages()
-            self.step += 1
-            self._updating = False
-        values["skipped"] = self.skipped_total
-        return values
+        return values, packed[-2] > 0
+
+    def _skip(self, step: int, values: dict[str, float]) -> None:
+        """Drops a non-finite step's gradients; raises NonFiniteStop after ``max_bad_steps``
+        such steps in a row (fp16 overflows that lower the loss scale not counted)."""
+        self.skipped_total += 1
+        self.bad_in_a_row += 1
+        self.optimizer.zero_grad(set_to_none=True)
+        # fp16: a finite loss whose gradients overflowed at a scale above 1 asks for a smaller
+        # scale, and does not count towards max_bad_steps (the official GradScaler's skip).
+        if self.loss_scale is not None and self.loss_scale > 1 and math.isfinite(values["loss"]):
+            self.loss_scale *= LOSS_SCALE_BACKOFF
+            self._overflows_in_a_row += 1
+            return
+        if self.bad_in_a_row - self._overflows_in_a_row - self._bad_before_resume < self.cfg.max_bad_steps:
+            return
+        shown = ", ".join(f"{k}={v:.4g}" for k, v in values.items())
+        overflows = (f", {self._overflows_in_a_row} of them fp16 overflows that lowered the loss scale"
+                     if self._overflows_in_a_row else "")  # fmt: skip
+        raise NonFiniteStop(
+            f"stopping: {self.bad_in_a_row} non-finite steps in a row{overflows}, the last at step "
+            f"{step} ({shown}); "
+            # (the steps made since the last checkpoint are saved on the way out)
+            + (f"the newest checkpoint is in {self.ckpt_dir}" if self.step > 0 or self.checkpoints()
+               else "no step was made, so there is no checkpoint")
+        )
+
+    def _apply(self) -> None:
+        """Makes the step: optimiser, schedule, averages, counters."""
+        self.bad_in_a_row = self._bad_before_resume = self._overflows_in_a_row = 0
+        if self.loss_scale is not None:
+            self.loss_scale *= LOSS_SCALE_GROWTH
+        self._updating = True  # an exception from here on leaves no consistent state to save
+        self.optimizer.step()
+        self.scheduler.step()
+        self._update_averages()
+        self.step += 1
+        self._updating = False
 
     @torch.no_grad()
     def _update_averages(self) -> None:
