@@ -2,11 +2,12 @@
 fine-tuning (epg-method.md §5–7).
 
 The step: draw the step's randomness (``objective.draw``) from a generator seeded by (seed, step),
-compute the loss (``objective.loss``, wrapped in ``torch.compile`` unless ``compile=False``), back-
-propagate, clip, and update — or skip the update when the loss or the gradient is not finite (the
-skip is counted, the step number does not advance, and the retry takes the next batch with fresh
-noise; ``max_bad_steps`` skips in a row stop the run). Then the EMA of the model (stage 2) or
-of the target encoder (stage 1), logs, previews and checkpoints.
+compute the loss (``objective.loss``, wrapped in ``torch.compile`` unless ``compile=False``, as is
+``objective.keys``, the InfoNCE keys' pass that ``grad_accum`` runs first), back-propagate, clip,
+and update — or skip the update when the loss or the gradient is not finite (the skip is counted,
+the step number does not advance, and the retry takes the next batch with fresh noise;
+``max_bad_steps`` skips in a row stop the run). Then the EMA of the model (stage 2) or of the
+target encoder (stage 1), logs, previews and checkpoints.
 
 ``precision="fp16"`` (the paper's runs) scales the loss as the official GradScaler settings do
 (epg-method.md §5.5): from 2^14, ×1.000693 after every step made, ×0.5 when the gradients
@@ -220,8 +221,8 @@ class TrainConfig:
             if not ok(value):
                 raise ValueError(f"{name} must be {expected}, got {getattr(self, name)!r}")
         if self.mode == "pretrain" and self.batch_size < 2 * self.grad_accum:  # failed at step 0 in BatchNorm's words
-            raise ValueError(f"stage 1 needs batch_size / grad_accum >= 2 (the InfoNCE's negatives, the "
-                             f"projector's BatchNorm), got {self.batch_size} / {self.grad_accum}")  # fmt: skip
+            raise ValueError(f"stage 1 needs batch_size / grad_accum >= 2 (the projector's BatchNorm takes its "
+                             f"statistics over each micro-batch), got {self.batch_size} / {self.grad_accum}")  # fmt: skip
         if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
             raise ValueError(f"betas must be two numbers in [0, 1), got {self.betas!r}")
         if list(self.lr_milestones) != sorted(self.lr_milestones):
@@ -1252,19 +1253,15 @@ class Trainer:
             yield tuple({k: v[i * rows : (i + 1) * rows] if v.dim() > 0 else v for k, v in part.items()}
                         for part in (batch, draws))  # fmt: skip
 
-    def _whole_batch_keys(self, batch: dict[str, Tensor], draws: dict[str, Tensor]) -> list[dict[str, Tensor]] | None:
-        """Each micro-batch's InfoNCE keys: those of every row of the local batch, its own rows
-        first (rolled there), so its queries' negatives are the whole batch's (over ranks). The
-        keys are computed micro-batch by micro-batch, at a micro-batch's memory: each depends on
-        its own sample only (see the objectives' ``keys``)."""
-        n = self.cfg.grad_accum
+    def _whole_batch_keys(self, batch: dict[str, Tensor], draws: dict[str, Tensor]) -> dict[str, Tensor] | None:
+        """The InfoNCE keys of every row of the local batch, computed micro-batch by micro-batch
+        (at a micro-batch's memory: each key depends on its own sample only, see the
+        objectives' ``keys``); None where the step has no key pass."""
         if self.keys_fn is None:
             return None
         with self._autocast():
             parts = [self.keys_fn(b, d) for b, d in self._micro_batches(batch, draws)]
-        keys = {name: torch.cat([part[name] for part in parts]) for name in parts[0]}
-        rows = self.local_batch // n
-        return [{name: k.roll(-i * rows, 0) for name, k in keys.items()} for i in range(n)]
+        return {name: torch.cat([part[name] for part in parts]) for name in parts[0]}
 
     def _gradient_sync(self, last: bool):
         """DDP reduces the gradients once, in the last micro-batch's backward. FSDP reduce-
@@ -1310,10 +1307,13 @@ class Trainer:
         # 1/n of each micro-batch's loss (times the fp16 loss scale) into the gradients
         divisor = n if self.loss_scale is None else n / self.loss_scale
         parts = []
+        rows = self.local_batch // n
         for i, (micro_batch, micro_draws) in enumerate(self._micro_batches(batch, draws)):
+            # the whole batch's keys, this micro-batch's rolled first: its queries' positives
+            own_first = [] if keys is None else [{name: k.roll(-i * rows, 0) for name, k in keys.items()}]
             with self._gradient_sync(last=i == n - 1):
                 with self._autocast():
-                    micro_loss, micro_terms = self.loss_fn(micro_batch, micro_draws, *([] if keys is None else [keys[i]]))
+                    micro_loss, micro_terms = self.loss_fn(micro_batch, micro_draws, *own_first)
                 (micro_loss / divisor).backward()
             parts.append({"loss": micro_loss.detach(), **{k: v.detach() for k, v in micro_terms.items()}})
         if n == 1:

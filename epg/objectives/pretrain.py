@@ -104,7 +104,7 @@ class PretrainObjective:
         "eps" (B, C, H, W) float32, one ε per image shared by all its noisy inputs.
     loss terms: "contrastive" = mean L_con, "consistency" = mean L_rc.
 
-    The online network runs four times per step (v1, v2, x_n with gradient; x_{n+1} under
+    The online network runs four times per batch (v1, v2, x_n with gradient; x_{n+1} under
     no_grad), the target twice under no_grad. The official target runs in eval mode, so its
     projector BatchNorms use running statistics that the parameter-only EMA never updates (§5.1);
     that is the Trainer's choice, not this class's. ``draw`` reads n back to the host to look up
@@ -208,17 +208,27 @@ class PretrainObjective:
         Each key depends on its own sample only: h comes before the projector's BatchNorm, and
         the target runs in eval mode (the Trainer's; its BatchNorms then use running
         statistics). So keys computed slice by slice are the whole batch's keys, which is how
-        the Trainer gives every micro-batch the negatives of the whole batch.
+        the Trainer gives every micro-batch the negatives of the whole batch. The online call
+        still updates the projector BatchNorms' running statistics, as each of its calls does.
         """
-        x, view1, view2 = batch["image"], batch["view1"], batch["view2"]
-        eps = draws["eps"].to(x.dtype)
-        sigma_min = torch.full((), self.sigma_min_shifted, device=x.device)
+        return {**self._contrastive_keys(batch, draws), "h_n1": self._consistency_key(batch, draws)}
+
+    def _contrastive_keys(self, batch: dict[str, Tensor], draws: dict[str, Tensor]) -> dict[str, Tensor]:
+        eps = draws["eps"].to(batch["image"].dtype)
         with torch.no_grad():
-            z1, _ = self.target(*self._inputs(view1, sigma_min, eps))
-            z2, _ = self.target(*self._inputs(view2, sigma_min, eps))
-            # the less noisy consistency key comes from the online network under stop-gradient
-            _, h_n1 = self.online(*self._inputs(x, draws["sigma_n1"], eps))
-        return {"z1": z1, "z2": z2, "h_n1": h_n1}
+            z1, _ = self.target(*self._inputs(batch["view1"], self._sigma_min(batch), eps))
+            z2, _ = self.target(*self._inputs(batch["view2"], self._sigma_min(batch), eps))
+        return {"z1": z1, "z2": z2}
+
+    def _consistency_key(self, batch: dict[str, Tensor], draws: dict[str, Tensor]) -> Tensor:
+        """The less noisy consistency key: the online network's h at σ_{n+1}, under stop-gradient."""
+        x = batch["image"]
+        with torch.no_grad():
+            _, h_n1 = self.online(*self._inputs(x, draws["sigma_n1"], draws["eps"].to(x.dtype)))
+        return h_n1
+
+    def _sigma_min(self, batch: dict[str, Tensor]) -> Tensor:
+        return torch.full((), self.sigma_min_shifted, device=batch["image"].device)
 
     def loss(
         self, batch: dict[str, Tensor], draws: dict[str, Tensor], keys: dict[str, Tensor] | None = None
@@ -228,9 +238,10 @@ class PretrainObjective:
         micro-batch the keys of its whole batch). Default: the batch's own keys."""
         x, view1, view2 = batch["image"], batch["view1"], batch["view2"]
         eps = draws["eps"].to(x.dtype)
-        sigma_min = torch.full((), self.sigma_min_shifted, device=x.device)
-        if keys is None:
-            keys = self.keys(batch, draws)
+        sigma_min = self._sigma_min(batch)
+        own_keys = keys is None
+        if own_keys:
+            keys = self._contrastive_keys(batch, draws)
 
         # Contrastive term on nearly clean views at time σ̃_min. Each view is a separate call
         # (as in the official code): the projector's BatchNorm computes batch statistics per
@@ -239,9 +250,12 @@ class PretrainObjective:
         z2, _ = self.online(*self._inputs(view2, sigma_min, eps))
         contrastive = info_nce(z1, keys["z2"], self.tau_con) + info_nce(z2, keys["z1"], self.tau_con)  # (B,)
 
-        # Representation consistency between adjacent grid points, same ε.
+        # Representation consistency between adjacent grid points, same ε. With its own keys the
+        # key pass comes last, the official order of the online network's calls, which the
+        # projector's running statistics (updated by every call) follow.
         _, h_n = self.online(*self._inputs(x, draws["sigma_n"], eps))
-        consistency = info_nce(h_n, keys["h_n1"], draws["tau_rc"])  # (B,)
+        h_n1 = self._consistency_key(batch, draws) if own_keys else keys["h_n1"]
+        consistency = info_nce(h_n, h_n1, draws["tau_rc"])  # (B,)
 
         loss = (contrastive + consistency).mean()
         return loss, {"contrastive": contrastive.mean(), "consistency": consistency.mean()}
