@@ -1044,15 +1044,15 @@ class Trainer:
             module = getattr(self, name)
             if module is not None:
                 self._load_module_state(module, state[name], f"{path} [{name}]")
+        optimizer = self._with_this_runs_adamw(state["optimizer"])
         if self.fsdp:
             from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
             set_optimizer_state_dict(
-                self.model, self.optimizer, state["optimizer"],
-                options=StateDictOptions(full_state_dict=True),
-            )  # fmt: skip
+                self.model, self.optimizer, optimizer, options=StateDictOptions(full_state_dict=True)
+            )
         else:
-            self.optimizer.load_state_dict(state["optimizer"])
+            self.optimizer.load_state_dict(optimizer)
         self.scheduler.load_state_dict(state["scheduler"])
         self._apply_optimizer_settings()
         self.loader.load_state_dict(state["data"])
@@ -1078,6 +1078,13 @@ class Trainer:
                 torch.cuda.set_rng_state(mine["cuda"].cpu(), self.device)
         else:  # another number of ranks: fresh, distinct streams (the run is not bit-exact then)
             torch.manual_seed(torch_seed(self.cfg.seed * 7919 + 1 + self.dist.rank + 104729 * self.step))
+
+    def _with_this_runs_adamw(self, saved: dict[str, Any]) -> dict[str, Any]:
+        """A saved optimiser state with this run's AdamW implementation (fused on a GPU, foreach
+        on a CPU) in its groups: load_state_dict takes the saving run's, so a GPU run resumed
+        from a CPU checkpoint stepped with the CPU's multi-tensor loop."""
+        mine = {key: self.optimizer.param_groups[0][key] for key in ("fused", "foreach")}
+        return {**saved, "param_groups": [{**group, **mine} for group in saved["param_groups"]]}
 
     def _apply_optimizer_settings(self) -> None:
         """This run's lr, betas and weight_decay over the ones a loaded optimiser and schedule

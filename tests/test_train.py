@@ -58,6 +58,22 @@ def test_resume_reproduces_the_uninterrupted_run_exactly(tmp_path, mode):
         assert torch.equal(a, b)
 
 
+def test_a_resumed_run_steps_with_its_own_machines_adamw(tmp_path):
+    # load_state_dict restores the saving run's AdamW implementation with its groups: fused
+    # from a GPU run's checkpoint (and the CPU's foreach loop on a GPU resumed from a CPU one).
+    full = _losses(Trainer(_cfg(tmp_path / "a", "diffusion")).fit())
+    part = _losses(Trainer(_cfg(tmp_path / "b", "diffusion")).fit(stop_at=3))
+    path = tmp_path / "b" / "run" / "checkpoints" / "step_00000003.pt"
+    state = read_checkpoint(path)
+    for group in state["optimizer"]["param_groups"]:
+        group.update(fused=True, foreach=False)  # as a GPU run saves them
+    ckpt.torch_save_checksummed(state, path)
+    resumed = Trainer(_cfg(tmp_path / "b", "diffusion"))
+    assert resumed.step == 3
+    assert [(g["fused"], g["foreach"]) for g in resumed.optimizer.param_groups] == [(False, True)] * 2
+    assert part + _losses(resumed.fit()) == full
+
+
 def test_a_fresh_start_never_overwrites_an_earlier_run_unasked(tmp_path, capsys):
     Trainer(_cfg(tmp_path, "diffusion", steps=3)).fit()
     ckpt_dir = Path(tmp_path / "run" / "checkpoints")
