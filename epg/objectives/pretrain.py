@@ -214,10 +214,10 @@ class PretrainObjective:
         return {**self._contrastive_keys(batch, draws), "h_n1": self._consistency_key(batch, draws)}
 
     def _contrastive_keys(self, batch: dict[str, Tensor], draws: dict[str, Tensor]) -> dict[str, Tensor]:
-        eps = draws["eps"].to(batch["image"].dtype)
+        eps, sigma_min = draws["eps"].to(batch["image"].dtype), self._sigma_min(batch)
         with torch.no_grad():
-            z1, _ = self.target(*self._inputs(batch["view1"], self._sigma_min(batch), eps))
-            z2, _ = self.target(*self._inputs(batch["view2"], self._sigma_min(batch), eps))
+            z1, _ = self.target(*self._inputs(batch["view1"], sigma_min, eps))
+            z2, _ = self.target(*self._inputs(batch["view2"], sigma_min, eps))
         return {"z1": z1, "z2": z2}
 
     def _consistency_key(self, batch: dict[str, Tensor], draws: dict[str, Tensor]) -> Tensor:
