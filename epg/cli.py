@@ -7,6 +7,7 @@ import importlib.metadata
 import json
 import os
 import platform
+import signal
 import sys
 import textwrap
 from pathlib import Path
@@ -493,7 +494,7 @@ def _run_command(argv: list[str] | None) -> int:
         return args.func(args)
     except KeyboardInterrupt as exc:
         print(f"epg {args.command}: {str(exc) or 'interrupted'}", file=sys.stderr)
-        return 130
+        return 128 + getattr(exc, "signum", signal.SIGINT)  # the shell's code for a process a signal ended
     except Exception as exc:
         from .data.folder import BadImageError
 

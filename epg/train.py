@@ -571,6 +571,20 @@ class NonFiniteStop(RuntimeError):
     every rank raises it at the same step."""
 
 
+class Interrupted(KeyboardInterrupt):
+    """``fit`` stopped by SIGINT (Ctrl-C) or SIGTERM (a scheduler's preemption or time limit,
+    a container's stop): after the current step, with a checkpoint, or at once on a second
+    signal. ``signum`` is the signal."""
+
+    def __init__(self, message: str, signum: int):
+        super().__init__(message)
+        self.signum = signum
+
+
+def _signal_words(signum: int) -> str:
+    return "interrupted" if signum == signal.SIGINT else f"terminated ({signal.Signals(signum).name})"
+
+
 def _step_seed(seed: int, step: int, stream: int, rank: int = 0, attempt: int = 0) -> int:
     # attempt: how many non-finite tries of this step came before (a retry draws afresh)
     return (seed * 1_000_003 + step * 8_191 + stream * 131 + rank + attempt * 2_147_483_647) % (2**63 - 1)
@@ -703,7 +717,8 @@ class Trainer:
         self.step = 0
         self.bad_in_a_row = 0
         self.skipped_total = 0
-        self._interrupted = self.stop_requested = self._updating = False
+        self.stop_requested = self._updating = False
+        self._interrupted = 0  # the signal that asked to stop after this step (0: none)
         self._bad_before_resume = self._overflows_in_a_row = 0
         # Dropout streams differ per rank; seeded after init so init is rank-independent.
         torch.manual_seed(torch_seed(cfg.seed * 7919 + 1 + self.dist.rank))
@@ -1339,10 +1354,10 @@ class Trainer:
 
     def _reduced_values(self, terms: dict[str, Tensor], grad_norm: Tensor) -> tuple[dict[str, float], bool]:
         """The logged values (loss and terms averaged over ranks) and whether any rank's loss or
-        gradient is non-finite, in one collective and one host sync. The Ctrl-C flag rides
-        along, so every rank stops after the same step."""
+        gradient is non-finite, in one collective and one host sync. The stop flag (a signal)
+        rides along, so every rank stops after the same step."""
         finite = torch.isfinite(terms["loss"]) & torch.isfinite(grad_norm)
-        interrupted = finite.new_full((), float(self._interrupted), dtype=torch.float32)  # no copy
+        interrupted = finite.new_full((), float(self._interrupted > 0), dtype=torch.float32)  # no copy
         # flags summed, so any rank's flag counts
         packed = torch.stack([*(t.float() for t in terms.values()), (~finite).float(), interrupted])
         packed = distributed.all_reduce_sum(packed).tolist()
@@ -1419,7 +1434,7 @@ class Trainer:
         )  # fmt: skip
         records = []
         logged_time, logged_step = time.perf_counter(), self.step
-        self._interrupted = self.stop_requested = False
+        self._interrupted, self.stop_requested = 0, False
         with self._deferred_interrupt():
             try:
                 while self.step < end and not self.stop_requested:
@@ -1450,36 +1465,43 @@ class Trainer:
             self.save_checkpoint()
             rerun = ("; this run has resume=restart, which discards it when run again: rerun with "
                      "resume=auto to continue") if self.cfg.resume == "restart" else ""  # fmt: skip
-            raise KeyboardInterrupt(f"interrupted at step {self.step}; checkpoint saved in {self.ckpt_dir}{rerun}")
+            signum = self._interrupted or signal.SIGINT  # (0 here: another rank's signal stopped the run)
+            raise Interrupted(f"{_signal_words(signum)} at step {self.step}; checkpoint saved in {self.ckpt_dir}{rerun}",
+                              signum)  # fmt: skip
         if self.step >= end:
             self.save_checkpoint()
         return records
 
     @contextlib.contextmanager
     def _deferred_interrupt(self):
-        """Ctrl-C ends the run after the current step, with a checkpoint (a second Ctrl-C stops
-        at once). Only the main thread can handle signals; elsewhere Ctrl-C acts as usual."""
+        """Ctrl-C (SIGINT) or SIGTERM ends the run after the current step, with a checkpoint; a
+        second signal stops at once. SIGTERM is how Slurm (at a time limit or preemption),
+        Kubernetes and docker stop a job, and torchrun passes it on to its workers; all of them
+        wait a grace period (Slurm's KillWait, 30 s by default) before SIGKILL. Only the main
+        thread can handle signals; elsewhere both act as usual."""
         if threading.current_thread() is not threading.main_thread():
             yield
             return
 
         pid = os.getpid()
 
-        def on_sigint(signum, frame):
+        def on_signal(signum, frame):
             if os.getpid() != pid:  # a forked data worker: keep serving until the loader closes it
                 return
             if self._interrupted:
-                raise KeyboardInterrupt
-            self._interrupted = True
+                raise Interrupted(f"{_signal_words(signum)} again: stopped at once", signum)
+            self._interrupted = signum
             if self.dist.is_main:
-                print("\ninterrupted: saving a checkpoint after this step (Ctrl-C again to stop at once)",
+                again = "Ctrl-C" if signum == signal.SIGINT else "another signal"
+                print(f"\n{_signal_words(signum)}: saving a checkpoint after this step ({again} to stop at once)",
                       file=sys.stderr, flush=True)  # fmt: skip
 
-        previous = signal.signal(signal.SIGINT, on_sigint)
+        previous = {signum: signal.signal(signum, on_signal) for signum in (signal.SIGINT, signal.SIGTERM)}
         try:
             yield
         finally:
-            signal.signal(signal.SIGINT, previous)
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
 
     def _save_before_failing(self, collective: bool) -> None:
         """On an error between steps (a bad image, a stop after non-finite steps), keep the steps

@@ -2,12 +2,17 @@
 
 import dataclasses
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 
 import pytest
 
 from epg.cli import STAGE1_ONLY_OPTIONS, STAGE2_ONLY_OPTIONS, TRAIN_OPTION_GROUPS, _parse_sets, main
 from epg.presets import PRESETS, get_preset, read_config_file, set_option
-from epg.train import UNUSED_OPTIONS, TrainConfig
+from epg.train import UNUSED_OPTIONS, Interrupted, TrainConfig
 
 TINY_SETS = [
     "--set", "steps=2", "--set", "batch_size=8", "--set", "compile=false",
@@ -154,6 +159,46 @@ def test_a_bad_image_and_ctrl_c_end_the_command_with_a_line_not_a_traceback(tmp_
     monkeypatch.setattr(Trainer, "fit", interrupted)
     assert main(["pretrain", "--run-dir", str(tmp_path / "b"), *TINY_SETS]) == 130
     assert "interrupted at step 3; checkpoint saved" in capsys.readouterr().err
+
+    def terminated(self, stop_at=None):
+        raise Interrupted("terminated (SIGTERM) at step 3; checkpoint saved in runs/x/checkpoints", signal.SIGTERM)
+
+    monkeypatch.setattr(Trainer, "fit", terminated)
+    assert main(["pretrain", "--run-dir", str(tmp_path / "b"), *TINY_SETS]) == 143  # 128 + 15, as a shell reports it
+    assert "terminated (SIGTERM) at step 3; checkpoint saved" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("nproc", [1, 2])
+def test_sigterm_ends_a_training_command_with_a_checkpoint_it_resumes_from(tmp_path, nproc):
+    # SIGTERM is how Slurm (time limit, preemption), Kubernetes and docker stop a job, and
+    # torchrun passes it on to its workers: the run saves the step it was on and stops.
+    run = tmp_path / "run"
+    options = ["--run-dir", str(run), *TINY_SETS, "--set", "model=epg-tiny", "--set", "ckpt_every=0",
+               "--set", "log_every=1"]  # fmt: skip
+    epg = ["-m", "epg.cli", "finetune", "--objective", "diffusion", *options]
+    if nproc > 1:
+        epg = ["-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port", "29641", *epg]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TMPDIR": str(tmp_path)}
+    proc = subprocess.Popen([sys.executable, *epg, "--set", "steps=100000"], env=env, stderr=subprocess.PIPE, text=True)
+    log = run / "log.jsonl"
+    deadline = time.monotonic() + 240
+    while not (log.is_file() and len(log.read_text().splitlines()) >= 3):
+        assert proc.poll() is None and time.monotonic() < deadline, "the run did not get to step 3"
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    if nproc == 1:
+        assert proc.returncode == 143, err[-2000:]
+    saved = [p.name for p in (run / "checkpoints").glob("step_*.pt")]
+    assert len(saved) == 1, err[-2000:]
+    step = int(saved[0][5:13])
+    assert step >= 3 and f"terminated (SIGTERM) at step {step}; checkpoint saved" in err
+    # the same command goes on from there
+    finish = subprocess.run([sys.executable, *epg, "--set", f"steps={step + 2}"], env=env, capture_output=True, text=True)
+    assert finish.returncode == 0, finish.stderr[-2000:]
+    steps = [json.loads(line)["step"] for line in log.read_text().splitlines()]
+    assert steps[-2:] == [step + 1, step + 2]
 
 
 def test_demo_quick_runs_the_whole_pipeline(tmp_path, capsys):

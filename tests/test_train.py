@@ -3,6 +3,7 @@
 import json
 import math
 import os
+import re
 import signal
 import struct
 import subprocess
@@ -15,7 +16,7 @@ import torch
 
 from epg import checkpoint as ckpt
 from epg.models import build
-from epg.train import TrainConfig, Trainer, export_checkpoint, lr_factor, read_checkpoint
+from epg.train import Interrupted, TrainConfig, Trainer, export_checkpoint, lr_factor, read_checkpoint
 from helpers import TINY, tiny_train_config as _cfg, torchrun
 
 def _losses(records):
@@ -173,35 +174,59 @@ def test_resuming_a_run_past_its_steps_says_nothing_is_left(tmp_path, capsys):
     assert "at step 4 already, at or past steps=3: nothing is left to train" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("previous", [signal.default_int_handler, signal.SIG_IGN], ids=["default", "ignored"])
-def test_ctrl_c_finishes_the_step_saves_and_resumes_exactly(tmp_path, previous):
-    # "ignored": a process started with SIGINT ignored (a background job of a non-interactive
-    # shell) still stops cleanly on Ctrl-C during fit, and gets its own handler back afterwards.
-    outer = signal.signal(signal.SIGINT, previous)
+@pytest.mark.parametrize(
+    "signum,previous",
+    [(signal.SIGINT, signal.default_int_handler), (signal.SIGINT, signal.SIG_IGN), (signal.SIGTERM, signal.SIG_DFL)],
+    ids=["ctrl-c", "ctrl-c-ignored", "sigterm"],
+)  # fmt: skip
+def test_a_signal_finishes_the_step_saves_and_resumes_exactly(tmp_path, signum, previous):
+    # "ctrl-c-ignored": a process started with SIGINT ignored (a background job of a
+    # non-interactive shell) still stops cleanly on Ctrl-C during fit, and gets its own handler
+    # back afterwards. SIGTERM: how schedulers and containers stop a job.
+    outer = signal.signal(signum, previous)
     try:
-        _ctrl_c_then_resume(tmp_path, previous)
+        _signal_then_resume(tmp_path, signum, previous)
     finally:
-        signal.signal(signal.SIGINT, outer)
+        signal.signal(signum, outer)
 
 
-def _ctrl_c_then_resume(tmp_path, previous):
+def _signal_then_resume(tmp_path, signum, previous):
     full = _losses(Trainer(_cfg(tmp_path / "a", "diffusion", ckpt_every=0)).fit())
     trainer = Trainer(_cfg(tmp_path / "b", "diffusion", ckpt_every=0))
     real_loss, calls = trainer.loss_fn, []
 
-    def interrupted_in_step_3(batch, draws):
+    def signalled_in_step_3(batch, draws):
         calls.append(1)
         if len(calls) == 3:
-            os.kill(os.getpid(), signal.SIGINT)  # as Ctrl-C: handled between bytecodes
+            os.kill(os.getpid(), signum)  # handled between bytecodes, as one from outside
         return real_loss(batch, draws)
 
-    trainer.loss_fn = interrupted_in_step_3
-    with pytest.raises(KeyboardInterrupt, match="interrupted at step 3"):
+    trainer.loss_fn = signalled_in_step_3
+    words = "interrupted" if signum == signal.SIGINT else "terminated (SIGTERM)"
+    with pytest.raises(Interrupted, match=rf"^{re.escape(words)} at step 3; checkpoint saved") as stop:
         trainer.fit()
-    assert signal.getsignal(signal.SIGINT) is previous  # restored
+    assert stop.value.signum == signum
+    assert signal.getsignal(signum) is previous  # restored
     resumed = Trainer(_cfg(tmp_path / "b", "diffusion", ckpt_every=0))
     assert resumed.step == 3
     assert _losses(resumed.fit()) == full[3:]
+
+
+def test_a_second_signal_stops_at_once(tmp_path):
+    trainer = Trainer(_cfg(tmp_path, "diffusion", ckpt_every=0))
+    real_loss, calls = trainer.loss_fn, []
+
+    def signalled_twice_in_step_2(batch, draws):
+        calls.append(1)
+        if len(calls) == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real_loss(batch, draws)
+
+    trainer.loss_fn = signalled_twice_in_step_2
+    with pytest.raises(Interrupted, match=r"^terminated \(SIGTERM\) again: stopped at once$"):
+        trainer.fit()
+    assert not trainer.checkpoints()  # step 2 was not finished, nor saved
 
 
 def test_an_error_between_steps_keeps_the_steps_made(tmp_path, capsys):
