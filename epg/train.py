@@ -574,11 +574,17 @@ class NonFiniteStop(RuntimeError):
 class Interrupted(KeyboardInterrupt):
     """``fit`` stopped by SIGINT (Ctrl-C) or SIGTERM (a scheduler's preemption or time limit,
     a container's stop): after the current step, with a checkpoint, or at once on a second
-    signal. ``signum`` is the signal."""
+    Ctrl-C. ``signum`` is the signal."""
 
     def __init__(self, message: str, signum: int):
         super().__init__(message)
         self.signum = signum
+
+    def __reduce__(self):
+        return type(self), (str(self), self.signum)
+
+
+_STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
 def _signal_words(signum: int) -> str:
@@ -717,8 +723,9 @@ class Trainer:
         self.step = 0
         self.bad_in_a_row = 0
         self.skipped_total = 0
-        self.stop_requested = self._updating = False
-        self._interrupted = 0  # the signal that asked to stop after this step (0: none)
+        self._updating = False
+        self._interrupted = 0  # the signal this rank received, asking to stop after the step (0: none)
+        self.stop_signal = 0  # the signal the ranks agreed to stop on
         self._bad_before_resume = self._overflows_in_a_row = 0
         # Dropout streams differ per rank; seeded after init so init is rank-independent.
         torch.manual_seed(torch_seed(cfg.seed * 7919 + 1 + self.dist.rank))
@@ -1357,18 +1364,28 @@ class Trainer:
         gradient is non-finite, in one collective and one host sync. The stop flag (a signal)
         rides along, so every rank stops after the same step."""
         finite = torch.isfinite(terms["loss"]) & torch.isfinite(grad_norm)
-        interrupted = finite.new_full((), float(self._interrupted > 0), dtype=torch.float32)  # no copy
+        signals = [finite.new_full((), flag, dtype=torch.float32) for flag in self._signal_flags()]  # no copy
         # flags summed, so any rank's flag counts
-        packed = torch.stack([*(t.float() for t in terms.values()), (~finite).float(), interrupted])
+        packed = torch.stack([*(t.float() for t in terms.values()), (~finite).float(), *signals])
         packed = distributed.all_reduce_sum(packed).tolist()
-        self.stop_requested = packed[-1] > 0
+        self._agree_on_stop(packed[-len(_STOP_SIGNALS) :])
         world = self.dist.world_size
-        values = {name: v / world for name, v in zip(terms, packed[:-2])}
+        values = {name: v / world for name, v in zip(terms, packed)}
         values["grad_norm"] = grad_norm.item()
         values["lr"] = self.scheduler.get_last_lr()[0]
         if self.loss_scale is not None:
             values["loss_scale"] = self.loss_scale
-        return values, packed[-2] > 0
+        return values, packed[len(terms)] > 0
+
+    def _signal_flags(self) -> list[float]:
+        """Which stop signal this rank received, one flag per signal of _STOP_SIGNALS."""
+        return [float(self._interrupted == signum) for signum in _STOP_SIGNALS]
+
+    def _agree_on_stop(self, flags_summed: list[float]) -> None:
+        """Sets ``stop_signal`` from every rank's flags: this rank's own signal, else the one
+        another rank received (SIGTERM first); 0 for none."""
+        received = [signum for signum, n in zip(_STOP_SIGNALS, flags_summed) if n > 0]
+        self.stop_signal = (self._interrupted or received[-1]) if received else 0
 
     def _skip(self, step: int, values: dict[str, float]) -> None:
         """Drops a non-finite step's gradients; raises NonFiniteStop after ``max_bad_steps``
@@ -1434,10 +1451,10 @@ class Trainer:
         )  # fmt: skip
         records = []
         logged_time, logged_step = time.perf_counter(), self.step
-        self._interrupted, self.stop_requested = 0, False
+        self._interrupted = self.stop_signal = 0
         with self._deferred_interrupt():
             try:
-                while self.step < end and not self.stop_requested:
+                while self.step < end and not self.stop_signal:
                     before = self.step
                     values = self.train_step()
                     record = {"step": self.step, **values}
@@ -1452,6 +1469,8 @@ class Trainer:
                         record["images_per_s"] = cfg.batch_size * (self.step - logged_step) / elapsed
                         logged_time, logged_step = now, self.step
                         self._log(record)
+                    if self.stop_signal:  # the checkpoint below; no periodic one, no preview
+                        break
                     if cfg.ckpt_every and self.step % cfg.ckpt_every == 0 and self.step < end:
                         self.save_checkpoint()
                     if self.preview and cfg.preview_every and self.step % cfg.preview_every == 0:
@@ -1461,24 +1480,27 @@ class Trainer:
                 raise
             finally:
                 bar.close()
-        if self.stop_requested:
-            self.save_checkpoint()
+            if not self.stop_signal:  # one that came after the last step's collective, on every rank alike
+                flags = torch.tensor(self._signal_flags(), device=self.device)
+                self._agree_on_stop(distributed.all_reduce_sum(flags).tolist())
+            if (self.stop_signal or self.step >= end) and self._saved_step != self.step:
+                self.save_checkpoint()
+        signum = self.stop_signal or self._interrupted  # (the latter: a signal during that checkpoint)
+        if signum:
             rerun = ("; this run has resume=restart, which discards it when run again: rerun with "
                      "resume=auto to continue") if self.cfg.resume == "restart" else ""  # fmt: skip
-            signum = self._interrupted or signal.SIGINT  # (0 here: another rank's signal stopped the run)
             raise Interrupted(f"{_signal_words(signum)} at step {self.step}; checkpoint saved in {self.ckpt_dir}{rerun}",
                               signum)  # fmt: skip
-        if self.step >= end:
-            self.save_checkpoint()
         return records
 
     @contextlib.contextmanager
     def _deferred_interrupt(self):
         """Ctrl-C (SIGINT) or SIGTERM ends the run after the current step, with a checkpoint; a
-        second signal stops at once. SIGTERM is how Slurm (at a time limit or preemption),
-        Kubernetes and docker stop a job, and torchrun passes it on to its workers; all of them
-        wait a grace period (Slurm's KillWait, 30 s by default) before SIGKILL. Only the main
-        thread can handle signals; elsewhere both act as usual."""
+        second Ctrl-C stops at once. SIGTERM is how Slurm, Kubernetes, docker and systemd stop a
+        job, and torchrun passes it on to its workers: a worker of a Slurm job gets it twice
+        (from Slurm and from torchrun), so a repeated SIGTERM is the same request; the sender's
+        SIGKILL ends a run that takes too long. Only the main thread can handle signals;
+        elsewhere both act as usual."""
         if threading.current_thread() is not threading.main_thread():
             yield
             return
@@ -1489,14 +1511,15 @@ class Trainer:
             if os.getpid() != pid:  # a forked data worker: keep serving until the loader closes it
                 return
             if self._interrupted:
-                raise Interrupted(f"{_signal_words(signum)} again: stopped at once", signum)
+                if signum == signal.SIGINT:
+                    raise Interrupted("interrupted again: stopped at once", signum)
+                return
             self._interrupted = signum
             if self.dist.is_main:
-                again = "Ctrl-C" if signum == signal.SIGINT else "another signal"
-                print(f"\n{_signal_words(signum)}: saving a checkpoint after this step ({again} to stop at once)",
+                print(f"\n{_signal_words(signum)}: saving a checkpoint after this step (Ctrl-C to stop at once)",
                       file=sys.stderr, flush=True)  # fmt: skip
 
-        previous = {signum: signal.signal(signum, on_signal) for signum in (signal.SIGINT, signal.SIGTERM)}
+        previous = {signum: signal.signal(signum, on_signal) for signum in _STOP_SIGNALS}
         try:
             yield
         finally:

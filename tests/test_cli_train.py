@@ -7,8 +7,10 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
+from PIL import Image
 
 from epg.cli import STAGE1_ONLY_OPTIONS, STAGE2_ONLY_OPTIONS, TRAIN_OPTION_GROUPS, _parse_sets, main
 from epg.presets import PRESETS, get_preset, read_config_file, set_option
@@ -168,17 +170,42 @@ def test_a_bad_image_and_ctrl_c_end_the_command_with_a_line_not_a_traceback(tmp_
     assert "terminated (SIGTERM) at step 3; checkpoint saved" in capsys.readouterr().err
 
 
+def _process_tree(pid: int) -> list[int]:
+    """``pid`` and all its descendants (from /proc), parents first."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            parent = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):  # gone meanwhile
+            continue
+        children.setdefault(parent, []).append(int(stat.parent.name))
+    tree, todo = [], [pid]
+    while todo:
+        tree.append(todo.pop(0))
+        todo += children.get(tree[-1], [])
+    return tree
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("nproc", [1, 2])
-def test_sigterm_ends_a_training_command_with_a_checkpoint_it_resumes_from(tmp_path, nproc):
-    # SIGTERM is how Slurm (time limit, preemption), Kubernetes and docker stop a job, and
-    # torchrun passes it on to its workers: the run saves the step it was on and stops.
+@pytest.mark.parametrize("how", ["one-process", "torchrun", "every-process"])
+def test_sigterm_ends_a_training_command_with_a_checkpoint_it_resumes_from(tmp_path, how):
+    # SIGTERM is how Slurm (time limit, preemption), Kubernetes, docker and systemd stop a job.
+    # "torchrun": sent to torchrun, which passes it on to its workers. "every-process": sent to
+    # every process of the job, as Slurm and systemd do: the data loader's worker processes
+    # too, and torchrun's workers twice (directly and from torchrun).
     run = tmp_path / "run"
     options = ["--run-dir", str(run), *TINY_SETS, "--set", "model=epg-tiny", "--set", "ckpt_every=0",
                "--set", "log_every=1"]  # fmt: skip
+    if how == "every-process":
+        for c in range(3):
+            (tmp_path / "tree" / f"n{c}").mkdir(parents=True)
+            for k in range(4):
+                Image.new("RGB", (16, 16), (60 * c, 20 * k, 90)).save(tmp_path / "tree" / f"n{c}" / f"{k}.png")
+        options += ["--set", "model_overrides={img_size: 16, patch_size: 4, num_classes: 3}", "--set", "data=folder",
+                    "--set", f"data_options={{path: {tmp_path / 'tree'}, loader: portable, workers: 1}}"]  # fmt: skip
     epg = ["-m", "epg.cli", "finetune", "--objective", "diffusion", *options]
-    if nproc > 1:
-        epg = ["-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port", "29641", *epg]
+    if how != "one-process":
+        epg = ["-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29641", *epg]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TMPDIR": str(tmp_path)}
     proc = subprocess.Popen([sys.executable, *epg, "--set", "steps=100000"], env=env, stderr=subprocess.PIPE, text=True)
     log = run / "log.jsonl"
@@ -186,14 +213,18 @@ def test_sigterm_ends_a_training_command_with_a_checkpoint_it_resumes_from(tmp_p
     while not (log.is_file() and len(log.read_text().splitlines()) >= 3):
         assert proc.poll() is None and time.monotonic() < deadline, "the run did not get to step 3"
         time.sleep(0.2)
-    proc.send_signal(signal.SIGTERM)
+    targets = _process_tree(proc.pid) if how == "every-process" else [proc.pid]
+    assert len(targets) >= (5 if how == "every-process" else 1)  # torchrun, 2 ranks, their loader workers
+    for pid in targets:
+        os.kill(pid, signal.SIGTERM)
     _, err = proc.communicate(timeout=120)
-    if nproc == 1:
+    if how == "one-process":
         assert proc.returncode == 143, err[-2000:]
     saved = [p.name for p in (run / "checkpoints").glob("step_*.pt")]
     assert len(saved) == 1, err[-2000:]
     step = int(saved[0][5:13])
     assert step >= 3 and f"terminated (SIGTERM) at step {step}; checkpoint saved" in err
+    assert "DataLoader worker" not in err and "stopped at once" not in err
     # the same command goes on from there
     finish = subprocess.run([sys.executable, *epg, "--set", f"steps={step + 2}"], env=env, capture_output=True, text=True)
     assert finish.returncode == 0, finish.stderr[-2000:]

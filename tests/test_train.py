@@ -3,6 +3,7 @@
 import json
 import math
 import os
+import pickle
 import re
 import signal
 import struct
@@ -174,12 +175,18 @@ def test_resuming_a_run_past_its_steps_says_nothing_is_left(tmp_path, capsys):
     assert "at step 4 already, at or past steps=3: nothing is left to train" in capsys.readouterr().err
 
 
+def _sigterm_reached_the_previous_handler(signum, frame):
+    # (rather than SIG_DFL, which would end pytest itself were the Trainer's handler missing)
+    raise AssertionError("SIGTERM reached the handler from before fit")
+
+
 @pytest.mark.parametrize(
     "signum,previous",
-    [(signal.SIGINT, signal.default_int_handler), (signal.SIGINT, signal.SIG_IGN), (signal.SIGTERM, signal.SIG_DFL)],
+    [(signal.SIGINT, signal.default_int_handler), (signal.SIGINT, signal.SIG_IGN),
+     (signal.SIGTERM, _sigterm_reached_the_previous_handler)],
     ids=["ctrl-c", "ctrl-c-ignored", "sigterm"],
 )  # fmt: skip
-def test_a_signal_finishes_the_step_saves_and_resumes_exactly(tmp_path, signum, previous):
+def test_a_signal_finishes_the_step_saves_once_and_resumes_exactly(tmp_path, signum, previous):
     # "ctrl-c-ignored": a process started with SIGINT ignored (a background job of a
     # non-interactive shell) still stops cleanly on Ctrl-C during fit, and gets its own handler
     # back afterwards. SIGTERM: how schedulers and containers stop a job.
@@ -190,43 +197,74 @@ def test_a_signal_finishes_the_step_saves_and_resumes_exactly(tmp_path, signum, 
         signal.signal(signum, outer)
 
 
-def _signal_then_resume(tmp_path, signum, previous):
-    full = _losses(Trainer(_cfg(tmp_path / "a", "diffusion", ckpt_every=0)).fit())
-    trainer = Trainer(_cfg(tmp_path / "b", "diffusion", ckpt_every=0))
+def _signal_in_call(trainer, call, *signals):
+    """Sends ``signals`` to this process during the ``call``-th loss computation of ``trainer``
+    (handled between bytecodes, as a signal from outside)."""
     real_loss, calls = trainer.loss_fn, []
 
-    def signalled_in_step_3(batch, draws):
+    def signalled(batch, draws):
         calls.append(1)
-        if len(calls) == 3:
-            os.kill(os.getpid(), signum)  # handled between bytecodes, as one from outside
+        if len(calls) == call:
+            for signum in signals:
+                os.kill(os.getpid(), signum)
         return real_loss(batch, draws)
 
-    trainer.loss_fn = signalled_in_step_3
+    trainer.loss_fn = signalled
+
+
+def _signal_then_resume(tmp_path, signum, previous):
+    full = _losses(Trainer(_cfg(tmp_path / "a", "diffusion", ckpt_every=0)).fit())
+    trainer = Trainer(_cfg(tmp_path / "b", "diffusion", ckpt_every=3, preview_every=3))
+    saves, previews = [], []
+    save = trainer.save_checkpoint
+    trainer.save_checkpoint = lambda: saves.append(trainer.step) or save()
+    trainer.preview = lambda t, step: previews.append(step)
+    _signal_in_call(trainer, 3, signum)
     words = "interrupted" if signum == signal.SIGINT else "terminated (SIGTERM)"
     with pytest.raises(Interrupted, match=rf"^{re.escape(words)} at step 3; checkpoint saved") as stop:
         trainer.fit()
     assert stop.value.signum == signum
+    assert saves == [3] and previews == []  # the stop's checkpoint only: no periodic one, no preview
     assert signal.getsignal(signum) is previous  # restored
     resumed = Trainer(_cfg(tmp_path / "b", "diffusion", ckpt_every=0))
     assert resumed.step == 3
     assert _losses(resumed.fit()) == full[3:]
 
 
-def test_a_second_signal_stops_at_once(tmp_path):
-    trainer = Trainer(_cfg(tmp_path, "diffusion", ckpt_every=0))
-    real_loss, calls = trainer.loss_fn, []
-
-    def signalled_twice_in_step_2(batch, draws):
-        calls.append(1)
-        if len(calls) == 2:
-            os.kill(os.getpid(), signal.SIGTERM)
-            os.kill(os.getpid(), signal.SIGTERM)
-        return real_loss(batch, draws)
-
-    trainer.loss_fn = signalled_twice_in_step_2
-    with pytest.raises(Interrupted, match=r"^terminated \(SIGTERM\) again: stopped at once$"):
+def test_a_repeated_sigterm_is_one_request_and_ctrl_c_then_stops_at_once(tmp_path):
+    # A torchrun worker of a Slurm job gets SIGTERM twice, from Slurm and from torchrun.
+    trainer = Trainer(_cfg(tmp_path / "a", "diffusion", ckpt_every=0))
+    _signal_in_call(trainer, 2, signal.SIGTERM, signal.SIGTERM)
+    with pytest.raises(Interrupted, match=r"^terminated \(SIGTERM\) at step 2; checkpoint saved"):
+        trainer.fit()
+    trainer = Trainer(_cfg(tmp_path / "b", "diffusion", ckpt_every=0))
+    _signal_in_call(trainer, 2, signal.SIGTERM, signal.SIGINT)
+    with pytest.raises(Interrupted, match=r"^interrupted again: stopped at once$"):
         trainer.fit()
     assert not trainer.checkpoints()  # step 2 was not finished, nor saved
+
+
+def test_a_signal_after_the_last_steps_collective_still_stops_the_run(tmp_path):
+    # During the last step's logging, after its all-reduce: the run has its steps, saves them,
+    # and still reports the signal (epg demo would otherwise go on into stage 2).
+    trainer = Trainer(_cfg(tmp_path / "a", "diffusion", steps=3, ckpt_every=0))
+    log = trainer._log
+    trainer._log = lambda record: (record["step"] == 3 and os.kill(os.getpid(), signal.SIGTERM)) or log(record)
+    with pytest.raises(Interrupted, match=r"^terminated \(SIGTERM\) at step 3; checkpoint saved"):
+        trainer.fit()
+    # and during the final checkpoint
+    trainer = Trainer(_cfg(tmp_path / "b", "diffusion", steps=3, ckpt_every=0))
+    save = trainer.save_checkpoint
+    trainer.save_checkpoint = lambda: os.kill(os.getpid(), signal.SIGTERM) or save()
+    with pytest.raises(Interrupted, match=r"^terminated \(SIGTERM\) at step 3; checkpoint saved"):
+        trainer.fit()
+    assert Trainer(_cfg(tmp_path / "b", "diffusion", steps=3, ckpt_every=0)).step == 3
+
+
+def test_interrupted_survives_pickling():
+    # (as multiprocessing and torch's worker error wrapping carry exceptions)
+    stop = pickle.loads(pickle.dumps(Interrupted("terminated (SIGTERM) at step 3", signal.SIGTERM)))
+    assert (str(stop), stop.signum) == ("terminated (SIGTERM) at step 3", signal.SIGTERM)
 
 
 def test_an_error_between_steps_keeps_the_steps_made(tmp_path, capsys):
@@ -677,6 +715,41 @@ def test_two_processes_match_one_on_the_same_global_batch(tmp_path, mode, parall
         results[nproc] = json.loads(out.read_text())
     assert len(results[1]) == 3
     assert results[2] == pytest.approx(results[1], rel=1e-4, abs=1e-6)
+
+
+_ONE_RANK_SIGNALLED_SCRIPT = """
+import json, os, signal, sys
+from epg.distributed import end_process
+from epg.train import Interrupted, TrainConfig, Trainer
+trainer = Trainer(TrainConfig(**json.loads(sys.argv[1])))
+real_loss, calls = trainer.loss_fn, []
+def loss(batch, draws):
+    calls.append(1)
+    if trainer.dist.rank == 1 and len(calls) == 3:
+        os.kill(os.getpid(), signal.SIGTERM)
+    return real_loss(batch, draws)
+trainer.loss_fn = loss
+try:
+    trainer.fit()
+except Interrupted as stop:
+    with open(sys.argv[2] + str(trainer.dist.rank), "w") as f:
+        json.dump([trainer.step, int(stop.signum), str(stop)], f)
+trainer.close()
+end_process(0)
+"""
+
+
+@pytest.mark.slow
+def test_a_signal_to_one_rank_stops_every_rank_after_the_same_step(tmp_path):
+    # (Kubernetes signals each pod's main process; the flag rides the step's all-reduce)
+    script = tmp_path / "run.py"
+    script.write_text(_ONE_RANK_SIGNALLED_SCRIPT)
+    cfg = _cfg(tmp_path, "diffusion", steps=50, ckpt_every=0)
+    proc = torchrun(tmp_path, 2, 29661, script, json.dumps(cfg.to_dict()), tmp_path / "stopped")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    stops = [json.loads((tmp_path / f"stopped{rank}").read_text()) for rank in (0, 1)]
+    assert [s[:2] for s in stops] == [[3, signal.SIGTERM]] * 2, stops
+    assert [p.name for p in (tmp_path / "run" / "checkpoints").glob("*.pt")] == ["step_00000003.pt"]
 
 
 _REDUCTIONS_SCRIPT = """

@@ -21,6 +21,7 @@ contract in epg/data/folder.py).
 from __future__ import annotations
 
 import os
+import signal
 from collections.abc import Iterator
 
 import numpy as np
@@ -98,6 +99,14 @@ class _BatchReader(Dataset):
         }
 
 
+def _ignore_sigterm(worker_id: int) -> None:
+    """Workers ignore SIGTERM. Slurm and systemd send it to every process of a job, and the
+    training process answers it by finishing its step and saving; a worker dying of it would
+    make torch's SIGCHLD handler raise in the training process at any point, the checkpoint
+    write included. Workers still stop when the loader closes (and are killed if they do not)."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
 class PortableLoader(FolderLoaderBase):
     """Batches of an image folder through a PyTorch DataLoader and Pillow.
 
@@ -150,6 +159,7 @@ class PortableLoader(FolderLoaderBase):
             sampler=sampler,
             num_workers=self.num_workers,
             pin_memory=self.device.type == "cuda",
+            worker_init_fn=_ignore_sigterm,
             **extra,
         )
         return iter(loader)
@@ -176,7 +186,11 @@ class PortableLoader(FolderLoaderBase):
         # before its finaliser runs, which then waits out the join timeouts (5 s per worker).
         shutdown = getattr(self._iterator, "_shutdown_workers", None)
         if shutdown is not None:
+            workers = list(getattr(self._iterator, "_workers", ()))
             shutdown()
+            for worker in workers:  # torch's last resort, SIGTERM, is ignored: see _ignore_sigterm
+                if worker.is_alive():
+                    worker.kill()
         self._iterator = None
 
     def __del__(self):
