@@ -1282,14 +1282,14 @@ class Trainer:
             yield tuple({k: v[i * rows : (i + 1) * rows] if v.dim() > 0 else v for k, v in part.items()}
                         for part in (batch, draws))  # fmt: skip
 
-    def _whole_batch_keys(self, batch: dict[str, Tensor], draws: dict[str, Tensor]) -> dict[str, Tensor] | None:
+    def _whole_batch_keys(self, micro_batches: list[tuple[dict[str, Tensor], dict[str, Tensor]]]) -> dict[str, Tensor] | None:
         """The InfoNCE keys of every row of the local batch, computed micro-batch by micro-batch
         (at a micro-batch's memory: each key depends on its own sample only, see the
         objectives' ``keys``); None where the step has no key pass."""
         if self.keys_fn is None:
             return None
         with self._autocast():
-            parts = [self.keys_fn(b, d) for b, d in self._micro_batches(batch, draws)]
+            parts = [self.keys_fn(b, d) for b, d in micro_batches]
         return {name: torch.cat([part[name] for part in parts]) for name in parts[0]}
 
     def _gradient_sync(self, last: bool):
@@ -1328,21 +1328,20 @@ class Trainer:
     def _accumulate_gradients(self, step: int) -> dict[str, Tensor]:
         """The step's gradients, in ``grad_accum`` micro-batches; returns this rank's loss and
         loss terms, each the mean over the micro-batches."""
-        batch = self._batch(step)
-        draws = self._draws(step)
+        micro_batches = list(self._micro_batches(self._batch(step), self._draws(step)))
         self.optimizer.zero_grad(set_to_none=True)
         n = self.cfg.grad_accum
-        keys = self._whole_batch_keys(batch, draws)
+        keys = self._whole_batch_keys(micro_batches)
         # 1/n of each micro-batch's loss (times the fp16 loss scale) into the gradients
         divisor = n if self.loss_scale is None else n / self.loss_scale
         parts = []
         rows = self.local_batch // n
-        for i, (micro_batch, micro_draws) in enumerate(self._micro_batches(batch, draws)):
+        for i, (micro_batch, micro_draws) in enumerate(micro_batches):
             # the whole batch's keys, this micro-batch's rolled first: its queries' positives
-            own_first = [] if keys is None else [{name: k.roll(-i * rows, 0) for name, k in keys.items()}]
+            own_keys_first = () if keys is None else ({name: k.roll(-i * rows, 0) for name, k in keys.items()},)
             with self._gradient_sync(last=i == n - 1):
                 with self._autocast():
-                    micro_loss, micro_terms = self.loss_fn(micro_batch, micro_draws, *own_first)
+                    micro_loss, micro_terms = self.loss_fn(micro_batch, micro_draws, *own_keys_first)
                 (micro_loss / divisor).backward()
             parts.append({"loss": micro_loss.detach(), **{k: v.detach() for k, v in micro_terms.items()}})
         if n == 1:

@@ -541,7 +541,7 @@ def test_keys_computed_slice_by_slice_are_the_whole_batchs(tmp_path, mode):
     extra = _perceptual_network(tmp_path, mode)
     trainer = Trainer(_cfg(tmp_path, mode, batch_size=16, grad_accum=4, **extra))
     batch, draws = trainer._batch(0), trainer._draws(0)
-    sliced = trainer._whole_batch_keys(batch, draws)
+    sliced = trainer._whole_batch_keys(list(trainer._micro_batches(batch, draws)))
     whole = trainer.objective.keys(batch, draws)
     assert sorted(whole) == (["h_n1", "z1", "z2"] if mode == "pretrain" else ["z"])
     for name, k in whole.items():
