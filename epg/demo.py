@@ -30,7 +30,7 @@ from .data.embedded import load_digits_tensors, make_grid_png
 from .evaluation.digits import DigitsJudge, digits_report
 from .models import Denoiser
 from .presets import get_preset
-from .train import TrainConfig, Trainer
+from .train import Interrupted, TrainConfig, Trainer, signal_words
 
 IMAGE_SIZE = 16
 NUM_CLASSES = 10
@@ -122,17 +122,20 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
         times[name] = round(time.perf_counter() - t0, 2)
         return result
 
-    def train(train_cfg: TrainConfig) -> tuple[Path, Trainer]:
+    def train(train_cfg: TrainConfig, stage: int) -> tuple[Path, Trainer]:
         trainer = Trainer(train_cfg)
         try:
             records = trainer.fit()
             return trainer.export(), records
+        except Interrupted as stop:  # its advice (rerun with resume=auto) is for `epg pretrain/finetune`
+            raise Interrupted(f"{signal_words(stop.signum)} in stage {stage} at step {trainer.step}; "
+                              "epg demo starts afresh when run again", stop.signum) from None  # fmt: skip
         finally:
             trainer.close()
 
-    encoder, stage1_log = timed("stage1_s", lambda: train(_stage1_config(cfg, out / "stage1")))
+    encoder, stage1_log = timed("stage1_s", lambda: train(_stage1_config(cfg, out / "stage1"), 1))
     stage2_cfg = _stage2_config(cfg, out / "stage2", encoder)
-    model_dir, stage2_log = timed("stage2_s", lambda: train(stage2_cfg))
+    model_dir, stage2_log = timed("stage2_s", lambda: train(stage2_cfg, 2))
 
     from .checkpoint import load
 

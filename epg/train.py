@@ -587,7 +587,7 @@ class Interrupted(KeyboardInterrupt):
 _STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
-def _signal_words(signum: int) -> str:
+def signal_words(signum: int) -> str:
     return "interrupted" if signum == signal.SIGINT else f"terminated ({signal.Signals(signum).name})"
 
 
@@ -1488,7 +1488,7 @@ class Trainer:
         if signum:
             rerun = ("; this run has resume=restart, which discards it when run again: rerun with "
                      "resume=auto to continue") if self.cfg.resume == "restart" else ""  # fmt: skip
-            raise Interrupted(f"{_signal_words(signum)} at step {self.step}; checkpoint saved in {self.ckpt_dir}{rerun}",
+            raise Interrupted(f"{signal_words(signum)} at step {self.step}; checkpoint saved in {self.ckpt_dir}{rerun}",
                               signum)  # fmt: skip
         return records
 
@@ -1515,7 +1515,7 @@ class Trainer:
                 return
             self._interrupted = signum
             if self.dist.is_main:
-                print(f"\n{_signal_words(signum)}: saving a checkpoint after this step (Ctrl-C to stop at once)",
+                print(f"\n{signal_words(signum)}: saving a checkpoint after this step (Ctrl-C to stop at once)",
                       file=sys.stderr, flush=True)  # fmt: skip
 
         previous = {signum: signal.signal(signum, on_signal) for signum in _STOP_SIGNALS}

@@ -255,6 +255,32 @@ def test_demo_quick_consistency_runs_the_one_step_pipeline(tmp_path):
     assert (out / "samples.png").is_file()
 
 
+@pytest.mark.parametrize("stage", [1, 2])
+def test_a_signal_during_the_demo_says_a_rerun_starts_afresh(tmp_path, capsys, monkeypatch, stage):
+    # A training run's stop message advises resume=auto, an option the demo does not take.
+    import epg.demo
+
+    class SignalledTrainer(epg.demo.Trainer):
+        def __init__(self, cfg):
+            super().__init__(cfg)
+            real_loss, calls = self.loss_fn, []
+
+            def loss(batch, draws):
+                calls.append(1)
+                if len(calls) == 3 and (self.cfg.mode == "pretrain") == (stage == 1):
+                    os.kill(os.getpid(), signal.SIGTERM)
+                return real_loss(batch, draws)
+
+            self.loss_fn = loss
+
+    monkeypatch.setattr(epg.demo, "Trainer", SignalledTrainer)
+    assert main(["demo", "--quick", "--out", str(tmp_path / "demo")]) == 128 + signal.SIGTERM
+    err = capsys.readouterr().err
+    assert f"epg demo: terminated (SIGTERM) in stage {stage} at step 3; epg demo starts afresh when run again" in err
+    assert "resume=" not in err
+    assert not (tmp_path / "demo" / "metrics.json").exists()
+
+
 def test_demo_presets_rerun_the_demo_stages_from_the_command_line(tmp_path):
     from pathlib import Path
 
