@@ -663,14 +663,25 @@ def test_kill_during_checkpoint_write_leaves_the_previous_one_resumable(tmp_path
 
 _DIST_SCRIPT = """
 import json, os, sys
+import torch.distributed
+from epg.checkpoint import torch_save_checksummed
 from epg.distributed import end_process
-from epg.train import TrainConfig, Trainer
+from epg.train import TrainConfig, Trainer, read_checkpoint
 cfg = TrainConfig(**json.loads(sys.argv[1]))
 stop_at = int(sys.argv[3])
 trainer = Trainer(cfg)
 losses = [r["loss"] for r in trainer.fit(stop_at=stop_at or None)]
 if stop_at:  # resume in a fresh Trainer from the checkpoint written at stop_at
+    if trainer.dist.rank == 0:  # as a GPU run writes it: the fused AdamW in its groups
+        path = trainer.checkpoints()[-1]
+        state = read_checkpoint(path)
+        for group in state["optimizer"]["param_groups"]:
+            group.update(fused=True, foreach=False)
+        torch_save_checksummed(state, path)
+    if trainer.dist.distributed:
+        torch.distributed.barrier()
     trainer = Trainer(cfg)
+    assert [(g["fused"], g["foreach"]) for g in trainer.optimizer.param_groups] == [(False, True)] * 2
     losses += [r["loss"] for r in trainer.fit()]
     trainer.export()
 if trainer.dist.rank == 0:
@@ -694,6 +705,8 @@ def test_two_processes_match_one_on_the_same_global_batch(tmp_path, mode, parall
     # batch whole (consistency: dropout off, and the auxiliary InfoNCE's keys, the whole batch's
     # in every micro-batch, gathered over the ranks). Stage 1's projector BatchNorm takes its
     # statistics over the micro-batch: there both accumulate, and must pick the same ones.
+    # stop_at: resumed from there in a fresh Trainer, from a checkpoint that names the fused
+    # AdamW (a GPU run's), which must step with this machine's (set_optimizer_state_dict too).
     script = tmp_path / "run.py"
     script.write_text(_DIST_SCRIPT)
     extra = _perceptual_network(tmp_path, mode)
