@@ -15,10 +15,11 @@ Automatic choice (the default, ``EPG_BACKEND=auto``): on a CUDA tensor the first
 Automatic choice never raises. (On a CPU, unforced calls of the network's ops then skip the custom
 op and call the reference directly: see ``epg.ops``.)
 
-Forcing: ``EPG_BACKEND=reference|triton|cuda|sdpa|flash_attn`` for every op, ``EPG_BACKEND_<OP>`` (for example
+Forcing: ``EPG_BACKEND=reference|triton|cuda|sdpa|flash_attn`` for every op the backend implements
+(the others keep the automatic choice), ``EPG_BACKEND_<OP>`` (for example
 ``EPG_BACKEND_LAYER_NORM``) for one op, or :func:`use_backend` in code (it wins over both
-variables). A forced backend that cannot run the op raises :class:`BackendUnavailableError` saying
-why. A backward (``<op>_backward``) follows its forward's forced backend when that backend has a
+variables). A forced backend that cannot run the op (not installed, not built, the wrong device;
+forced for one op: without that op) raises :class:`BackendUnavailableError` saying why. A backward (``<op>_backward``) follows its forward's forced backend when that backend has a
 backward for it and otherwise runs the reference backward: backwards recompute everything from the
 op's inputs, so any forward pairs with any backward. A :func:`use_backend` force reaches the
 backward through the op's autograd formula, which a ``torch.compile``'d backward does not run: it
@@ -175,10 +176,15 @@ def choice_traceable() -> bool:
 
 
 def _forced_backend(op: str) -> str | None:
+    """The backend forced for ``op`` (a forward op's name), or None for the automatic choice. A
+    force for every op passes over the ops an available backend has no implementation of: they
+    follow the next setting (a variable after :func:`use_backend`), else the automatic choice."""
     forced = _forced.get()
     for key in (op, None):
         if key in forced:
-            return None if forced[key] == "auto" else forced[key]
+            name = None if forced[key] == "auto" else forced[key]
+            if key is not None or _covers(name, op):
+                return name
     for var in (f"{ENV_VAR}_{op.upper()}", ENV_VAR):
         value = _environ_get(var).strip().lower()
         if value and value != "auto":
@@ -186,8 +192,18 @@ def _forced_backend(op: str) -> str | None:
                 value = "reference"
             if value not in BACKENDS:
                 raise ValueError(f"{var}={value!r}: expected auto or one of {BACKENDS}")
-            return value
+            return value if var != ENV_VAR or _covers(value, op) else None
     return None
+
+
+def _covers(name: str | None, op: str) -> bool:
+    """Whether a force of ``name`` for every op reaches ``op``: `EPG_BACKEND=triton` means the
+    Triton kernels wherever there is one, as `sdpa` means SDPA for attention. An unavailable
+    backend covers every op, so that forcing it says why it cannot run."""
+    if name is None:
+        return True
+    backend = info(name)
+    return not backend.available or op in backend.implementations
 
 
 def is_forced(op: str) -> bool:
@@ -214,8 +230,14 @@ def environment_problems() -> list[str]:
             continue
         if value not in BACKENDS:
             problems.append(f"{var}={raw!r}: expected auto or one of {', '.join(BACKENDS)}")
-        elif op is not None and info(value).available and op not in info(value).implementations:
+        elif not info(value).available:
+            problems.append(f"{var}={raw!r}: {info(value).reason}")
+        elif op is not None and op not in info(value).implementations:
             problems.append(f"{var}={raw!r}: {value} has no implementation of {op!r}")
+        elif value in ("triton", "flash_attn") and not torch.cuda.is_available():
+            if value == "flash_attn" or os.environ.get("TRITON_INTERPRET") != "1":
+                why = _why_not(info(value), "attention", torch.device("cpu"))
+                problems.append(f"{var}={raw!r}: no CUDA GPU here, and {why}")
     return problems
 
 

@@ -2,6 +2,7 @@
 
 import contextlib
 import math
+import os
 
 import pytest
 import torch
@@ -353,12 +354,59 @@ def test_forcing_triton_on_cpu_without_interpreter_says_why(monkeypatch):
         ops.attention(torch.randn(1, 3, 12), 2)
 
 
-def test_forcing_a_backend_without_the_op_says_which_ops_it_has():
+def test_forcing_a_backend_for_an_op_it_lacks_says_which_ops_it_has():
     info = _backend.info("cuda")
     if not info.available or "attention" in info.implementations:
         pytest.skip("needs the extension without an attention kernel")
-    with ops.use_backend("cuda"), pytest.raises(ops.BackendUnavailableError, match="no implementation of 'attention'"):
+    with ops.use_backend("cuda", "attention"), pytest.raises(ops.BackendUnavailableError, match="no implementation of 'attention'"):
         ops.attention(torch.randn(1, 3, 12), 2)
+
+
+@pytest.mark.parametrize("how", ["EPG_BACKEND", "use_backend"])
+def test_a_backend_forced_for_every_op_runs_the_ops_it_has_and_leaves_the_others(monkeypatch, how):
+    # EPG_BACKEND=triton means Triton wherever it has a kernel: strict, it failed at the
+    # network's first op Triton lacks (timestep_embedding) and could only be used op by op.
+    info = _backend.info("cuda")
+    if not info.available or "attention" in info.implementations:
+        pytest.skip("needs the extension without an attention kernel")
+    cpu = torch.device("cpu")
+    def force():
+        return contextlib.nullcontext() if how == "EPG_BACKEND" else ops.use_backend("cuda")
+
+    if how == "EPG_BACKEND":
+        monkeypatch.setenv("EPG_BACKEND", "cuda")
+    with force():
+        assert _backend.choose("noise_precondition", cpu) == "cuda"  # its C++ twin
+        assert _backend.choose("attention", cpu) == "reference"
+        assert _backend.is_forced("noise_precondition") and not _backend.is_forced("attention")
+        x = torch.randn(1, 3, 12)
+        assert torch.equal(ops.attention(x, 2), reference.attention(x, 2))
+    monkeypatch.setenv("EPG_BACKEND_ATTENTION", "cuda")  # forced for that op alone: it raises
+    with force(), pytest.raises(ops.BackendUnavailableError, match="no implementation of 'attention'"):
+        ops.attention(x, 2)
+
+
+def test_a_forced_backend_that_cannot_run_here_is_an_environment_problem(monkeypatch):
+    for var in [v for v in os.environ if v.startswith("EPG_BACKEND")]:
+        monkeypatch.delenv(var)
+    monkeypatch.setenv("EPG_BACKEND", "flash_attn")
+    flash = _backend.info("flash_attn")
+    if not flash.available:  # (the commands start with this check: see test_cli_inputs)
+        expected = [f"EPG_BACKEND='flash_attn': {flash.reason}"]
+    elif not torch.cuda.is_available():
+        expected = ["EPG_BACKEND='flash_attn': no CUDA GPU here, and flash-attn runs CUDA tensors only"]
+    else:
+        expected = []
+    assert _backend.environment_problems() == expected
+    monkeypatch.setenv("EPG_BACKEND", "triton")
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    problems = _backend.environment_problems()
+    if torch.cuda.is_available() or not _backend.info("triton").available:
+        pytest.skip("needs Triton and no GPU")
+    assert problems == ["EPG_BACKEND='triton': no CUDA GPU here, and Triton runs CPU tensors only "
+                        "under TRITON_INTERPRET=1 (set before import)"]  # fmt: skip
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert _backend.environment_problems() == []
 
 
 def test_use_backend_auto_overrides_the_environment(monkeypatch):

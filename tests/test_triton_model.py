@@ -4,10 +4,10 @@ same networks on the reference backend: outputs and the gradients of every param
 Runs on a CUDA GPU, or on the CPU under the Triton interpreter (tiny configs, 16-px images):
     TRITON_INTERPRET=1 python -m pytest tests/test_triton_model.py
 
-Only the ops in ``epg_kernels.IMPLEMENTATIONS`` are forced (one ``use_backend`` or
-``EPG_BACKEND_<OP>`` per op): forcing Triton for every op would raise BackendUnavailableError
-for the ops it lacks, which run on the reference (the automatic choice for CPU tensors).
-A counting wrapper around each launcher proves every forward and backward kernel ran.
+Triton is forced for every op (``EPG_BACKEND=triton``: the ops it lacks keep the automatic
+choice, the reference for CPU tensors), or op by op (one ``use_backend`` or ``EPG_BACKEND_<OP>``
+per op in ``epg_kernels.IMPLEMENTATIONS``). A counting wrapper around each launcher proves every
+forward and backward kernel ran.
 """
 
 from __future__ import annotations
@@ -88,7 +88,8 @@ def test_triton_runs_the_model_ops():
     )
 
 
-def test_epg_tiny_matches_reference(calls):
+@pytest.mark.parametrize("force", ["op-by-op", "EPG_BACKEND"])
+def test_epg_tiny_matches_reference(calls, monkeypatch, force):
     """EPG-tiny at 16 px (16 patch tokens + 2): encoder, adaLN decoder with long skips, head."""
     model = _randomised(build("epg-tiny", img_size=16))
     gen = torch.Generator().manual_seed(1)
@@ -99,8 +100,11 @@ def test_epg_tiny_matches_reference(calls):
     @contextlib.contextmanager
     def run_triton():
         with contextlib.ExitStack() as stack:
-            for op in TRITON_OPS:
-                stack.enter_context(ops.use_backend("triton", op))
+            if force == "EPG_BACKEND":
+                stack.enter_context(monkeypatch.context()).setenv("EPG_BACKEND", "triton")
+            else:
+                for op in TRITON_OPS:
+                    stack.enter_context(ops.use_backend("triton", op))
             yield
 
     _compare(model, (x, t_cond, y), run_triton, calls, TRITON_OPS)
