@@ -7,6 +7,7 @@ demo's (``demo-*``) train the digits networks on the embedded digits.
 
 from __future__ import annotations
 
+import difflib
 import functools
 from typing import Any
 
@@ -91,7 +92,9 @@ PRESETS: dict[str, dict[str, Any]] = {
 
 def get_preset(name: str) -> dict[str, Any]:
     if name not in PRESETS:
-        raise ValueError(f"unknown preset {name!r}; known: {', '.join(sorted(PRESETS))}")
+        close = difflib.get_close_matches(name, sorted(PRESETS), n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise ValueError(f"unknown preset {name!r}{hint}; known: {', '.join(sorted(PRESETS))}")
     return {k: (dict(v) if isinstance(v, dict) else v) for k, v in PRESETS[name].items()}
 
 

@@ -47,6 +47,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import difflib
 import inspect
 import json
 import math
@@ -190,6 +191,11 @@ class TrainConfig:
                         }.get(name, "the consistency loss's perceptual network (consistency runs)")  # fmt: skip
                 raise ValueError(f"{name} is an option of {what}; a {self.mode} run does not use it "
                                  f"(got {getattr(self, name)!r})")  # fmt: skip
+        if self.mode == "diffusion" and self.init and self.encoder:  # the encoder went unread
+            raise ValueError(f"init ({self.init}) and encoder ({self.encoder}) both given: a diffusion "
+                             "run starts from init, a whole stage-2 network, or from a stage-1 encoder; "
+                             "give one")  # fmt: skip
+        self._check_resume()
         if self.aux_term_off:
             for name in ("perceptual", "perceptual_config"):
                 if getattr(self, name):
@@ -228,6 +234,19 @@ class TrainConfig:
         if list(self.lr_milestones) != sorted(self.lr_milestones):
             raise ValueError(f"lr_milestones must be in ascending order, got {self.lr_milestones!r}")
 
+    def _check_resume(self) -> None:
+        if not isinstance(self.resume, str):  # YAML reads yes/no/on/off as booleans
+            raise ValueError(f"resume must be auto, none, restart or a checkpoint file, got {self.resume!r}")
+        if self.resume in ("auto", "none", "restart"):
+            return
+        path = Path(self.resume).expanduser()
+        if path.is_dir():
+            raise ValueError(f"resume={self.resume} is a folder; give a checkpoint file (a run folder's "
+                             "checkpoints/step_N.pt), or resume=auto for the newest one of run_dir")  # fmt: skip
+        if not path.is_file():
+            raise FileNotFoundError(f"resume checkpoint {self.resume} does not exist (resume takes auto, "
+                                    "none, restart or a checkpoint file)")  # fmt: skip
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
@@ -240,7 +259,7 @@ class TrainConfig:
         fields = {f.name: f for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - set(fields))
         if unknown:
-            raise ValueError(f"unknown training option(s) {unknown}; valid: {sorted(fields)}")
+            raise ValueError(_unknown_names("training option", unknown, fields))
         return cls(**{key: _coerce_option(key, fields[key].type, value) for key, value in data.items()})
 
 
@@ -255,6 +274,9 @@ def _coerce_option(name: str, annotation: str, value: Any) -> Any:
 
     def scalar(kind: type, item: Any) -> Any:
         if kind is str:
+            if isinstance(item, bool):  # resume=yes became "True"
+                raise fail("a string (YAML reads yes/no/on/off/true/false as booleans: quote a "
+                           "string so spelt)")  # fmt: skip
             if isinstance(item, (dict, list, tuple)) or item is None:
                 raise fail("a string")
             return str(item)
@@ -336,7 +358,16 @@ def _check_options(group: str, target: Any, options: dict[str, Any], taken: tupl
     valid = set(params) - set(taken)
     unknown = sorted(set(options) - valid)
     if unknown:
-        raise ValueError(f"unknown {group} option(s) {unknown}; valid: {sorted(valid)}")
+        raise ValueError(_unknown_names(f"{group} option", unknown, valid))
+
+
+def _unknown_names(what: str, unknown: list[str], valid) -> str:
+    """The refusal of unknown option names, with the closest valid name of each typo."""
+    named = []
+    for name in unknown:
+        close = difflib.get_close_matches(str(name), sorted(valid), n=1)
+        named.append(f"{name!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+    return f"unknown {what}(s) {', '.join(named)}; valid: {sorted(valid)}"
 
 
 def _objective_class(mode: str) -> type:
@@ -403,6 +434,18 @@ def _coerce_nested(cfg: TrainConfig, groups: dict[str, dict[str, str]] | None = 
         for group, annotations in groups.items()
     }
     return dataclasses.replace(cfg, **coerced)
+
+
+def _home_expanded_paths(cfg: TrainConfig) -> dict[str, Any]:
+    """The path options that start with ``~``, expanded as a shell expands them: no shell
+    expands ``--set run_dir=~/r`` (a folder named ``~`` was made) or a YAML file's paths."""
+    names = ("run_dir", "encoder", "init", "perceptual", "resume")
+    expanded = {name: os.path.expanduser(getattr(cfg, name)) for name in names
+                if isinstance(getattr(cfg, name), str) and getattr(cfg, name).startswith("~")}  # fmt: skip
+    data_path = cfg.data_options.get("path") if isinstance(cfg.data_options, dict) else None
+    if isinstance(data_path, str) and data_path.startswith("~"):
+        expanded["data_options"] = {**cfg.data_options, "path": os.path.expanduser(data_path)}
+    return expanded
 
 
 def _same_identity(key: str, saved: Any, mine: Any) -> bool:
@@ -647,7 +690,8 @@ def load_network_weights(model: EPGViT, path: str | os.PathLike, official_config
     same = isinstance(source, EPGViT) and dataclasses.replace(source.config, drop=model.config.drop) == model.config
     if not same:
         got = source.config if isinstance(source, EPGViT) else type(source).__name__
-        raise ckpt.CheckpointError(f"{path} holds {got}; this run builds {model.config}")
+        hint = f" (a stage-1 encoder: start from it with --encoder {path})" if isinstance(source, RCMViT) else ""
+        raise ckpt.CheckpointError(f"{path} holds {got}{hint}; this run builds {model.config}")
     ckpt.load_state_dict_strict(model, source.state_dict(), source=str(path))
 
 
@@ -690,6 +734,7 @@ class Trainer:
             defaults["model"] = "rcm-digits" if cfg.mode == "pretrain" else "epg-digits"
         if not cfg.run_dir:
             defaults["run_dir"] = f"runs/{cfg.mode}"
+        defaults.update(_home_expanded_paths(cfg))
         self.cfg = cfg = _coerce_nested(dataclasses.replace(cfg, **defaults))
         self.dist = distributed.setup(cfg.device)
         world = self.dist.world_size
@@ -1173,11 +1218,8 @@ class Trainer:
             candidates = self.checkpoints()[::-1]  # newest first
             if not candidates:
                 return
-        else:
+        else:  # (an existing file: TrainConfig.validate)
             candidates = [Path(resume)]
-            if not candidates[0].is_file():
-                raise FileNotFoundError(f"resume checkpoint {resume} does not exist (resume takes auto, "
-                                        "none, restart or a checkpoint file)")  # fmt: skip
         try:
             path, state, unreadable = _newest_readable(candidates, self.device, "resuming from", self.dist.is_main)
         except ckpt.CheckpointError as exc:

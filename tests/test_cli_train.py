@@ -107,9 +107,12 @@ def test_option_values_are_read_as_their_types(tmp_path):
     ("steps=1.5", "steps: expected an integer"),
     ("lr=fast", "lr: expected a number"),
     ("objective=3", "objective: expected a mapping"),
-    ("objective.bogus=1", "unknown objective (pretrain) option(s) ['bogus']"),
-    ("augment.bogus=1", "unknown augment option(s) ['bogus']"),
-    ("data_options.bogus=1", "unknown data_options (digits) option(s) ['bogus']"),
+    ("objective.bogus=1", "unknown objective (pretrain) option(s) 'bogus'; valid: ["),
+    ("augment.bogus=1", "unknown augment option(s) 'bogus'; valid: ["),
+    ("data_options.bogus=1", "unknown data_options (digits) option(s) 'bogus'; valid: ["),
+    ("batchsize=8", "unknown training option(s) 'batchsize' (did you mean 'batch_size'?); valid: ["),
+    ("objective.tau_rcm=0.1", "unknown objective (pretrain) option(s) 'tau_rcm' (did you mean 'tau_rc'?)"),
+    ("resume=yes", "training option resume: expected a string (YAML reads yes/no/on/off/true/false as booleans"),
     ("device=gpu", "unknown device 'gpu'"),
 ])  # fmt: skip
 def test_bad_option_values_name_the_option(tmp_path, capsys, pair, message):

@@ -182,3 +182,47 @@ def test_a_resume_drops_the_log_records_of_the_steps_it_trains_again(tmp_path):
 def test_resume_names_its_keywords_for_a_checkpoint_that_is_not_there(tmp_path):
     with pytest.raises(FileNotFoundError, match="resume takes auto, none, restart or a checkpoint file"):
         Trainer(_cfg(tmp_path, "diffusion", resume="Auto"))
+
+
+def test_a_resume_value_that_is_no_checkpoint_file_is_refused_before_the_run_folder_is_made(tmp_path):
+    run = tmp_path / "run"
+    with pytest.raises(ValueError, match=r"resume=.* is a folder; give a checkpoint file \(a run folder's checkpoints/step_N.pt\)"):
+        Trainer(_cfg(tmp_path, resume=str(tmp_path)))
+    with pytest.raises(FileNotFoundError, match=r"resume checkpoint .*nothing.pt does not exist"):
+        Trainer(_cfg(tmp_path, resume=str(tmp_path / "nothing.pt")))
+    assert not run.exists()  # an empty checkpoints/ was left behind
+    with pytest.raises(ValueError, match="training option resume: expected a string"):
+        TrainConfig.from_dict({"resume": True})  # YAML's `resume: yes`
+
+
+def test_a_diffusion_run_given_init_and_encoder_is_refused():
+    # init won and the encoder went unread, without a word
+    with pytest.raises(ValueError, match=r"init \(s2\) and encoder \(s1\) both given: a diffusion run starts from init"):
+        TrainConfig(mode="diffusion", init="s2", encoder="s1").validate()
+    TrainConfig(mode="consistency", init="s2", encoder="s1").validate()  # there the encoder is the loss's network
+
+
+def test_a_stage1_network_given_as_init_points_to_encoder(tmp_path):
+    stage1 = Trainer(_cfg(tmp_path / "s1", "pretrain", steps=2, ckpt_every=0))
+    stage1.fit()
+    encoder = stage1.export()
+    with pytest.raises(Exception, match=rf"holds RCMViT \(a stage-1 encoder: start from it with --encoder {encoder}\)"):
+        Trainer(_cfg(tmp_path / "s2", init=str(encoder)))
+
+
+def test_paths_starting_with_a_tilde_are_the_home_folder(tmp_path, monkeypatch):
+    # No shell expands `--set run_dir=~/r`, nor a YAML file's paths: a folder named "~" was made.
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    trainer = Trainer(_cfg(tmp_path, run_dir="~/r", steps=1))
+    assert trainer.cfg.run_dir == str(tmp_path / "home" / "r") and trainer.run_dir.is_dir()
+    assert not (tmp_path / "~").exists()
+
+
+def test_an_unknown_preset_or_option_suggests_the_closest_name():
+    from epg.presets import get_preset
+
+    with pytest.raises(ValueError, match=r"unknown preset 'demo-difusion' \(did you mean 'demo-diffusion'\?\)"):
+        get_preset("demo-difusion")
+    with pytest.raises(ValueError, match=r"'warmup' \(did you mean 'warmup_steps'\?\), 'zzz'; valid"):
+        TrainConfig.from_dict({"zzz": 1, "warmup": 3})
