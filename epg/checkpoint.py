@@ -151,7 +151,7 @@ def _digest_is_checked(weights: Path) -> bool:
 def _check_digest(weights: Path, recorded: Any) -> None:
     """Refuse a weights file whose bytes are not the ones :func:`save` wrote: safetensors reads a
     changed byte inside a tensor as a silently different weight."""
-    if not isinstance(recorded, str):  # a folder written before digests were recorded, or by hand
+    if recorded is None:  # a folder written before digests were recorded (_read_payload checks the form)
         return
     actual = weights_digest(weights)
     if actual != recorded:
@@ -213,7 +213,15 @@ def _read_payload(directory: str | os.PathLike) -> tuple[EPGConfig | RCMConfig, 
                                 f"{WEIGHTS_NAME} and {CONFIG_NAME})")
     try:
         payload = json.loads(path.read_text())
-        return config_from_dict(payload["config"]), payload.get("metadata", {}), payload.get(WEIGHTS_DIGEST_KEY)
+        if not isinstance(payload, dict) or "config" not in payload:
+            raise ValueError('no "config" key (the network config that save() writes)')
+        metadata, digest = payload.get("metadata", {}), payload.get(WEIGHTS_DIGEST_KEY)
+        if not isinstance(metadata, dict):  # a hand edit: generate and train read keys of it
+            raise ValueError(f'"metadata" must be a JSON object or absent, got {json.dumps(metadata)}')
+        if digest is not None and not (isinstance(digest, str) and digest.startswith("sha256:")):
+            raise ValueError(f"{WEIGHTS_DIGEST_KEY!r} must be a string 'sha256:<hex>', got "
+                             f"{json.dumps(digest)}; delete the key to load without the check")  # fmt: skip
+        return config_from_dict(payload["config"]), metadata, digest
     except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
         head = _read_head(path)
         kind = _file_kind(head)

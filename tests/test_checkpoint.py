@@ -304,3 +304,23 @@ def test_checked_weights_digest_takes_the_recorded_one_that_load_checks(tmp_path
     del payload["weights_sha256"]  # nothing recorded: hashed
     config.write_text(json.dumps(payload))
     assert ck.checked_weights_digest(tmp_path / "run") == actual
+
+
+@pytest.mark.parametrize(
+    "edit, message",
+    [({"weights_sha256": 5}, r"'weights_sha256' must be a string 'sha256:<hex>', got 5; delete the key"),
+     ({"metadata": None}, r'"metadata" must be a JSON object or absent, got null'),
+     ({"config": None, "drop": "config"}, r'no "config" key \(the network config that save\(\) writes\)')],
+    ids=["digest-not-a-string", "metadata-null", "no-config"],
+)  # fmt: skip
+def test_a_hand_edited_config_json_is_refused_naming_the_key(tmp_path, edit, message):
+    # A non-string digest skipped the weights check without a word; a null metadata was an
+    # AttributeError in `epg sample`; a missing config said only "'config'".
+    ck.save(_noisy("epg-tiny"), tmp_path / "run")
+    config = tmp_path / "run" / "config.json"
+    payload = json.loads(config.read_text())
+    payload.update({k: v for k, v in edit.items() if k != "drop"})
+    payload.pop(edit.get("drop"), None)
+    config.write_text(json.dumps(payload))
+    with pytest.raises(ck.CheckpointError, match=rf"config.json is not a valid epg config: {message}"):
+        ck.load(tmp_path / "run")
