@@ -9,6 +9,7 @@ import os
 import platform
 import signal
 import sys
+import tempfile
 import textwrap
 from pathlib import Path
 from typing import Any
@@ -190,29 +191,60 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_output(path: Path, folder: bool) -> None:
+    """Refuse an output path that cannot be written, before any work: ``path`` is a folder to
+    make or fill (``folder``) or a file to write, and the nearest existing folder on its way
+    must take new files."""
+    if folder and path.exists() and not path.is_dir():
+        raise NotADirectoryError(f"{path} is a file; the output needs a folder")
+    if not folder and path.is_dir():
+        raise IsADirectoryError(f"{path} is a folder; the output needs a file name")
+    nearest = path if folder else path.parent
+    while not nearest.exists():
+        nearest = nearest.parent
+    if not nearest.is_dir():
+        raise NotADirectoryError(f"{nearest} is a file, not a folder: {path} cannot be written")
+    # Write permission bits say nothing for root, nor for /proc or a read-only mount: try it.
+    try:
+        with tempfile.TemporaryFile(dir=nearest):
+            pass
+    except OSError as exc:
+        raise OSError(f"{path} cannot be written: creating a file in {nearest} fails "
+                      f"({exc.strerror or exc})") from exc
+
+
 def _cmd_sample(args: argparse.Namespace) -> int:
     import torch.distributed as torch_dist
 
     from . import distributed
-    from .generate import GUIDANCE_SCALES, SampleSettings, load_network, run_sampling, training_class_counts
+    from .generate import (
+        GUIDANCE_SCALES,
+        SampleSettings,
+        check_resume,
+        check_sampling,
+        load_network,
+        run_sampling,
+        training_class_counts,
+    )
 
+    _check_output(Path(args.out), folder=True)  # before the network is read (and hashed)
     dist_info = distributed.setup(args.device)
     try:
         net, info = load_network(args.checkpoint, args.official, args.config, dist_info.device)
+        conditional = net.config.num_classes > 0
         mode = args.mode or info.get("mode", "diffusion")
         guidance = args.guidance
         if guidance is None:
-            guidance = GUIDANCE_SCALES.get(info.get("config") or "", 1.0) if mode == "diffusion" else 1.0
+            released = GUIDANCE_SCALES.get(info.get("config") or "", 1.0)
+            guidance = released if mode == "diffusion" and conditional else 1.0
         sampler = args.sampler or ("heun" if mode == "diffusion" else "consistency")
         if args.steps is not None and args.steps < 1:
             raise ValueError(f"--steps must be at least 1, got {args.steps}")
         steps = args.steps or (32 if sampler != "consistency" else 1)
-        labels = args.labels
-        if net.config.num_classes == 0:
-            labels = "none"
+        labels = args.labels if conditional else "none"
         class_counts = None
         if args.class_counts:
-            if net.config.num_classes == 0:
+            if not conditional:
                 raise ValueError("--class-counts: this network is unconditional (no class labels)")
             if labels != "random":
                 raise ValueError("--class-counts goes with --labels random")
@@ -221,19 +253,34 @@ def _cmd_sample(args: argparse.Namespace) -> int:
             if dist_info.distributed:
                 torch_dist.broadcast_object_list(counts, src=0)
             class_counts = counts[0]
+        convention = args.convention or info.get("convention", "imagenet")
+        channels = net.config.in_channels
+        if convention == "imagenet" and channels != 3:
+            if args.convention:
+                given = "--convention imagenet"
+            elif "convention" in info:
+                given = f"the convention {info['source']} records, imagenet,"
+            else:
+                given = f"{info['source']} records no convention, and the default, imagenet,"
+            raise ValueError(f"{given} needs 3 channels; this network has {channels}: pass "
+                             "--convention simple (or the convention it was trained with)")
         interval = (0.0, float("inf")) if args.no_interval else tuple(args.interval)
         settings = SampleSettings(
             num_images=args.num_images, mode=mode, sampler=sampler, steps=steps, guidance=guidance,
             guidance_interval=interval, trailing_zero=args.trailing_zero, clamp=not args.no_clamp,
-            labels=labels, class_counts=class_counts, seed=args.seed,
-            convention=args.convention or info.get("convention", "imagenet"),
+            labels=labels, class_counts=class_counts, seed=args.seed, convention=convention,
             precision=args.precision, model=info["source"], weights=info["weights"],
         )  # fmt: skip
-        settings.validate()  # before the banner, which would announce e.g. "0 images"
+        # Before the banner, which would announce e.g. "0 images" or a guidance that does nothing,
+        # and before the output folder is touched.
+        check_sampling(net, settings, batch_size=args.batch_size, cuda_graph=args.cuda_graph)
+        note = check_resume(args.out, settings, args.overwrite)
         if dist_info.is_main:
             print(f"epg sample: {settings.num_images} images, {sampler} ({steps} steps), guidance "
                   f"{guidance:g}, {mode} network from {info['source']}, {settings.precision} on "
                   f"{dist_info.device} x{dist_info.world_size} -> {Path(args.out).resolve()}")
+            if note:
+                print(note)
         summary = run_sampling(
             net, args.out, settings, batch_size=args.batch_size, rank=dist_info.rank,
             world_size=dist_info.world_size,
@@ -262,6 +309,7 @@ def _cmd_prepare(args: argparse.Namespace) -> int:
 
     if args.quality is not None and args.format != "jpeg":  # PNG is lossless: it was ignored
         raise ValueError(f"--quality is for --format jpeg (PNG is lossless), got --quality {args.quality}")
+    _check_output(Path(args.dst), folder=True)
     quality = 95 if args.quality is None else args.quality
     report = prepare(args.src, args.dst, args.resolution, workers=args.workers,
                      progress=not args.no_progress, format=args.format, quality=quality)  # fmt: skip
@@ -280,6 +328,9 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     if (args.ref is None) == (args.save_ref is None):
         raise ValueError("give --ref REF.npz (evaluate SAMPLES against it) or --save-ref OUT.npz "
                          "(save SAMPLES' statistics as a reference)")
+    if args.save_ref and args.json:  # it was never written
+        raise ValueError("--json is where --ref writes the metrics; --save-ref computes none (it "
+                         "saves SAMPLES' statistics to OUT.npz): leave --json out")
     # The output path is settled and checked before the Inception pass, not after it.
     samples = Path(args.samples).resolve()
     if args.save_ref:
@@ -289,8 +340,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     inputs = [samples] + ([Path(args.ref).resolve()] if args.ref else [])
     if out.resolve() in inputs:
         raise ValueError(f"{out} is an input of this evaluation; writing there would overwrite it")
-    if out.is_dir():
-        raise IsADirectoryError(f"{out} is a folder; the output needs a file name")
+    _check_output(out, folder=False)
     if args.save_ref:
         saved = save_reference_statistics(args.samples, args.save_ref, **common)
         print(f"reference statistics of {saved['num_images']} images saved to {saved['path']}")
@@ -417,9 +467,10 @@ def build_parser() -> argparse.ArgumentParser:
                      help="grid points (default 32); for the consistency sampler, network evaluations (default 1)")
     smp.add_argument("--guidance", type=float,
                      help="CFG scale w >= 0 (default: 2.5 for epg-xl-16, 3.2 for epg-l-32, else 1; 0 or 1 = none)")
-    smp.add_argument("--interval", type=float, nargs=2, default=(0.19, 1.61), metavar=("LOW", "HIGH"),
-                     help="guidance interval in unshifted sigma (default 0.19 1.61)")
-    smp.add_argument("--no-interval", action="store_true", help="guide at every sigma")
+    interval = smp.add_mutually_exclusive_group()
+    interval.add_argument("--interval", type=float, nargs=2, default=(0.19, 1.61), metavar=("LOW", "HIGH"),
+                          help="guidance interval in unshifted sigma (default 0.19 1.61)")
+    interval.add_argument("--no-interval", action="store_true", help="guide at every sigma")
     smp.add_argument("--trailing-zero", action="store_true", help="EDM grid ending in sigma=0")
     smp.add_argument("--no-clamp", action="store_true", help="do not clamp the denoised image to [-1, 1]")
     smp.add_argument("--labels", choices=("balanced", "random", "none"), default="balanced",
@@ -483,6 +534,11 @@ def main(argv: list[str] | None = None) -> int:
     return code
 
 
+def _tracebacks_asked() -> bool:
+    """EPG_TRACEBACK set to anything but empty, 0, false, no or off (any case)."""
+    return os.environ.get("EPG_TRACEBACK", "").strip().lower() not in ("", "0", "false", "no", "off")
+
+
 def _run_command(argv: list[str] | None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -496,18 +552,20 @@ def _run_command(argv: list[str] | None) -> int:
         print(f"epg {args.command}: {str(exc) or 'interrupted'}", file=sys.stderr)
         return 128 + getattr(exc, "signum", signal.SIGINT)  # the shell's code for a process a signal ended
     except Exception as exc:
+        from ._backend import BackendUnavailableError
         from .data.folder import BadImageError
 
-        # Bad input (files, shapes, options, images), and a training run stopped by non-finite
-        # steps (its message names the step, the loss terms and the checkpoint): say what was
-        # wrong without a traceback, which EPG_TRACEBACK=1 brings back. Anything else is a bug:
-        # its traceback stays. OSError: unwritable, missing or misnamed paths, a full disk.
-        bad_input = (ValueError, OSError, BadImageError)
+        # Bad input (files, shapes, options, images, a forced op backend that cannot run here),
+        # and a training run stopped by non-finite steps (its message names the step, the loss
+        # terms and the checkpoint): say what was wrong without a traceback, which
+        # EPG_TRACEBACK=1 brings back. Anything else is a bug: its traceback stays. OSError:
+        # unwritable, missing or misnamed paths, a full disk.
+        bad_input = (ValueError, OSError, BadImageError, BackendUnavailableError)
         if args.command in ("pretrain", "finetune", "demo"):
             from .train import NonFiniteStop
 
             bad_input += (NonFiniteStop,)
-        if os.environ.get("EPG_TRACEBACK") or not isinstance(exc, bad_input):
+        if _tracebacks_asked() or not isinstance(exc, bad_input):
             raise
         print(f"epg {args.command}: error: {exc}", file=sys.stderr)
         return 2

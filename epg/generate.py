@@ -47,6 +47,7 @@ from .data.augment import CONVENTIONS
 from .data.embedded import make_grid_png, to_uint8
 from .models import Denoiser
 from .models.networks import EPGViT
+from .schedules import resolution_shift
 
 SETTINGS_NAME = "settings.json"
 IMAGES_DIR = "images"
@@ -278,12 +279,16 @@ def make_denoiser(
             return denoiser(x, sigma, y).float()
 
     if cuda_graph:
-        device = next(net.parameters()).device
-        if device.type != "cuda":  # here, not at the first batch: before a folder is touched
-            raise ValueError(f"CUDA graphs need a network on a CUDA device, got {device}; sample "
-                             "without --cuda-graph")  # fmt: skip
+        _check_cuda_graph_device(net)
         return sampling.CUDAGraphDenoiser(run)
     return run
+
+
+def _check_cuda_graph_device(net: EPGViT) -> None:
+    device = next(net.parameters()).device
+    if device.type != "cuda":  # checked up front, not at the first batch: before a folder is touched
+        raise ValueError(f"CUDA graphs need a network on a CUDA device, got {device}; sample "
+                         "without --cuda-graph")  # fmt: skip
 
 
 # --------------------------------------------------------------------------------------------------
@@ -322,8 +327,13 @@ def _write_png(path: Path, pixels: np.ndarray) -> None:
     os.replace(tmp, path)
 
 
-def _check_settings(out_dir: Path, settings: SampleSettings, overwrite: bool) -> None:
+def check_resume(out_dir: str | os.PathLike, settings: SampleSettings, overwrite: bool) -> str | None:
+    """Refuse to sample into a folder that holds a run with other settings (unless
+    ``overwrite``). The same weights (sha256) read from another path count as the same model:
+    the returned note says so (None otherwise)."""
+    out_dir = Path(out_dir)
     path = out_dir / SETTINGS_NAME
+    note = None
     if path.is_file() and not overwrite:
         restart = ("--overwrite discards this folder's samples and starts over (removing only the "
                    "settings would let a rerun take the old images for its own)")  # fmt: skip
@@ -334,8 +344,13 @@ def _check_settings(out_dir: Path, settings: SampleSettings, overwrite: bool) ->
         if not isinstance(saved, dict):
             raise ValueError(f"{path} is corrupt (a JSON {type(saved).__name__}, not an object); {restart}")
         mine = settings.to_dict()
+        recorded_weights = saved.get("weights")
         saved.setdefault("weights", mine["weights"])  # not recorded before: nothing to compare
         if isinstance(saved.get("model"), str) and _same_source(saved["model"], mine["model"]):
+            saved["model"] = mine["model"]
+        elif saved.get("model") != mine["model"] and mine["weights"] and recorded_weights == mine["weights"]:
+            note = (f"{out_dir} was sampled from the same weights ({mine['weights'][:19]}…) at "
+                    f"{saved.get('model')}; they are read from {mine['model']} now")
             saved["model"] = mine["model"]
         different = sorted(k for k in set(saved) | set(mine) if saved.get(k) != mine.get(k))
         if different:
@@ -344,6 +359,7 @@ def _check_settings(out_dir: Path, settings: SampleSettings, overwrite: bool) ->
                 f"{out_dir} belongs to a sampling run with other settings ({detail}); use "
                 "another output folder, or --overwrite to discard what it sampled"
             )
+    return note
 
 
 def _same_source(saved: str, now: str) -> bool:
@@ -450,6 +466,59 @@ def _read_summary(path: Path) -> dict[str, Any]:
     return summary if isinstance(summary, dict) else {}
 
 
+def check_sampling(net: EPGViT, settings: SampleSettings, *, batch_size: int = 100,
+                   cuda_graph: bool = False) -> None:
+    """Refuse settings that cannot sample from ``net``, or whose guidance would change nothing,
+    without sampling or writing anything (:func:`run_sampling` calls it first; ``epg sample``
+    before it announces the run)."""
+    settings.validate()
+    if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+    cfg = net.config
+    labels = labels_for(settings, cfg.num_classes)
+    guided = sampling.guidance_applies(settings.guidance)
+    if guided and labels is None:
+        if cfg.num_classes == 0:
+            raise ValueError(f"guidance {settings.guidance:g}: this network is unconditional (no "
+                             "class labels), so there is no classifier-free guidance; sample with "
+                             "guidance 1 (none)")  # fmt: skip
+        raise ValueError("classifier-free guidance needs class labels (labels='none' given)")
+    if cuda_graph:
+        _check_cuda_graph_device(net)
+    to_uint8(torch.zeros(0, cfg.in_channels, 1, 1), settings.convention)
+    # Image 0 sampled through a stand-in network (zeros): the sampler's grid, the seed and the
+    # interval are checked by the code that samples, and the σ it evaluates at, which do not
+    # depend on the network's output, show whether guidance acts (the unconditional pass is the
+    # one labelled with the null class).
+    null_class = cfg.num_classes if cfg.num_classes > 0 else None
+    evaluations: list[tuple[float, bool]] = []
+
+    def stand_in(x: Tensor, sigma: Tensor, y: Tensor | None) -> Tensor:
+        unconditional = y is not None and bool((y == null_class).any())
+        evaluations.append((float(sigma[0]), unconditional))
+        return torch.zeros_like(x)
+
+    sampling.sample(
+        stand_in, None if labels is None else labels[:1], cfg.img_size, 1, settings.steps,
+        settings.sampler, settings.guidance, null_class=null_class, indices=[0],
+        guidance_interval=settings.guidance_interval, clamp=settings.clamp,
+        trailing_zero=settings.trailing_zero, seed=settings.seed, batch_size=1, progress=False,
+    )  # fmt: skip
+    if guided and not any(unconditional for _, unconditional in evaluations):
+        shift = resolution_shift(cfg.img_size)
+        sigmas = sorted({sigma / shift for sigma, _ in evaluations}, reverse=True)
+        where = (", ".join(f"{s:.4g}" for s in sigmas) if len(sigmas) <= 4
+                 else f"{len(sigmas)} values from {sigmas[0]:.4g} down to {sigmas[-1]:.4g}")
+        low, high = settings.guidance_interval
+        steps = f"{settings.steps} step" + ("s" if settings.steps != 1 else "")
+        raise ValueError(
+            f"guidance {settings.guidance:g} would change nothing: {settings.sampler} with {steps} "
+            f"evaluates the network at σ {where} (unshifted), none inside the guidance interval "
+            f"({low:g}, {high:g}]; guide at every σ (--no-interval), give an --interval that holds "
+            "some of them, or sample without guidance (--guidance 1)"
+        )
+
+
 def run_sampling(
     net: EPGViT,
     out_dir: str | os.PathLike,
@@ -468,15 +537,14 @@ def run_sampling(
     """Sample ``settings.num_images`` images from ``net`` into ``out_dir`` (see the module
     docstring); resumable. ``barrier`` is called between the PNGs and the archive when
     ``world_size > 1``. Returns the summary (also written to ``summary.json`` by rank 0)."""
-    settings.validate()
-    if not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+    # Everything that can refuse these settings runs first, before the folder is touched:
+    # failing later, after rank 0 discarded the old images (--overwrite) or wrote its
+    # settings.json, loses them or leaves a folder that refuses a corrected rerun.
+    check_sampling(net, settings, batch_size=batch_size, cuda_graph=cuda_graph)
     out_dir = Path(out_dir)
     cfg = net.config
     device = next(net.parameters()).device
     labels = labels_for(settings, cfg.num_classes)
-    if sampling.guidance_applies(settings.guidance) and labels is None:
-        raise ValueError("classifier-free guidance needs class labels (labels='none' given)")
     denoiser = make_denoiser(net, settings.mode, settings.precision, compile, cuda_graph)
     counter = PassCounter(denoiser)
     null_class = cfg.num_classes if cfg.num_classes > 0 else None  # the null label is K
@@ -485,20 +553,8 @@ def run_sampling(
         trailing_zero=settings.trailing_zero, seed=settings.seed, batch_size=batch_size,
         device=device, progress=False,
     )  # fmt: skip
-    # Everything that can refuse these settings (the sampler's grid, the seed, the convention's
-    # channels) runs here, on zero images, before the folder is touched: failing later, after
-    # rank 0 discarded the old images (--overwrite) or wrote its settings.json, loses them or
-    # leaves a folder that refuses a corrected rerun.
-    sampling.image_generators([], settings.seed)
-    sampling.sample(
-        counter, None if labels is None else labels[:0], cfg.img_size, cfg.in_channels,
-        settings.steps, settings.sampler, settings.guidance, null_class=null_class, indices=[],
-        **sample_kwargs,
-    )  # fmt: skip
-    to_uint8(torch.zeros(0, cfg.in_channels, 1, 1), settings.convention)
-
     if rank == 0:
-        _check_settings(out_dir, settings, overwrite)
+        check_resume(out_dir, settings, overwrite)
         if overwrite:
             _discard_samples(out_dir)
         (out_dir / IMAGES_DIR).mkdir(parents=True, exist_ok=True)

@@ -1,5 +1,7 @@
 """Bad input to the CLI is refused before any work, with a message and exit status 2."""
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -141,3 +143,93 @@ def test_config_files_say_what_is_wrong_with_them(tmp_path):
     (tmp_path / "bad.yaml").write_bytes(b"lr: \xff\n")
     with pytest.raises(ValueError, match=r"cannot parse .*bad.yaml"):
         read_config_file(str(tmp_path / "bad.yaml"))
+
+
+@pytest.mark.parametrize("command", ["info", "pretrain", "finetune", "export", "prepare", "sample", "evaluate", "demo"])
+def test_a_forced_backend_that_cannot_run_is_bad_input_for_every_command(monkeypatch, capsys, command):
+    from epg import cli
+    from epg._backend import BackendUnavailableError
+
+    def unavailable(args):  # what a forced flash_attn says at the first attention on a CPU
+        raise BackendUnavailableError("backend 'flash_attn' was forced for 'attention' but: no GPU")
+
+    monkeypatch.setattr(cli, f"_cmd_{command}", unavailable)
+    argv = {"finetune": ["--objective", "diffusion"], "export": ["ckpt"], "prepare": ["src", "dst"],
+            "sample": ["ckpt", "--out", "o"], "evaluate": ["s.npz"]}.get(command, [])  # fmt: skip
+    assert main([command, *argv]) == 2
+    assert capsys.readouterr().err == (f"epg {command}: error: backend 'flash_attn' was forced for "
+                                       "'attention' but: no GPU\n")  # fmt: skip
+
+
+@pytest.mark.parametrize("value, traceback", [("", False), ("0", False), ("false", False), ("No", False),
+                                              ("OFF", False), ("1", True), ("yes", True)])  # fmt: skip
+def test_epg_traceback_is_off_for_0_false_no_off_and_empty(tmp_path, monkeypatch, value, traceback):
+    monkeypatch.setenv("EPG_TRACEBACK", value)
+    argv = ["prepare", str(tmp_path / "src"), str(tmp_path / "dst"), "--quality", "50"]
+    if traceback:
+        with pytest.raises(ValueError, match="--quality is for --format jpeg"):
+            main(argv)
+    else:
+        assert main(argv) == 2
+
+
+def test_evaluate_checks_every_output_path_before_the_inception_pass(tmp_path, capsys):
+    samples = tmp_path / "samples.npz"
+    samples.write_bytes(b"never read: the output checks come first")
+    ref = tmp_path / "r.npz"
+    afile = tmp_path / "g.pth"
+    afile.write_text("x")
+    for argv, message in [
+        (["--save-ref", str(afile / "r.npz")], f"{afile} is a file, not a folder"),
+        (["--ref", str(ref), "--json", str(afile / "sub" / "x.json")], f"{afile} is a file, not a folder"),
+        (["--save-ref", str(tmp_path / "stats.npz"), "--json", str(tmp_path / "m.json")],
+         "--save-ref computes none"),
+    ]:  # fmt: skip
+        assert main(["evaluate", str(samples), *argv]) == 2
+        assert message in capsys.readouterr().err, argv
+    if Path("/proc/self").is_dir():  # a folder no file can be created in, even by root
+        assert main(["evaluate", str(samples), "--ref", str(ref), "--json", "/proc/x.json"]) == 2
+        assert ("/proc/x.json cannot be written: creating a file in /proc fails"
+                in capsys.readouterr().err)  # fmt: skip
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["g.pth", "samples.npz"]
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--batch-size", "0"], "batch_size must be a positive int, got 0"),
+    (["--seed", "-1"], "seed must be a non-negative int, got -1"),
+    (["--cuda-graph"], "CUDA graphs need a network on a CUDA device"),
+    (["--sampler", "heun", "--steps", "1"], "steps must be an integer >= 2"),
+])  # fmt: skip
+def test_sample_refuses_bad_settings_before_its_banner_and_the_folder(tiny_ckpt, tmp_path, capsys, extra, message):
+    out = tmp_path / "s"
+    assert _sample(tiny_ckpt, out, *extra) == 2
+    printed = capsys.readouterr()
+    assert message in printed.err and "epg sample:" not in printed.out
+    assert not out.exists()
+
+
+def test_guidance_on_an_unconditional_network_says_so(tmp_path, capsys):
+    folder = tmp_path / "uncond"
+    # Named after a config with a released guidance scale, which is no default for it.
+    ckpt.save(build("epg-tiny", num_classes=0).eval(), folder, metadata={"mode": "diffusion", "model": "epg-xl-16"})
+    assert _sample(folder, tmp_path / "a", "--guidance", "2") == 2
+    printed = capsys.readouterr()
+    assert "guidance 2: this network is unconditional (no class labels)" in printed.err
+    assert "labels='none'" not in printed.err and "epg sample:" not in printed.out
+    assert not (tmp_path / "a").exists()
+    assert _sample(folder, tmp_path / "b") == 0
+    assert "guidance 1," in capsys.readouterr().out
+
+
+def test_an_output_that_is_a_file_is_named_up_front(tiny_ckpt, tmp_path, capsys):
+    afile = tmp_path / "g.pth"
+    afile.write_text("x")
+    assert _sample(tiny_ckpt, afile) == 2
+    printed = capsys.readouterr()
+    assert f"error: {afile} is a file; the output needs a folder" in printed.err and printed.out == ""
+    assert _sample(tiny_ckpt, afile / "x") == 2
+    assert f"error: {afile} is a file, not a folder: {afile / 'x'} cannot be written" in capsys.readouterr().err
+    (tmp_path / "src" / "a").mkdir(parents=True)
+    assert main(["prepare", str(tmp_path / "src"), str(afile), "--no-progress"]) == 2
+    assert f"error: {afile} is a file; the output needs a folder" in capsys.readouterr().err
+    assert afile.read_text() == "x"

@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+import shutil
 import tracemalloc
 
 import numpy as np
@@ -454,7 +455,8 @@ def test_a_trained_networks_config_name_picks_the_default_guidance(tiny_ckpt, tm
     folder = tmp_path / "run" / "final"
     ckpt.save(_tiny(), folder, metadata={"mode": "diffusion", "model": "epg-xl-16"})
     assert load_network(folder)[1]["config"] == "epg-xl-16"
-    assert _sample_cli(folder, tmp_path / "s", "--num-images", "2") == 0
+    # 8 points: with 3 at 32 px no σ of the grid lies in the guidance interval (it is refused).
+    assert _sample_cli(folder, tmp_path / "s", "--num-images", "2", "--steps", "8") == 0
     assert "guidance 2.5" in capsys.readouterr().out
     # A folder exported before the name was recorded: the run's train_config.json has it.
     old = tmp_path / "old" / "final"
@@ -504,3 +506,85 @@ def test_a_damaged_settings_file_is_named(tiny_ckpt, tmp_path, capsys, content):
     assert _sample_cli(tiny_ckpt, out) == 2
     err = capsys.readouterr().err
     assert f"{out / 'settings.json'} is corrupt" in err and "--overwrite" in err
+
+
+def test_the_same_weights_from_another_path_resume(tiny_ckpt, tmp_path, capsys):
+    copy = tmp_path / "copy"
+    shutil.copytree(tiny_ckpt, copy)
+    out = tmp_path / "s"
+    assert _sample_cli(copy, out, "--num-images", "2") == 0
+    image_path(out, 1).unlink()
+    capsys.readouterr()
+    assert _sample_cli(tiny_ckpt, out, "--num-images", "2") == 0  # the sha256 is the same
+    printed = capsys.readouterr().out
+    assert f"{out} was sampled from the same weights (sha256:" in printed
+    assert f"at {copy.resolve()}; they are read from {tiny_ckpt.resolve()} now" in printed
+    assert json.loads((out / "summary.json").read_text())["sampled_now_by_this_rank"] == 1
+    other = tmp_path / "other"
+    ckpt.save(_tiny(seed=1), other, metadata={"mode": "diffusion", "convention": "simple"})
+    assert _sample_cli(other, out, "--num-images", "2") == 2  # other weights: other images
+    err = capsys.readouterr().err
+    assert "model: " in err and "weights: 'sha256:" in err
+
+
+def test_guidance_that_no_sigma_of_the_grid_reaches_is_refused(tmp_path, capsys):
+    # The one-step consistency sampler evaluates at σ_max = 80, outside (0.19, 1.61]: the
+    # banner used to announce "guidance 2" for a run that made one pass per image.
+    folder = tmp_path / "cm"
+    ckpt.save(_tiny(), folder, metadata={"mode": "consistency", "convention": "simple"})
+    out = tmp_path / "s"
+    assert _sample_cli(folder, out, "--steps", "1", "--guidance", "2") == 2
+    printed = capsys.readouterr()
+    assert ("guidance 2 would change nothing: consistency with 1 step evaluates the network at σ 80 "
+            "(unshifted), none inside the guidance interval (0.19, 1.61]; guide at every σ "
+            "(--no-interval)") in printed.err and printed.out == ""  # fmt: skip
+    assert not out.exists()
+    assert _sample_cli(folder, out, "--steps", "1", "--guidance", "2", "--no-interval") == 0
+    assert json.loads((out / "summary.json").read_text())["passes_per_image"] == 2
+    with pytest.raises(SystemExit) as exc:  # the interval was dropped without a word
+        _sample_cli(folder, out, "--no-interval", "--interval", "0.1", "2")
+    assert exc.value.code == 2
+    assert "--interval: not allowed with argument --no-interval" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("sampler, interval, guided", [
+    # At 32 px, 3 points: the grid is σ 80, 2.515, 0.002 (unshifted).
+    ("heun", (0.19, 1.61), False),
+    ("heun", (2.5, 2.6), True),
+    ("heun", (0.001, 0.003), True),  # Heun's correction evaluates the last point
+    ("euler", (0.001, 0.003), False),  # Euler does not
+    ("edm_sde", (0.001, 0.003), False),  # its last step is Euler, as released
+    ("edm_sde", (100, 120), True),  # churn: 80·(1 + γ) with γ = √2 − 1, i.e. 113.1
+    ("heun", (100, 120), False),
+])  # fmt: skip
+def test_the_guidance_check_follows_the_sigmas_each_sampler_evaluates(sampler, interval, guided):
+    net = _tiny()
+    settings = SampleSettings(num_images=2, sampler=sampler, steps=3, guidance=2.0, guidance_interval=interval)
+    if guided:
+        generate.check_sampling(net, settings)
+        denoiser = sampling.GuidedDenoiser(make_denoiser(net, "diffusion"), 2.0, net.null_class,
+                                           *interval, img_size=32)  # fmt: skip
+        sampling.SAMPLERS[sampler](denoiser, torch.randn(1, 3, 32, 32) * 40,
+                                   sampling.sampling_sigmas(3, 32), torch.zeros(1, dtype=torch.int64))
+        assert denoiser.nfe_uncond > 0  # and guidance did act
+    else:
+        with pytest.raises(ValueError, match=r"would change nothing: .* none inside the guidance interval"):
+            generate.check_sampling(net, settings)
+
+
+def test_hand_edited_checkpoint_metadata_is_named(tmp_path, capsys):
+    folder = tmp_path / "m"
+    ckpt.save(_tiny(), folder, metadata={"mode": "diffusion"})
+    config = json.loads((folder / "config.json").read_text())
+    config["metadata"] = None
+    (folder / "config.json").write_text(json.dumps(config))
+    assert _sample_cli(folder, tmp_path / "s") == 2
+    assert (f'{folder / "config.json"} is not a valid epg config: "metadata" must be a JSON object '
+            "or absent, got null") in capsys.readouterr().err  # fmt: skip
+    # No metadata on a gray network: the default convention cannot invert it; the flag is named.
+    gray = tmp_path / "gray"
+    ckpt.save(_tiny(in_channels=1), gray)
+    assert _sample_cli(gray, tmp_path / "g") == 2
+    assert ("records no convention, and the default, imagenet, needs 3 channels; this network has "
+            "1: pass --convention simple") in capsys.readouterr().err  # fmt: skip
+    assert _sample_cli(gray, tmp_path / "g", "--convention", "simple", "--num-images", "1") == 0
