@@ -452,9 +452,21 @@ def _same_identity(key: str, saved: Any, mine: Any) -> bool:
     """Whether a resumed run's identity setting ``key`` is the checkpoint's. A network path
     counts as the same when it names the same file or folder (``./r1``, ``r1``, its absolute
     path, and ``r1/final`` for a run folder ``r1``)."""
-    if key in ("encoder", "init", "perceptual") and saved and mine:
+    if key in _NETWORK_PATHS and saved and mine:
         return _resolved_network(saved) == _resolved_network(mine)
     return json.dumps(saved, sort_keys=True) == json.dumps(mine, sort_keys=True)
+
+
+_NETWORK_PATHS = ("encoder", "init", "perceptual")
+
+
+def _network_digest(path: str) -> str | None:
+    """The SHA-256 of the weights a network path names (an epg folder's recorded one, else
+    the file hashed); None when there is nothing to read there."""
+    try:
+        return ckpt.checked_weights_digest(ckpt.run_output(path))
+    except (OSError, ckpt.CheckpointError):
+        return None
 
 
 def _resolved_network(path: str) -> Path:
@@ -775,6 +787,7 @@ class Trainer:
         # Dropout streams differ per rank; seeded after init so init is rank-independent.
         torch.manual_seed(torch_seed(cfg.seed * 7919 + 1 + self.dist.rank))
         self._check_run_folder()
+        self._network_digests: dict[str, str] | None = None  # computed for the first checkpoint
         self._maybe_resume()
         self._saved_step = self.step  # nothing new to save before the first step
         self.loss_fn = torch.compile(self.objective.loss) if cfg.compile else self.objective.loss
@@ -1061,7 +1074,18 @@ class Trainer:
             "skipped_total": self.skipped_total,
             "bad_in_a_row": self.bad_in_a_row,
             "loss_scale": self.loss_scale,
+            "network_digests": self._started_from(),
         }
+
+    def _started_from(self) -> dict[str, str]:
+        """The SHA-256 of the networks the run started from (encoder, init, perceptual): a resume
+        that names them by another path (from another working folder, or after they were
+        copied or moved) is the same run when the weights are the same."""
+        if self._network_digests is None:
+            paths = {key: getattr(self.cfg, key) for key in _NETWORK_PATHS if getattr(self.cfg, key)}
+            digests = {key: _network_digest(path) for key, path in paths.items()}
+            self._network_digests = {key: digest for key, digest in digests.items() if digest}
+        return self._network_digests
 
     def save_checkpoint(self) -> Path | None:
         path = self.ckpt_dir / f"step_{self.step:08d}.pt"
@@ -1096,11 +1120,18 @@ class Trainer:
         # What makes it another run (steps, logging, parallelism and the like may change).
         identity = ("mode", "model", "model_overrides", "data", "encoder", "init", "perceptual", "objective", "seed")
         different = [k for k in identity if not _same_identity(k, saved.get(k), mine[k])]
+        recorded = state.get("network_digests") or {}
+        moved = [k for k in different if k in recorded and mine[k] and _network_digest(mine[k]) == recorded[k]]
+        if moved and self.dist.is_main:
+            print("; ".join(f"note: {k} {mine[k]} holds the weights {saved.get(k)} held (same SHA-256)"
+                            for k in moved), file=sys.stderr)  # fmt: skip
+        different = [k for k in different if k not in moved]
         if different:
             detail = ", ".join(f"{k}: {saved.get(k)!r} there, {mine[k]!r} now" for k in different)
             advice = ("continue it with its settings, discard it (resume=restart) or use another "
                       "run folder") if self.cfg.resume == "auto" else "continue it with its settings"
             raise ckpt.CheckpointError(f"{path} belongs to a run with other settings ({detail}); {advice}")
+        self._network_digests = state.get("network_digests")  # None (older file): computed anew
         saved_model = ckpt.config_from_dict(state["model_config"])
         if saved_model != self.model.config:
             raise ckpt.CheckpointError(

@@ -3,7 +3,6 @@ size, and what a resumed run takes from its new config."""
 
 import dataclasses
 import shutil
-from pathlib import Path
 
 import pytest
 import torch
@@ -149,18 +148,27 @@ def test_a_batch_size_the_ranks_cannot_share_is_refused(tmp_path, monkeypatch):
         Trainer(_cfg(tmp_path))
 
 
-def test_resume_takes_the_same_encoder_by_any_path(tmp_path, monkeypatch):
+def test_resume_takes_the_same_encoder_by_any_path(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
-    stage1 = Trainer(_cfg(tmp_path / "r1", "pretrain", steps=2, run_dir="r1"))
-    stage1.fit()
-    stage1.export()
+    for name, seed in (("r1", 3), ("other", 4)):
+        stage1 = Trainer(_cfg(tmp_path / name, "pretrain", steps=2, run_dir=name, seed=seed))
+        stage1.fit()
+        stage1.export()
     Trainer(_cfg(tmp_path, encoder="./r1")).fit(stop_at=3)
     for same in ("r1", str(tmp_path / "r1"), "r1/final", str(tmp_path / "r1" / "final") + "/"):
         assert Trainer(_cfg(tmp_path, encoder=same)).step == 3, same
+    # The same weights elsewhere: a copy, a moved folder, or the same one named from another
+    # working folder (the relative path recorded resolves elsewhere there).
     shutil.copytree("r1", "r2")
-    with pytest.raises(ValueError, match=r"other settings \(encoder: './r1' there, 'r2' now"):
-        Trainer(_cfg(tmp_path, encoder="r2"))
-    assert Path("r1/final").is_dir()
+    capsys.readouterr()
+    assert Trainer(_cfg(tmp_path, encoder="r2")).step == 3
+    assert "note: encoder r2 holds the weights ./r1 held (same SHA-256)" in capsys.readouterr().err
+    (tmp_path / "sub").mkdir()
+    monkeypatch.chdir(tmp_path / "sub")
+    assert Trainer(_cfg(tmp_path, encoder="../r1")).step == 3
+    with pytest.raises(ValueError, match=r"other settings \(encoder: './r1' there, '../other' now"):
+        Trainer(_cfg(tmp_path, encoder="../other"))
+    assert (tmp_path / "r1" / "final").is_dir()
 
 
 def test_a_resume_drops_the_log_records_of_the_steps_it_trains_again(tmp_path):
