@@ -694,10 +694,13 @@ def load_encoder_weights(model: EPGViT, path: str | os.PathLike) -> list[str]:
     return encoder_keys
 
 
-def load_network_weights(model: EPGViT, path: str | os.PathLike, official_config: str) -> None:
+def load_network_weights(
+    model: EPGViT, path: str | os.PathLike, official_config: str, overrides: dict[str, Any] | None = None
+) -> None:
     """Copy every weight of a stage-2 network (epg checkpoint folder, or an official ``.pth``
-    read as ``official_config``) into ``model``; the architectures must match exactly."""
-    source = _load_network(path, official_config)
+    or training checkpoint read as ``official_config`` with the run's model ``overrides``) into
+    ``model``; the architectures must match exactly."""
+    source = _load_network(path, official_config, **(overrides or {}))
     # Dropout has no weights: a diffusion model (drop 0) may start a consistency run (drop 0.5).
     same = isinstance(source, EPGViT) and dataclasses.replace(source.config, drop=model.config.drop) == model.config
     if not same:
@@ -719,11 +722,11 @@ def _matching_rcm_config(config) -> str:
     )
 
 
-def _load_network(path: str | os.PathLike, official_config: str) -> nn.Module:
+def _load_network(path: str | os.PathLike, official_config: str, **overrides: Any) -> nn.Module:
     path = ckpt.run_output(path)
     if ckpt.is_epg_checkpoint(path):
         return ckpt.load(path)
-    return ckpt.load_official(path, official_config)
+    return ckpt.load_official(path, official_config, **overrides)
 
 
 class Trainer:
@@ -813,7 +816,7 @@ class Trainer:
             self.target = self._frozen_copy(self.model)
         else:
             if cfg.init:
-                load_network_weights(self.model, cfg.init, cfg.model)
+                load_network_weights(self.model, cfg.init, cfg.model, cfg.model_overrides)
             elif cfg.encoder:
                 load_encoder_weights(self.model, cfg.encoder)
             elif self.dist.is_main:

@@ -932,6 +932,15 @@ def test_init_starts_from_a_whole_stage2_network(tmp_path):
         Trainer(_cfg(tmp_path / "x", "diffusion", init=str(exported), model_overrides={**TINY, "depth": 3}))
     with pytest.raises(ValueError, match="init"):
         TrainConfig(mode="pretrain", init=str(exported)).validate()
+    # A plain state dict (an official-style .pth) and a training checkpoint (its EMA network)
+    # are built as the run's model with its model_overrides: they were built without them, and
+    # the error named a network the run does not build.
+    pth = tmp_path / "net.pth"
+    torch.save(dm.ema.state_dict(), pth)
+    for init in (pth, tmp_path / "dm" / "run" / "checkpoints" / "step_00000001.pt"):
+        started = Trainer(_cfg(tmp_path / "from", "diffusion", steps=1, init=str(init), resume="restart"))
+        for a, b in zip(started.model.state_dict().values(), dm.ema.state_dict().values()):
+            assert torch.equal(a, b)
 
 
 _END_PROCESS_SCRIPT = """
