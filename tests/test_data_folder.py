@@ -87,6 +87,13 @@ def test_scan_sorts_classes_and_files_and_ignores_others(tmp_path):
     listing.write_text("n2/b.png 1\nn1/c.png\n")
     with pytest.raises(ValueError, match="some lines carry a label"):
         FolderIndex.from_file_list(listing)
+    listing.write_text("n2/b.png\n\nc.png\n")  # the error named the path, not the line
+    with pytest.raises(ValueError, match=r"list.txt:3: 'c.png' has no parent folder to take the class from; give"):
+        FolderIndex.from_file_list(listing)
+    # A binary file given as the list (a checkpoint, an image): its bytes were read as paths.
+    listing.write_bytes(b"PK\x03\x04\x14\x00\x00\x00\x08\x00archive/data.pkl\n")
+    with pytest.raises(ValueError, match=r"list.txt is not a file list \(a text file of image paths\): it holds NUL"):
+        FolderIndex.from_file_list(listing)
 
 
 def test_scan_errors_are_clear(tmp_path):

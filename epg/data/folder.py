@@ -231,7 +231,7 @@ class FolderIndex:
         """
         paths = [os.fspath(p) for p in paths]
         if labels is None:
-            names = [os.path.basename(os.path.dirname(os.path.normpath(p))) for p in paths]
+            names = [_class_folder(p) for p in paths]
             if any(not n for n in names):
                 bad = next(p for p, n in zip(paths, names) if not n)
                 raise ValueError(f"{bad!r} has no parent folder to take the class from")
@@ -260,8 +260,11 @@ class FolderIndex:
         list_file = Path(list_file)
         if not list_file.is_file():
             raise FileNotFoundError(f"file list {list_file} does not exist")
-        paths, labels, kinds, comments = [], [], set(), []
+        paths, labels, kinds, comments, numbers = [], [], set(), [], []
         text = list_file.read_text(**LIST_TEXT)
+        if "\0" in text:  # a checkpoint, an archive or an image given as data_options.path
+            raise ValueError(f"{list_file} is not a file list (a text file of image paths): it holds "
+                             "NUL bytes, as a binary file does; give a folder of class folders or a list")  # fmt: skip
         # Lines end at \n, \r\n or \r (the text mode's newlines), not at the other breaks
         # str.splitlines() knows (\x0b, \x0c, \x1c-\x1e, \x85, \u2028, \u2029): names may hold them.
         for number, line in enumerate(text.split("\n"), 1):
@@ -271,6 +274,7 @@ class FolderIndex:
                 continue
             if not line:
                 continue
+            numbers.append(number)
             parts = line.rsplit(None, 1)
             if len(parts) == 2 and parts[1].lstrip("-").isdigit():
                 paths.append(parts[0])
@@ -287,8 +291,18 @@ class FolderIndex:
         if not paths:  # its comments say why when `epg prepare` wrote it (an unfinished run)
             said = f" ({'; '.join(comments)})" if comments else ""
             raise ValueError(f"file list {list_file} names no files{said}")
+        if kinds == {"bare"}:
+            for number, path in zip(numbers, paths):
+                if not _class_folder(path):
+                    raise ValueError(f"{list_file}:{number}: {path!r} has no parent folder to take the "
+                                     "class from; give it one (CLASS/FILE) or every line a label (FILE LABEL)")  # fmt: skip
         root = Path(root) if root is not None else list_file.parent.resolve()
         return cls.from_files(paths, labels if kinds == {"labelled"} else None, root)
+
+
+def _class_folder(path: str) -> str:
+    """The class name of a file given without a label: its parent folder's name ("" for none)."""
+    return os.path.basename(os.path.dirname(os.path.normpath(path)))
 
 
 def listable(relpath: str) -> bool:
