@@ -19,9 +19,10 @@ Forcing: ``EPG_BACKEND=reference|triton|cuda|sdpa|flash_attn`` for every op the 
 (the others keep the automatic choice), ``EPG_BACKEND_<OP>`` (for example
 ``EPG_BACKEND_LAYER_NORM``) for one op, or :func:`use_backend` in code (it wins over both
 variables). A forced backend that cannot run the op (not installed, not built, the wrong device;
-forced for one op: without that op) raises :class:`BackendUnavailableError` saying why. A backward (``<op>_backward``) follows its forward's forced backend when that backend has a
-backward for it and otherwise runs the reference backward: backwards recompute everything from the
-op's inputs, so any forward pairs with any backward. A :func:`use_backend` force reaches the
+forced for one op: without that op) raises :class:`BackendUnavailableError` saying why. A backward
+(``<op>_backward``) follows its forward's forced backend when that backend has a backward for it
+and otherwise runs the reference backward: backwards recompute everything from the op's inputs, so
+any forward pairs with any backward. A :func:`use_backend` force reaches the
 backward through the op's autograd formula, which a ``torch.compile``'d backward does not run: it
 calls the backward ops directly, on CUDA from the autograd engine's own thread, where only the
 ``EPG_BACKEND`` variables are seen (force compiled CUDA runs with those).

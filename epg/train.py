@@ -436,12 +436,15 @@ def _coerce_nested(cfg: TrainConfig, groups: dict[str, dict[str, str]] | None = 
     return dataclasses.replace(cfg, **coerced)
 
 
+_NETWORK_PATHS = ("encoder", "init", "perceptual")  # the options that name a network to start from
+
+
 def _home_expanded_paths(cfg: TrainConfig) -> dict[str, Any]:
     """The path options that start with ``~``, expanded as a shell expands them: no shell
     expands ``--set run_dir=~/r`` (a folder named ``~`` was made) or a YAML file's paths."""
-    names = ("run_dir", "encoder", "init", "perceptual", "resume")
-    expanded = {name: os.path.expanduser(getattr(cfg, name)) for name in names
-                if isinstance(getattr(cfg, name), str) and getattr(cfg, name).startswith("~")}  # fmt: skip
+    values = {name: getattr(cfg, name) for name in ("run_dir", "resume", *_NETWORK_PATHS)}
+    expanded = {name: os.path.expanduser(value) for name, value in values.items()
+                if isinstance(value, str) and value.startswith("~")}  # fmt: skip
     data_path = cfg.data_options.get("path") if isinstance(cfg.data_options, dict) else None
     if isinstance(data_path, str) and data_path.startswith("~"):
         expanded["data_options"] = {**cfg.data_options, "path": os.path.expanduser(data_path)}
@@ -455,9 +458,6 @@ def _same_identity(key: str, saved: Any, mine: Any) -> bool:
     if key in _NETWORK_PATHS and saved and mine:
         return _resolved_network(saved) == _resolved_network(mine)
     return json.dumps(saved, sort_keys=True) == json.dumps(mine, sort_keys=True)
-
-
-_NETWORK_PATHS = ("encoder", "init", "perceptual")
 
 
 def _network_digest(path: str) -> str | None:
