@@ -815,20 +815,32 @@ class Trainer:
                 distributed.convert_batchnorm(self.model)
             self.target = self._frozen_copy(self.model)
         else:
-            if cfg.init:
+            wants_perceptual = cfg.mode == "consistency" and not cfg.aux_term_off
+            perceptual = (cfg.perceptual or cfg.encoder) if wants_perceptual else None
+            if perceptual and not Path(perceptual).exists():
+                raise FileNotFoundError(
+                    f"{perceptual} does not exist: the consistency loss's auxiliary InfoNCE reads this "
+                    "stage-1 network at every start, a resumed one's too (the checkpoint does not hold "
+                    "it); put it back, or give its new path"
+                )
+            start = cfg.init or cfg.encoder
+            if start and self._resumed_without(start):
+                if self.dist.is_main:
+                    print(f"note: {start} is gone; the run resumes from its checkpoint, which holds "
+                          "the network's weights", file=sys.stderr)  # fmt: skip
+            elif cfg.init:
                 load_network_weights(self.model, cfg.init, cfg.model, cfg.model_overrides)
             elif cfg.encoder:
                 load_encoder_weights(self.model, cfg.encoder)
             elif self.dist.is_main:
                 print("note: no encoder (--encoder) or init given: the network starts from random "
                       "weights, without the stage-1 pre-training EPG builds on", file=sys.stderr)  # fmt: skip
-            wants_perceptual = cfg.mode == "consistency" and not cfg.aux_term_off
-            if wants_perceptual and not (cfg.perceptual or cfg.encoder) and self.dist.is_main:
+            if wants_perceptual and not perceptual and self.dist.is_main:
                 print("note: no stage-1 network (encoder or perceptual) given: the auxiliary InfoNCE "
                       "term of the consistency loss is off", file=sys.stderr)  # fmt: skip
             self.ema = self._frozen_copy(self.model)
-            if wants_perceptual and (cfg.perceptual or cfg.encoder):
-                path = ckpt.run_output(cfg.perceptual or cfg.encoder)
+            if perceptual:
+                path = ckpt.run_output(perceptual)
                 official = cfg.perceptual_config
                 guessed = not official and not ckpt.is_epg_checkpoint(path)  # epg folders carry their config
                 if guessed:
@@ -1013,6 +1025,14 @@ class Trainer:
             error = shared[0]
         if error:
             raise ValueError(error)
+
+    def _resumed_without(self, start: str) -> bool:
+        """Whether the network the run started from (``start``: init or encoder) is gone but not
+        needed: a checkpoint in the run folder (resume=auto) or the one named will be resumed,
+        and it holds the weights. A run that cannot resume one fails there, naming why."""
+        if Path(start).exists() or self.cfg.resume in ("restart", "none"):
+            return False
+        return self.cfg.resume != "auto" or bool(self.checkpoints())
 
     def checkpoints(self) -> list[Path]:
         """Complete checkpoints in the run folder, oldest first."""

@@ -171,6 +171,28 @@ def test_resume_takes_the_same_encoder_by_any_path(tmp_path, monkeypatch, capsys
     assert (tmp_path / "r1" / "final").is_dir()
 
 
+def test_a_run_resumes_exactly_after_its_encoder_is_gone(tmp_path, monkeypatch, capsys):
+    # The checkpoint holds the network: the encoder is read only by a fresh start, which fails
+    # without it as before. (It was read first: "does not exist", a run that could not go on.)
+    monkeypatch.chdir(tmp_path)
+    stage1 = Trainer(_cfg(tmp_path / "r1", "pretrain", steps=2, run_dir="r1"))
+    stage1.fit()
+    stage1.export()
+    full = [r["loss"] for r in Trainer(_cfg(tmp_path / "a", encoder="r1", run_dir="a")).fit()]
+    part = [r["loss"] for r in Trainer(_cfg(tmp_path / "b", encoder="r1", run_dir="b")).fit(stop_at=3)]
+    Trainer(_cfg(tmp_path / "cm", "consistency", encoder="r1", run_dir="cm")).fit(stop_at=1)
+    shutil.move("r1", "r1-elsewhere")
+    # The consistency loss's auxiliary InfoNCE still needs it: that is said.
+    with pytest.raises(FileNotFoundError, match=r"r1 does not exist: the consistency loss's auxiliary InfoNCE reads"):
+        Trainer(_cfg(tmp_path / "cm", "consistency", encoder="r1", run_dir="cm"))
+    capsys.readouterr()
+    resumed = Trainer(_cfg(tmp_path / "b", encoder="r1", run_dir="b"))
+    assert "note: r1 is gone; the run resumes from its checkpoint" in capsys.readouterr().err
+    assert resumed.step == 3 and part + [r["loss"] for r in resumed.fit()] == full
+    with pytest.raises(FileNotFoundError, match="r1"):
+        Trainer(_cfg(tmp_path / "c", encoder="r1", run_dir="c"))
+
+
 def test_a_resume_drops_the_log_records_of_the_steps_it_trains_again(tmp_path):
     import json
 
