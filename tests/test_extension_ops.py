@@ -507,7 +507,9 @@ def test_cuda_noise_precondition_matches_cpu_kernel_and_reference(dtype):
             assert torch.equal(out[k].cpu(), cpu[k]), k
         assert_close(out[4].cpu(), cpu[4], **tol(cpu[4].dtype))
     base = randn((3 * 5 * 7 + 1,), dtype, 5)
-    unaligned = (lambda t: t[1:].view(3, 5, 7))  # every sample starts off a 16-byte boundary
+    def unaligned(t):  # every sample starts off a 16-byte boundary
+        return t[1:].view(3, 5, 7)
+
     args = (base, base.clone(), sigmas(3, sdt), SD, SMIN, "x0")
     _same_on_cuda("noise_precondition", args, False, unaligned, at=(0, 1))
 
@@ -525,7 +527,9 @@ def test_cuda_losses_match_cpu_kernel(dtypes):
         _same_on_cuda("pseudo_huber_loss_backward", (grad, pred, target, weight, sqsum, C_HUBER), exact=False)
     pred = randn((2 * 33 + 1,), dtypes[0], 6)
     target, weight = randn((2, 33), dtypes[1], 7), torch.rand(2, dtype=weight.dtype)
-    unaligned = (lambda t: t[1:].view(2, 33))
+    def unaligned(t):
+        return t[1:].view(2, 33)
+
     _same_on_cuda("weighted_mse_loss", (pred, target, weight), False, unaligned)
     sqsum = E.pseudo_huber_loss(unaligned(pred), target, weight, C_HUBER)[1]
     args = (torch.rand(2, dtype=weight.dtype), pred, target, weight, sqsum, C_HUBER)
