@@ -11,6 +11,7 @@ import torch.nn.functional as F
 import epg.ops as ops
 from epg import _backend, reference
 from helpers import assert_close
+from triton_support import interpreter_problem
 
 f64 = dict(dtype=torch.float64)
 
@@ -436,10 +437,10 @@ def _cpu_backend_cases():
 @pytest.mark.parametrize("backend,op", _cpu_backend_cases())
 def test_forced_backend_matches_reference_forward_and_backward(backend, op):
     if backend == "triton":
-        import os
-
         if os.environ.get("TRITON_INTERPRET") != "1":
             pytest.skip("Triton on CPU needs TRITON_INTERPRET=1 set before import")
+        if reason := interpreter_problem():
+            pytest.skip(reason)
     args64 = _make_inputs()[op]
     args = [a.detach().float().requires_grad_(a.requires_grad) if isinstance(a, torch.Tensor) else a
             for a in args64]  # fmt: skip

@@ -25,18 +25,25 @@ def require_triton() -> None:
             "Triton kernels need a CUDA GPU, or TRITON_INTERPRET=1 to run them on the CPU",
             allow_module_level=True,
         )
-    triton = pytest.importorskip("triton", reason="triton is not installed")
-    if os.environ.get("TRITON_INTERPRET") == "1":
-        import numpy
+    pytest.importorskip("triton", reason="triton is not installed")
+    reason = interpreter_problem()
+    if reason:
+        pytest.skip(reason, allow_module_level=True)
 
-        if _release(triton.__version__) < (3, 7) and _release(numpy.__version__) >= (2, 4):
-            # Its interpreter turns 1-element arrays into ints with int(), which NumPy 2.4
-            # refuses: every kernel would fail with an InterpreterError (3.7 uses squeeze()).
-            pytest.skip(
-                f"Triton {triton.__version__}'s interpreter needs NumPy < 2.4 (this is "
-                f"{numpy.__version__}); scripts/check_triton_versions.sh pairs it with NumPy 2.2",
-                allow_module_level=True,
-            )
+
+def interpreter_problem() -> str | None:
+    """Why Triton's interpreter cannot run kernels here (None: it can, or it is not in use)."""
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        return None
+    import numpy
+    import triton
+
+    if _release(triton.__version__) < (3, 7) and _release(numpy.__version__) >= (2, 4):
+        # Its interpreter turns 1-element arrays into ints with int(), which NumPy 2.4
+        # refuses: every kernel would fail with an InterpreterError (3.7 uses squeeze()).
+        return (f"Triton {triton.__version__}'s interpreter needs NumPy < 2.4 (this is "
+                f"{numpy.__version__}); scripts/check_triton_versions.sh pairs it with NumPy 2.2")  # fmt: skip
+    return None
 
 
 def _release(version: str) -> tuple[int, ...]:
