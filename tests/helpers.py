@@ -75,3 +75,18 @@ def torchrun(tmp_path, nproc, port, *args, timeout=300):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
            "--master_port", str(port), *map(str, args)]  # fmt: skip
     return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
+
+
+def signal_in_call(trainer, call, *signals):
+    """Sends ``signals`` to this process during the ``call``-th loss computation of ``trainer``
+    (handled between bytecodes, as a signal from outside)."""
+    real_loss, calls = trainer.loss_fn, []
+
+    def signalled(batch, draws):
+        calls.append(1)
+        if len(calls) == call:
+            for signum in signals:
+                os.kill(os.getpid(), signum)
+        return real_loss(batch, draws)
+
+    trainer.loss_fn = signalled

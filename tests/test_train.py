@@ -18,7 +18,7 @@ import torch
 from epg import checkpoint as ckpt
 from epg.models import build
 from epg.train import Interrupted, TrainConfig, Trainer, export_checkpoint, lr_factor, read_checkpoint
-from helpers import TINY, tiny_train_config as _cfg, torchrun
+from helpers import TINY, signal_in_call, tiny_train_config as _cfg, torchrun
 
 def _losses(records):
     return [r["loss"] for r in records]
@@ -197,21 +197,6 @@ def test_a_signal_finishes_the_step_saves_once_and_resumes_exactly(tmp_path, sig
         signal.signal(signum, outer)
 
 
-def _signal_in_call(trainer, call, *signals):
-    """Sends ``signals`` to this process during the ``call``-th loss computation of ``trainer``
-    (handled between bytecodes, as a signal from outside)."""
-    real_loss, calls = trainer.loss_fn, []
-
-    def signalled(batch, draws):
-        calls.append(1)
-        if len(calls) == call:
-            for signum in signals:
-                os.kill(os.getpid(), signum)
-        return real_loss(batch, draws)
-
-    trainer.loss_fn = signalled
-
-
 def _signal_then_resume(tmp_path, signum, previous):
     full = _losses(Trainer(_cfg(tmp_path / "a", "diffusion", ckpt_every=0)).fit())
     trainer = Trainer(_cfg(tmp_path / "b", "diffusion", ckpt_every=3, preview_every=3))
@@ -219,7 +204,7 @@ def _signal_then_resume(tmp_path, signum, previous):
     save = trainer.save_checkpoint
     trainer.save_checkpoint = lambda: saves.append(trainer.step) or save()
     trainer.preview = lambda t, step: previews.append(step)
-    _signal_in_call(trainer, 3, signum)
+    signal_in_call(trainer, 3, signum)
     words = "interrupted" if signum == signal.SIGINT else "terminated (SIGTERM)"
     with pytest.raises(Interrupted, match=rf"^{re.escape(words)} at step 3; checkpoint saved") as stop:
         trainer.fit()
@@ -234,11 +219,11 @@ def _signal_then_resume(tmp_path, signum, previous):
 def test_a_repeated_sigterm_is_one_request_and_ctrl_c_then_stops_at_once(tmp_path):
     # A torchrun worker of a Slurm job gets SIGTERM twice, from Slurm and from torchrun.
     trainer = Trainer(_cfg(tmp_path / "a", "diffusion", ckpt_every=0))
-    _signal_in_call(trainer, 2, signal.SIGTERM, signal.SIGTERM)
+    signal_in_call(trainer, 2, signal.SIGTERM, signal.SIGTERM)
     with pytest.raises(Interrupted, match=r"^terminated \(SIGTERM\) at step 2; checkpoint saved"):
         trainer.fit()
     trainer = Trainer(_cfg(tmp_path / "b", "diffusion", ckpt_every=0))
-    _signal_in_call(trainer, 2, signal.SIGTERM, signal.SIGINT)
+    signal_in_call(trainer, 2, signal.SIGTERM, signal.SIGINT)
     with pytest.raises(Interrupted, match=r"^interrupted again: stopped at once$"):
         trainer.fit()
     assert not trainer.checkpoints()  # step 2 was not finished, nor saved

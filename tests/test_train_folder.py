@@ -2,6 +2,7 @@
 and `epg prepare` on the bundled JPEGs."""
 
 import os
+import signal
 
 import numpy as np
 import pytest
@@ -10,7 +11,8 @@ from PIL import Image
 from epg.checkpoint import read_config
 from epg.cli import main
 from epg.data.dali import dali_available
-from epg.train import TrainConfig, Trainer
+from epg.train import Interrupted, TrainConfig, Trainer
+from helpers import signal_in_call
 
 RES = 16
 
@@ -69,6 +71,22 @@ def test_dali_cpu_loader_trains_like_the_portable_one(tmp_path, png_tree):
     _, portable = _fit(_cfg(tmp_path / "p", png_tree, steps=2))
     _, dali = _fit(_cfg(tmp_path / "d", png_tree, loader="dali", steps=2))
     assert dali == pytest.approx(portable, rel=1e-6)
+
+
+@pytest.mark.skipif(not dali_available(), reason="nvidia-dali is not installed")
+def test_a_dali_run_stopped_by_sigterm_resumes_exactly(tmp_path, png_tree):
+    # SIGTERM arrives while DALI's own threads decode; the step finishes, the checkpoint holds
+    # the loader's position, and the resumed run draws the batches the straight run drew.
+    _, full = _fit(_cfg(tmp_path / "a", png_tree, loader="dali", steps=5, ckpt_every=0))
+    trainer = Trainer(_cfg(tmp_path / "b", png_tree, loader="dali", steps=5, ckpt_every=0))
+    signal_in_call(trainer, 3, signal.SIGTERM)
+    try:
+        with pytest.raises(Interrupted, match=r"^terminated \(SIGTERM\) at step 3; checkpoint saved"):
+            trainer.fit()
+    finally:
+        trainer.close()
+    _, rest = _fit(_cfg(tmp_path / "b", png_tree, loader="dali", steps=5, ckpt_every=0))
+    assert rest == full[3:]
 
 
 def test_folder_wiring_errors_are_clear(tmp_path, png_tree):
