@@ -14,6 +14,7 @@ import pickle
 import pickletools
 import re
 import secrets
+import shutil
 import stat
 import zipfile
 import zlib
@@ -103,21 +104,49 @@ def save(
     with the weights file's SHA-256, which :func:`load` checks; ``state_dict`` replaces
     ``model.state_dict()`` (e.g. the gathered state of a sharded model).
     """
+    model = unwrapped(model)
     config = getattr(model, "config", None)
     if not isinstance(config, (EPGConfig, RCMConfig)):
         raise TypeError("save() needs an epg network built by epg.models.build")
     directory = Path(directory)
     source = model.state_dict() if state_dict is None else state_dict
     state = {k: v.detach().contiguous().cpu() for k, v in source.items()}
-    atomic_write(directory / WEIGHTS_NAME, lambda tmp: save_file(state, tmp))
-    # Read back from disk: what load() will compare against is the file as stored.
-    payload = {"config": config_to_dict(config), "metadata": dict(metadata or {}),
-               WEIGHTS_DIGEST_KEY: weights_digest(directory / WEIGHTS_NAME)}  # fmt: skip
-    atomic_write(
-        directory / CONFIG_NAME,
-        lambda tmp: Path(tmp).write_text(json.dumps(payload, indent=2, sort_keys=True)),
-    )
+    created = not directory.exists()
+    try:
+        atomic_write(directory / WEIGHTS_NAME, lambda tmp: _save_safetensors(state, tmp, directory / WEIGHTS_NAME))
+        # Read back from disk: what load() will compare against is the file as stored.
+        payload = {"config": config_to_dict(config), "metadata": dict(metadata or {}),
+                   WEIGHTS_DIGEST_KEY: weights_digest(directory / WEIGHTS_NAME)}  # fmt: skip
+        atomic_write(
+            directory / CONFIG_NAME,
+            lambda tmp: Path(tmp).write_text(json.dumps(payload, indent=2, sort_keys=True)),
+        )
+    except BaseException:
+        if created:  # (a full disk, say): no half checkpoint that looks like a network to use
+            shutil.rmtree(directory, ignore_errors=True)
+        raise
     return directory
+
+
+def unwrapped(model: nn.Module) -> nn.Module:
+    """The network inside ``torch.compile`` and DDP wrappers, whose state-dict keys carry no
+    ``_orig_mod.``/``module.`` prefix."""
+    while True:
+        if isinstance(model, nn.parallel.DistributedDataParallel):
+            model = model.module
+        elif isinstance(getattr(model, "_orig_mod", None), nn.Module):  # torch.compile's wrapper
+            model = model._orig_mod
+        else:
+            return model
+
+
+def _save_safetensors(state: Mapping[str, Tensor], tmp: str, path: Path) -> None:
+    try:
+        save_file(state, tmp)
+    except SafetensorError as exc:  # safetensors reports a full disk as its own error type
+        found = re.search(r"os error (\d+)", str(exc))
+        errno_ = int(found.group(1)) if found else None
+        raise OSError(errno_, f"{path} cannot be written: {os.strerror(errno_) if errno_ else exc}") from exc
 
 
 def weights_digest(path: str | os.PathLike) -> str:
@@ -263,11 +292,16 @@ def _is_utf8(text: str) -> bool:
 def load(directory: str | os.PathLike, device: str | torch.device = "cpu") -> nn.Module:
     """Rebuild the network saved by :func:`save` and load its weights (strictly); in eval mode.
 
-    ``directory`` is the folder :func:`save` wrote, or a ``.safetensors`` file in such a folder.
+    ``directory`` is the folder :func:`save` wrote, a ``.safetensors`` file in such a folder, or
+    a finished training run folder (its ``final/``).
     """
-    path = Path(directory)
-    if not path.exists():
-        raise FileNotFoundError(f"{path} does not exist")
+    try:
+        torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise ValueError(f"device {device!r} is not a device name (cpu, cuda, cuda:N)") from exc
+    path = run_output(directory)
+    if path.is_file() and path.suffix != ".safetensors":
+        _refuse_other_file(path)
     if path.is_file():  # the weights file itself was given: its folder holds the config
         directory, weights = path.parent, path
     else:
@@ -294,6 +328,18 @@ def load(directory: str | os.PathLike, device: str | torch.device = "cpu") -> nn
     if _digest_is_checked(weights):
         _check_digest(weights, recorded_digest)
     return _materialize(build_from_config, config, state, device, str(weights))
+
+
+def _refuse_other_file(path: Path) -> None:
+    """A file :func:`load` cannot read: named with the function or command that reads it."""
+    if run_folder_of(path) is not None:
+        raise CheckpointError(f"{path} is a training checkpoint; `epg export {path}` writes its network "
+                              "as a folder that load() reads")  # fmt: skip
+    raise CheckpointError(
+        f"{path} is not an epg checkpoint: load() reads the folder save() wrote ({WEIGHTS_NAME} and "
+        f"{CONFIG_NAME}) or its {WEIGHTS_NAME}; an official .pth goes through "
+        "checkpoint.load_official(path, config_name), a training step_N.pt through `epg export`"
+    )
 
 
 def network_from_state(

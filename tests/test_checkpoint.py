@@ -324,3 +324,41 @@ def test_a_hand_edited_config_json_is_refused_naming_the_key(tmp_path, edit, mes
     config.write_text(json.dumps(payload))
     with pytest.raises(ck.CheckpointError, match=rf"config.json is not a valid epg config: {message}"):
         ck.load(tmp_path / "run")
+
+
+def test_save_takes_the_network_inside_torch_compile(tmp_path, inputs):
+    # The compiled wrapper's keys carry "_orig_mod.": saved as such, load() refused the folder.
+    model = _noisy("epg-tiny")
+    ck.save(torch.compile(model), tmp_path / "net")
+    assert torch.equal(ck.load(tmp_path / "net")(*inputs), model(*inputs))
+
+
+def test_load_takes_a_finished_run_folder_and_names_the_files_it_cannot_read(tmp_path, inputs):
+    model = _noisy("epg-tiny")
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "checkpoints" / "step_00000003.pt").write_bytes(b"PK")
+    with pytest.raises(FileNotFoundError, match=r"has not finished.*`epg export .*run`"):
+        ck.load(run)
+    ck.save(model, run / "final")
+    assert torch.equal(ck.load(run)(*inputs), model(*inputs))
+    with pytest.raises(ck.CheckpointError, match=r"step_00000003.pt is a training checkpoint; `epg export"):
+        ck.load(run / "checkpoints" / "step_00000003.pt")
+    torch.save(model.state_dict(), tmp_path / "net.pth")
+    with pytest.raises(ck.CheckpointError, match=r"net.pth is not an epg checkpoint.*load_official"):
+        ck.load(tmp_path / "net.pth")
+    with pytest.raises(ValueError, match=r"device 'gpu' is not a device name \(cpu, cuda, cuda:N\)"):
+        ck.load(run, device="gpu")
+
+
+def test_a_full_disk_while_saving_is_an_os_error_naming_the_file_and_leaves_no_folder(tmp_path, monkeypatch):
+    from safetensors import SafetensorError
+
+    def full(state, path):
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    monkeypatch.setattr(ck, "save_file", full)
+    with pytest.raises(OSError, match=r"net/model.safetensors cannot be written: No space left on device") as err:
+        ck.save(build("epg-tiny"), tmp_path / "net")
+    assert err.value.errno == 28
+    assert not (tmp_path / "net").exists()  # nothing that looks like a half-saved network
