@@ -27,7 +27,7 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from .schedules import RHO, SIGMA_MAX, SIGMA_MIN, resolution_shift, shifted_karras_sigmas
@@ -673,7 +673,7 @@ def sample(
     noise from :func:`image_generators` (seed, i), so results do not depend on ``batch_size`` or on
     how indices are split over processes. Every evaluation goes through :class:`GuidedDenoiser`
     (guidance ``guidance`` with ``null_class``, the interval ``guidance_interval`` in unshifted σ,
-    clamp to [−1, 1]). The network should be in eval mode.
+    clamp to [−1, 1]). The network must be in eval mode (a network in train mode is refused).
 
     Args:
         denoiser: ``denoiser(x, sigma, y) -> x0_hat``.
@@ -684,6 +684,8 @@ def sample(
             the number of network evaluations (≥ 1): the first ``steps`` points of the
             ``steps + 1``-point grid (so 1 → the one-step sampler at σ_max·H/64).
         sampler: a key of :data:`SAMPLERS`.
+        null_class: the unconditional label for guidance; default ``denoiser.net.null_class``
+            when guidance is on (neither 0 nor 1) and the denoiser is an epg :class:`Denoiser`.
         sigmas: explicit grid (shifted σ), overriding ``steps``/``trailing_zero``.
         indices: global image indices (default ``range(N)``).
         sampler_kwargs: extra keyword arguments of the sampler (e.g. edm_sde's S_churn).
@@ -709,6 +711,15 @@ def sample(
         labels = labels.to(torch.int64)
     if not _is_int(batch_size) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+    net = getattr(denoiser, "net", None)  # an epg Denoiser's network
+    if isinstance(net, nn.Module) and net.training:
+        raise ValueError("the network is in train mode, where its dropout changes every sample and "
+                         "the seed repeats nothing: call .eval() on it first")  # fmt: skip
+    if labels is not None and null_class is None and float(guidance) not in (0.0, 1.0):
+        null_class = getattr(net, "null_class", None)
+        if null_class is None:  # guidance would be off without a word
+            raise ValueError(f"guidance {guidance} needs null_class, the unconditional label (an epg "
+                             "network's net.null_class); guidance=1 samples without guidance")  # fmt: skip
 
     kwargs = dict(sampler_kwargs or {})
     if sigmas is None:

@@ -58,7 +58,7 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -955,10 +955,34 @@ class Trainer:
             images, labels = load_digits_tensors(**options)
             data = {"image": images, "label": labels}
             self.convention = "simple"  # the digits are x = 2·x01 − 1
+        self._check_tensor_data(data, expected)
+        self.loader = InMemoryLoader(dict(data), cfg.batch_size, rank, world, cfg.seed, self.device)
+
+    def _check_tensor_data(self, data: Any, expected: tuple[int, int, int]) -> None:
+        shape = f"(N, {', '.join(map(str, expected))})"
+        wanted = f'"image" {shape} normalised float images and "label" (N,) int64 class labels'
+        if not isinstance(data, Mapping):
+            raise TypeError(f"data must be a dict of tensors, {wanted}; got a {type(data).__name__}")
+        conditional = self.cfg.mode != "pretrain" and bool(getattr(self.model.config, "num_classes", 0))
+        missing = [k for k in ("image", "label") if k not in data and (k == "image" or conditional)]
+        if missing:
+            raise ValueError(f"data needs {wanted}; {', '.join(map(repr, missing))} missing from keys {sorted(data)}")
         images = data["image"]
-        if images.dim() != 4 or tuple(images.shape[1:]) != expected:
-            raise ValueError(f"training images must be (N, {', '.join(map(str, expected))}), got {tuple(images.shape)}")
-        self.loader = InMemoryLoader(data, cfg.batch_size, rank, world, cfg.seed, self.device)
+        if not isinstance(images, Tensor) or images.dim() != 4 or tuple(images.shape[1:]) != expected:
+            raise ValueError(f"training images must be {shape}, got {tuple(getattr(images, 'shape', ()))}")
+        if not images.is_floating_point():
+            raise ValueError(f"training images must be normalised floats, got {images.dtype} (pixel values? "
+                             "epg.ops.normalize_images turns (N, H, W, C) uint8 into them)")  # fmt: skip
+        # Normalised images lie within a few units of 0 under every convention; 0..255 is the
+        # usual slip, and it trains without an error, to nothing.
+        if images.numel() and float(images.detach().abs().amax()) > 10:
+            raise ValueError(f"training images reach {float(images.detach().abs().amax()):g}: pixel values "
+                             "rather than normalised ones (2·x/255 − 1 for 'simple')?")  # fmt: skip
+        labels = data.get("label")
+        if labels is not None and (not isinstance(labels, Tensor) or labels.shape != (len(images),)
+                                   or labels.dtype not in (torch.int64, torch.int32)):  # fmt: skip
+            raise ValueError(f"data's labels must be ({len(images)},) int64 or int32, got "
+                             f"{tuple(getattr(labels, 'shape', ()))} {getattr(labels, 'dtype', type(labels).__name__)}")
 
     def _build_objective(self) -> None:
         cfg, net_cfg = self.cfg, self.model.config
@@ -1639,6 +1663,8 @@ class Trainer:
         """Save the network to use downstream as an epg checkpoint folder: the EMA model in
         stage 2, the online encoder (with its projector) in stage 1 (the official code fine-tunes
         from the online weights)."""
+        if self.step == 0:  # the random initialisation, which --encoder would take without a word
+            raise ValueError("nothing is trained yet (step 0): export() saves the network fit() trained")
         directory = Path(directory) if directory else self.run_dir / ckpt.RUN_FINAL_NAME
         net = self.ema if self.ema is not None else self.model
         state = self._module_state(net)

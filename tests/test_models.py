@@ -421,3 +421,16 @@ def test_all_named_configs_build_on_meta():
     for name in CONFIGS:
         with torch.device("meta"):
             assert count_parameters(build(name)) > 0
+
+
+def test_networks_name_wrong_image_dtypes_labels_and_stage_one_encoders():
+    net = build("epg-tiny", img_size=16, patch_size=4).eval()
+    x, t = torch.randn(2, 3, 16, 16), torch.zeros(2)
+    with pytest.raises(ValueError, match=r"images are torch.float64 and the network's weights torch.float32"):
+        net(x.double(), t)
+    with pytest.raises(ValueError, match=r"y must be a \(2,\) int64 tensor of class labels, got a list"):
+        net(x, t, [0, 1])
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # autocast: the usual way to run in bf16
+        assert net(x.bfloat16(), t).shape == x.shape
+    with pytest.raises(TypeError, match=r"stage-1 encoder \(RCMViT, from `epg pretrain`\)"):
+        Denoiser(build("rcm-tiny"))

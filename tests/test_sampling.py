@@ -389,3 +389,27 @@ def test_bad_arguments_raise_value_errors():
         "edm_sde",
         "consistency",
     }
+
+
+def test_guidance_takes_the_networks_null_class_and_refuses_a_network_in_train_mode():
+    # Guidance 3 without null_class used to sample unguided without a word; a network in train
+    # mode drew new dropout masks for every sample, so a seed repeated nothing.
+    net = build("epg-tiny", in_channels=1, img_size=16, patch_size=4, num_classes=NULL, drop=0.5)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.normal_(0, 0.05)
+    y = torch.arange(4)
+    with pytest.raises(ValueError, match="in train mode.*call .eval"):
+        sample(Denoiser(net), y, 16, 1, steps=4, progress=False)
+    denoiser = Denoiser(net.eval())
+    guided = sample(denoiser, y, 16, 1, steps=4, guidance=3.0, progress=False)
+    explicit = sample(denoiser, y, 16, 1, steps=4, guidance=3.0, null_class=NULL, progress=False)
+    plain = sample(denoiser, y, 16, 1, steps=4, guidance=1.0, progress=False)
+    assert torch.equal(guided, explicit) and not torch.equal(guided, plain)
+
+    def bare(x, sigma, y):  # a denoiser function that names no network
+        return denoiser(x, sigma, y)
+
+    with pytest.raises(ValueError, match="guidance 3.0 needs null_class"):
+        sample(bare, y, 16, 1, steps=4, guidance=3.0, progress=False)
+    assert torch.equal(sample(bare, y, 16, 1, steps=4, guidance=3.0, null_class=NULL, progress=False), guided)

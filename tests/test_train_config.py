@@ -256,3 +256,26 @@ def test_an_unknown_preset_or_option_suggests_the_closest_name():
         get_preset("demo-difusion")
     with pytest.raises(ValueError, match=r"'warmup' \(did you mean 'warmup_steps'\?\), 'zzz'; valid"):
         TrainConfig.from_dict({"zzz": 1, "warmup": 3})
+
+
+def test_tensor_data_mistakes_are_named(tmp_path):
+    images, labels = torch.rand(32, 1, 16, 16) * 2 - 1, torch.randint(0, 10, (32,))
+    cases = [
+        ({"images": images, "labels": labels}, r"data needs .*'image', 'label' missing from keys \['images', 'labels'\]"),
+        ({"image": images}, r"'label' missing"),
+        ({"image": images, "label": labels[:, None]}, r"labels must be \(32,\) int64 or int32, got \(32, 1\)"),
+        ({"image": (images + 1) * 127.5, "label": labels}, r"reach 25[0-9.]*: pixel values rather than normalised"),
+        ({"image": images.to(torch.uint8), "label": labels}, r"must be normalised floats, got torch.uint8"),
+    ]  # fmt: skip
+    for data, message in cases:
+        with pytest.raises(ValueError, match=message):
+            Trainer(_cfg(tmp_path / "r"), data=data)
+    Trainer(_cfg(tmp_path / "s1", "pretrain"), data={"image": images})  # stage 1 needs no labels
+
+
+def test_export_before_any_step_is_refused(tmp_path):
+    # It wrote the random initialisation as final/, which --encoder took without a word.
+    trainer = Trainer(_cfg(tmp_path, "pretrain"))
+    with pytest.raises(ValueError, match=r"nothing is trained yet \(step 0\)"):
+        trainer.export()
+    assert not (tmp_path / "run" / "final").exists()

@@ -7,7 +7,7 @@ from torch import Tensor, nn
 
 from .. import ops
 from ..schedules import SIGMA_DATA, SIGMA_MIN, resolution_shift
-from .networks import EPGViT
+from .networks import EPGViT, RCMViT
 
 
 class Denoiser(nn.Module):
@@ -28,6 +28,9 @@ class Denoiser(nn.Module):
         sigma_min: float = SIGMA_MIN,
     ):
         super().__init__()
+        if isinstance(net, RCMViT):
+            raise TypeError("Denoiser needs a stage-2 network (EPGViT); this is a stage-1 encoder "
+                            "(RCMViT, from `epg pretrain`): fine-tune it with `epg finetune --encoder`")  # fmt: skip
         if mode not in ("x0", "edm"):
             raise ValueError(f"mode must be 'x0' or 'edm', got {mode!r}")
         self.net = net

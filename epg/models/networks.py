@@ -73,6 +73,10 @@ class _ViTEncoder(nn.Module):
             )
         if not x_in.is_floating_point():
             raise ValueError(f"images must be a floating-point tensor, got {x_in.dtype}")
+        weights = self.pos_embed.dtype
+        if x_in.dtype != weights and not torch.is_autocast_enabled(x_in.device.type):
+            raise ValueError(f"images are {x_in.dtype} and the network's weights {weights}: pass "
+                             f"{weights} images, or run under torch.autocast")  # fmt: skip
         if t_cond.shape != (x_in.shape[0],):
             raise ValueError(
                 f"t_cond must be ({x_in.shape[0]},) (one 250·ln σ per image), got {tuple(t_cond.shape)}"
@@ -180,6 +184,8 @@ class EPGViT(_ViTEncoder):
             return
         if y is None:
             return
+        if not isinstance(y, Tensor):
+            raise ValueError(f"y must be a ({batch},) int64 tensor of class labels, got a {type(y).__name__}")
         if y.shape != (batch,) or y.dtype not in (torch.int64, torch.int32):
             raise ValueError(
                 f"y must be ({batch},) int64 or int32 class labels, got {tuple(y.shape)} {y.dtype}"
