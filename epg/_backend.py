@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import difflib
 import functools
 import importlib
 import os
@@ -90,8 +91,15 @@ def _triton_info() -> BackendInfo:
 
     if not impls:
         return BackendInfo("triton", False, f"Triton {triton.__version__}: no kernels registered", {})
+    on_gpu = torch.cuda.is_available()
+    detail = f"Triton {triton.__version__}"
+    # Triton reads TRITON_INTERPRET once, when the kernels are decorated (their import, above).
+    if not on_gpu and os.environ.get("TRITON_INTERPRET") == "1":
+        detail += " (no CUDA GPU here: CPU tensors under TRITON_INTERPRET=1, when forced)"
+    elif not on_gpu:
+        detail += " (GPU only here: no CUDA GPU; CPU tensors need TRITON_INTERPRET=1)"
     return BackendInfo(
-        "triton", True, f"Triton {triton.__version__}", impls, runs_on_cuda=torch.cuda.is_available(),
+        "triton", True, detail, impls, runs_on_cuda=on_gpu,
         supports=dict(getattr(epg_kernels, "SUPPORTS", {})),
     )  # fmt: skip
 
@@ -110,8 +118,13 @@ def _cuda_info() -> BackendInfo:
         if hasattr(ops_namespace, name):
             impls[name] = getattr(ops_namespace, name)
     with_cuda = bool(getattr(_C, "WITH_CUDA", 0))
-    built = "C++ and CUDA kernels" if with_cuda else "C++ kernels only (built without CUDA)"
-    return BackendInfo("cuda", True, f"epg._C: {built}", impls, runs_on_cuda=with_cuda)
+    if not with_cuda:
+        detail = "epg._C: C++ kernels only (built without CUDA): they run on CPU when forced"
+    elif torch.cuda.is_available():
+        detail = "epg._C: C++ and CUDA kernels"
+    else:
+        detail = "epg._C built with CUDA kernels; no GPU here: its C++ twins run on CPU when forced"
+    return BackendInfo("cuda", True, detail, impls, runs_on_cuda=with_cuda)
 
 
 @functools.cache
@@ -187,14 +200,37 @@ def _forced_backend(op: str) -> str | None:
             if key is not None or _covers(name, op):
                 return name
     for var in (f"{ENV_VAR}_{op.upper()}", ENV_VAR):
-        value = _environ_get(var).strip().lower()
+        value = _backend_name(_environ_get(var))
         if value and value != "auto":
-            if value == "ref":
-                value = "reference"
             if value not in BACKENDS:
                 raise ValueError(f"{var}={value!r}: expected auto or one of {BACKENDS}")
             return value if var != ENV_VAR or _covers(value, op) else None
     return None
+
+
+def _backend_name(raw: str) -> str:
+    """A backend name as the variables and :func:`use_backend` both take it: any case, ``ref``
+    for ``reference``."""
+    name = raw.strip().lower()
+    return "reference" if name == "ref" else name
+
+
+def _dispatched_ops() -> tuple[str, ...]:
+    """``epg.ops.OPS``, the ops a backend can be forced for; read on use, since epg.ops imports
+    this module. (The reference module also holds helpers that no backend is chosen for.)"""
+    from . import ops
+
+    return ops.OPS
+
+
+def _unknown_op(op: str) -> str | None:
+    """None when ``op`` is a dispatched op, else why not (with the closest name, if any)."""
+    ops = _dispatched_ops()
+    if op in ops:
+        return None
+    close = difflib.get_close_matches(op, ops, n=1)
+    hint = f"did you mean {close[0]!r}? " if close else ""
+    return f"epg has no op {op!r} ({hint}ops: {', '.join(sorted(ops))})"
 
 
 def _covers(name: str | None, op: str) -> bool:
@@ -216,17 +252,15 @@ def environment_problems() -> list[str]:
     """What is wrong with the ``EPG_BACKEND*`` variables (empty: nothing). Commands check this
     when they start: a typo otherwise fails at the first op, after data, checkpoints and output
     folders were already touched."""
-    ops = sorted({_base_op(op) for op in _reference_info().implementations})  # every op has one
     problems = []
     for var, raw in sorted(os.environ.items()):
         if var != ENV_VAR and not var.startswith(ENV_VAR + "_"):
             continue
         op = var[len(ENV_VAR) + 1 :].lower() or None
-        if op is not None and op not in ops:
-            problems.append(f"{var}: epg has no op {op!r} (ops: {', '.join(ops)})")
+        if op is not None and (unknown := _unknown_op(op)):
+            problems.append(f"{var}: {unknown}")
             continue
-        value = raw.strip().lower()
-        value = "reference" if value == "ref" else value
+        value = _backend_name(raw)
         if value in ("", "auto"):
             continue
         if value not in BACKENDS:
@@ -299,10 +333,14 @@ def pick(op: str, device: torch.device, args: tuple = ()) -> Callable:
 
 @contextlib.contextmanager
 def use_backend(name: str, op: str | None = None) -> Iterator[None]:
-    """Force ``name`` for ``op`` (or for every op) inside the block; ``"auto"`` undoes a force."""
-    if name not in (*BACKENDS, "auto"):
-        raise ValueError(f"unknown backend {name!r}; expected auto or one of {BACKENDS}")
-    forced = {**_forced.get(), op: name}
+    """Force ``name`` for ``op`` (one of ``epg.ops.OPS``, or None: every op) inside the block;
+    ``"auto"`` undoes a force. Names as in ``EPG_BACKEND``: any case, ``ref`` for ``reference``."""
+    backend = _backend_name(name)
+    if backend not in (*BACKENDS, "auto"):
+        raise ValueError(f"unknown backend {name!r}; expected auto, ref or one of {BACKENDS}")
+    if op is not None and (unknown := _unknown_op(op)):
+        raise ValueError(f"use_backend: {unknown}")
+    forced = {**_forced.get(), op: backend}
     token = _forced.set(forced)
     try:
         yield

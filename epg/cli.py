@@ -38,7 +38,7 @@ def collect_info() -> dict[str, Any]:
         "torch": torch.__version__,
         "torch CUDA build": torch.version.cuda or "no (CPU build)",
     }
-    for dist in ("triton", "numpy", "safetensors", "nvidia-dali-cuda130", "flash-attn"):
+    for dist in ("triton", "numpy", "pillow", "safetensors", "nvidia-dali-cuda130", "flash-attn"):
         versions[dist] = _version(dist) or "not installed"
 
     backends = {}

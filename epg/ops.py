@@ -138,6 +138,24 @@ def _check(condition: bool, message: Callable[[], str]) -> None:
         raise ValueError(message())
 
 
+def _check_tensor(name: str, arg: str, t: object, what: str) -> None:
+    """A TypeError naming ``arg`` for a number where a tensor is due (else: 'no attribute dim')."""
+    if not isinstance(t, Tensor):
+        raise TypeError(f"{name}: {arg} must be a {what} tensor, got {type(t).__name__}")
+
+
+#: dtypes of the activations and images the ops take (data in float32/64, network outputs in
+#: bf16/fp16 under autocast).
+FLOAT_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+
+
+def _check_float(name: str, arg: str, t: Tensor) -> None:
+    _check(
+        t.dtype in FLOAT_DTYPES,
+        lambda: f"{name}: {arg} must be float32, float64, bfloat16 or float16, got {t.dtype}",
+    )
+
+
 # --- layer norm ---------------------------------------------------------------------------------
 
 
@@ -172,6 +190,7 @@ def layer_norm(x: Tensor, weight: Tensor, bias: Tensor, eps: float = 1e-5) -> Te
     Args: x (..., D); weight, bias (D,). Returns (..., D).
     """
     _check(x.dim() >= 1, lambda: "layer_norm: x must be (..., D), got a 0-d tensor")
+    _check_float("layer_norm", "x", x)
     _check(
         weight.shape == (x.shape[-1],) and bias.shape == (x.shape[-1],),
         lambda: f"layer_norm: weight and bias must be ({x.shape[-1]},) for x {tuple(x.shape)}, "
@@ -218,6 +237,7 @@ def ln_modulate(
     Returns (B, T, D) in x's dtype (all arithmetic in float32).
     """
     _check(x.dim() == 3, lambda: f"ln_modulate: x must be (B, T, D), got {tuple(x.shape)}")
+    _check_float("ln_modulate", "x", x)
     B, _, D = x.shape
     _check(
         weight.shape == (D,) and bias.shape == (D,),
@@ -271,6 +291,7 @@ def gated_residual(x: Tensor, gate: Tensor, y: Tensor) -> Tensor:
         gate.shape == (x.shape[0], x.shape[2]),
         lambda: f"gated_residual: gate must be ({x.shape[0]}, {x.shape[2]}), got {tuple(gate.shape)}",
     )
+    _check_float("gated_residual", "x", x)
     return _network_op(_gated_residual_op, "gated_residual", x, x, gate, y)
 
 
@@ -307,6 +328,7 @@ def attention(qkv: Tensor, num_heads: int) -> Tensor:
     Returns (B, T, H·Dh) = softmax(Q·Kᵀ/sqrt(Dh))·V per head, heads concatenated.
     """
     _check(qkv.dim() == 3, lambda: f"attention: qkv must be (B, T, 3·H·Dh), got {tuple(qkv.shape)}")
+    _check_float("attention", "qkv", qkv)
     _check(
         num_heads > 0 and qkv.shape[-1] % (3 * num_heads) == 0,
         lambda: f"attention: last dim {qkv.shape[-1]} is not 3·num_heads·head_dim for num_heads={num_heads}",
@@ -351,6 +373,7 @@ def patch_embed(img: Tensor, weight: Tensor, bias: Tensor, pos_embed: Tensor) ->
     pos_embed (N, D), N = (H/p)·(W/p), tokens row-major. Returns (B, N, D).
     """
     _check(img.dim() == 4, lambda: f"patch_embed: img must be (B, C, H, W), got {tuple(img.shape)}")
+    _check_float("patch_embed", "img", img)
     _check(
         weight.dim() == 4,
         lambda: f"patch_embed: weight must be (D, C, p, p), got {tuple(weight.shape)}",
@@ -430,6 +453,7 @@ def output_head(
     weight (p·p·C, D); bias (p·p·C,). Returns (B, C, sqrt(N)·p, sqrt(N)·p).
     """
     _check(x.dim() == 3, lambda: f"output_head: x must be (B, N, D), got {tuple(x.shape)}")
+    _check_float("output_head", "x", x)
     _check(patch_size >= 1, lambda: f"output_head: patch_size must be >= 1, got {patch_size}")
     _, n, D = x.shape
     side = int(round(n**0.5))
@@ -479,8 +503,14 @@ def timestep_embedding(t: Tensor, dim: int) -> Tensor:
 
     Args: t (B,) float, the time conditioning value (EPG: 250·ln σ). Returns (B, dim), float32.
     """
+    _check_tensor("timestep_embedding", "t", t, "(B,) float")
     _check(t.dim() == 1, lambda: f"timestep_embedding: t must be (B,), got {tuple(t.shape)}")
     _check(t.is_floating_point(), lambda: f"timestep_embedding: t must be float, got {t.dtype}")
+    _check(
+        dim >= 2,
+        lambda: f"timestep_embedding: dim must be >= 2 (a cos and a sin column; an odd dim adds "
+        f"a zero column), got {dim}",
+    )
     return _network_op(_timestep_embedding_op, "timestep_embedding", t, t, int(dim))
 
 
@@ -539,6 +569,7 @@ def edm_scalings(
 
     Args: sigma (B,) float32 or float64. Returns four (B,) tensors of sigma's dtype.
     """
+    _check_tensor("edm_scalings", "sigma", sigma, "(B,) float32 or float64")
     _check(sigma.dim() == 1, lambda: f"edm_scalings: sigma must be (B,), got {tuple(sigma.shape)}")
     _check(
         sigma.dtype in (torch.float32, torch.float64),
@@ -559,21 +590,12 @@ def edm_scalings(
 
 # --- shared validation of the image-sized ops ------------------------------------------------------
 
-#: dtypes of image-sized tensors every backend takes (data in float32/64, network outputs in
-#: bf16/fp16 under autocast).
-FLOAT_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 MAX_IMAGE_CHANNELS = 16
-
-
-def _check_float(name: str, arg: str, t: Tensor) -> None:
-    _check(
-        t.dtype in FLOAT_DTYPES,
-        lambda: f"{name}: {arg} must be float32, float64, bfloat16 or float16, got {t.dtype}",
-    )
 
 
 def _check_per_sample(name: str, arg: str, t: Tensor, like: Tensor) -> None:
     B = like.shape[0]
+    _check_tensor(name, arg, t, f"({B},)")
     _check(
         t.dim() == 1 and t.shape[0] == B,
         lambda: f"{name}: {arg} must be ({B},) for a batch of {B}, got {tuple(t.shape)}",
@@ -825,6 +847,11 @@ def normalize_images(
     )
     C = images.shape[3]
     _check(
+        images.shape[1] not in (1, 3) or C in (1, 3),
+        lambda: f"{name}: images must be uint8 (B, H, W, C), got {tuple(images.shape)}, which "
+        "looks like (B, C, H, W): pass images.permute(0, 2, 3, 1)",
+    )
+    _check(
         1 <= C <= MAX_IMAGE_CHANNELS,
         lambda: f"{name}: images must be (B, H, W, C) with 1 <= C <= {MAX_IMAGE_CHANNELS}, "
         f"got {tuple(images.shape)}",
@@ -859,6 +886,11 @@ def to_uint8(images: Tensor, convention: str) -> Tensor:
     _check(images.dim() == 4, lambda: f"{name}: images must be (B, C, H, W), got {tuple(images.shape)}")
     _check_float(name, "images", images)
     C = images.shape[1]
+    _check(
+        images.shape[3] not in (1, 3) or C in (1, 3),
+        lambda: f"{name}: images must be (B, C, H, W), got {tuple(images.shape)}, which looks "
+        "like (B, H, W, C): pass images.permute(0, 3, 1, 2)",
+    )
     _check(
         1 <= C <= MAX_IMAGE_CHANNELS,
         lambda: f"{name}: images must be (B, C, H, W) with 1 <= C <= {MAX_IMAGE_CHANNELS}, "
@@ -995,7 +1027,16 @@ def info_nce(q: Tensor, k: Tensor, tau: float | Tensor) -> Tensor:
         lambda: f"info_nce: q must be (B, D) and k (M >= B, D), got {tuple(q.shape)}, {tuple(k.shape)}",
     )
     _check(q.dtype == k.dtype, lambda: f"info_nce: q and k must share a dtype, got {q.dtype}, {k.dtype}")
+    _check_float("info_nce", "q", q)
     if isinstance(tau, Tensor):
+        _check(
+            tau.numel() == 1,
+            lambda: f"info_nce: a tensor tau must hold one value, got shape {tuple(tau.shape)}",
+        )
+        # Its value is read only where that is free: a CUDA tau would sync the device, and under
+        # torch.compile reading it would break the graph. Those go unchecked.
+        if tau.device.type == "cpu" and not torch.compiler.is_compiling():
+            _check(bool(tau > 0), lambda: f"info_nce: tau must be positive, got {tau.item()}")
         q, tau = q / tau.to(q.dtype), 1.0
     _check(tau > 0, lambda: f"info_nce: tau must be positive, got {tau}")
     return _info_nce_op(q, k.detach(), float(tau))

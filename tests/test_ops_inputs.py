@@ -1,0 +1,223 @@
+"""The op layer refuses inputs it would otherwise mangle or misread, with errors saying what to pass:
+transposed image layouts, integer activations, numbers where tensors are due, a zero tensor τ,
+too small embedding widths, unknown op and backend names; and `epg info` says what can run here."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import epg.ops as ops
+from epg import _backend, reference
+from epg.cli import main
+
+# --- image layouts ---------------------------------------------------------------------------------
+
+
+def test_normalize_images_refuses_an_nchw_batch_and_names_the_permute():
+    u = torch.randint(0, 256, (2, 3, 8, 8), dtype=torch.uint8)
+    for convention in ("simple", "imagenet"):  # 'simple' returned a scrambled (2, 8, 3, 8)
+        with pytest.raises(ValueError, match=r"looks like \(B, C, H, W\): pass images\.permute\(0, 2, 3, 1\)"):
+            ops.normalize_images(u, convention)
+    gray = torch.randint(0, 256, (2, 1, 8, 8), dtype=torch.uint8)
+    with pytest.raises(ValueError, match=r"images must be uint8 \(B, H, W, C\), got \(2, 1, 8, 8\)"):
+        ops.normalize_images(gray, "simple")
+    nhwc = u.permute(0, 2, 3, 1)
+    assert ops.normalize_images(nhwc, "imagenet").shape == (2, 3, 8, 8)
+    # Three rows of three channels: both dims are channel-like, so the layout stands as given.
+    assert ops.normalize_images(torch.zeros(2, 3, 5, 3, dtype=torch.uint8), "simple").shape == (2, 3, 3, 5)
+
+
+def test_to_uint8_refuses_an_nhwc_batch_and_names_the_permute():
+    for shape in ((2, 8, 8, 3), (2, 8, 8, 1)):
+        with pytest.raises(ValueError, match=r"looks like \(B, H, W, C\): pass images\.permute\(0, 3, 1, 2\)"):
+            ops.to_uint8(torch.rand(*shape), "simple")
+    x = torch.rand(2, 3, 8, 8)
+    assert torch.equal(ops.to_uint8(x, "simple"), reference.to_uint8(x, [0.5] * 3, [0.5] * 3))
+    assert ops.to_uint8(torch.rand(2, 3, 5, 3), "imagenet").shape == (2, 5, 3, 3)
+
+
+# --- dtypes and argument types -------------------------------------------------------------------
+
+
+def _int_activation_calls():
+    def i(*shape):
+        return torch.randint(-3, 4, shape)
+
+    def f(*shape):
+        return torch.randn(*shape)
+
+    B, T, D = 2, 4, 6
+    return {
+        "layer_norm": lambda: ops.layer_norm(i(B, T, D), f(D), f(D)),  # returned truncated int64
+        "ln_modulate": lambda: ops.ln_modulate(i(B, T, D), f(D), f(D), f(B, D), f(B, D)),
+        "gated_residual": lambda: ops.gated_residual(i(B, T, D), i(B, D), i(B, T, D)),
+        "attention": lambda: ops.attention(i(B, T, 12), 2),
+        "patch_embed": lambda: ops.patch_embed(i(B, 3, 8, 8).to(torch.uint8), f(D, 3, 4, 4), f(D), f(4, D)),
+        "output_head": lambda: ops.output_head(i(B, 4, D), f(D), f(D), f(48, D), f(48), 4),
+        "info_nce": lambda: ops.info_nce(i(2, 4), i(3, 4), 0.1),
+    }
+
+
+@pytest.mark.parametrize("name", sorted(_int_activation_calls()))
+def test_ops_of_float_activations_refuse_integer_inputs(name):
+    with pytest.raises(ValueError, match=rf"{name}: \w+ must be float32, float64, bfloat16 or float16, got torch\.(int64|uint8)"):
+        _int_activation_calls()[name]()
+
+
+def test_a_number_where_a_tensor_is_due_is_a_type_error_naming_the_argument():
+    x = torch.randn(2, 3)
+    with pytest.raises(TypeError, match=r"edm_scalings: sigma must be a \(B,\) float32 or float64 tensor, got float"):
+        ops.edm_scalings(1.0)
+    with pytest.raises(TypeError, match=r"weighted_mse_loss: weight must be a \(2,\) tensor, got float"):
+        ops.weighted_mse_loss(x, x, 1.0)
+    with pytest.raises(TypeError, match=r"pseudo_huber_loss: weight must be a \(2,\) tensor, got int"):
+        ops.pseudo_huber_loss(x, x, 1)
+    with pytest.raises(TypeError, match=r"noise_precondition: sigma must be a \(2,\) tensor, got float"):
+        ops.noise_precondition(x, x, 0.5)
+    with pytest.raises(TypeError, match=r"timestep_embedding: t must be a \(B,\) float tensor, got float"):
+        ops.timestep_embedding(0.5, 8)
+
+
+# --- scalar arguments --------------------------------------------------------------------------------
+
+
+def test_info_nce_checks_a_cpu_tensor_tau_like_a_float_one():
+    q = F.normalize(torch.randn(3, 8), dim=1)
+    k = F.normalize(torch.randn(5, 8), dim=1)
+    for tau in (0.0, -0.1):
+        for given in (tau, torch.tensor(tau)):
+            with pytest.raises(ValueError, match="info_nce: tau must be positive"):
+                ops.info_nce(q, k, given)
+    with pytest.raises(ValueError, match=r"a tensor tau must hold one value, got shape \(3,\)"):
+        ops.info_nce(q, k, torch.full((3,), 0.2))
+    expected = ops.info_nce(q, k, 0.2)
+    torch.testing.assert_close(ops.info_nce(q, k, torch.tensor(0.2)), expected)
+    torch.testing.assert_close(ops.info_nce(q, k, torch.tensor([0.2])), expected)
+
+
+def test_info_nce_with_a_tensor_tau_compiles_without_a_graph_break():
+    # The value check reads the tensor, which a traced graph cannot: it is skipped there.
+    q = F.normalize(torch.randn(3, 8), dim=1)
+    k = F.normalize(torch.randn(5, 8), dim=1)
+    compiled = torch.compile(ops.info_nce, fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(compiled(q, k, torch.tensor(0.2)), ops.info_nce(q, k, 0.2))
+
+
+@pytest.mark.parametrize("dim", [-4, 0, 1])
+def test_timestep_embedding_refuses_a_width_below_two(dim):
+    with pytest.raises(ValueError, match=rf"timestep_embedding: dim must be >= 2 .*got {dim}"):
+        ops.timestep_embedding(torch.randn(3), dim)
+
+
+def test_timestep_embedding_takes_an_odd_width_with_a_zero_last_column():
+    t = torch.randn(3) * 50
+    assert torch.equal(ops.timestep_embedding(t, 2), torch.stack((t.cos(), t.sin()), dim=1))
+    odd = ops.timestep_embedding(t, 5)
+    assert odd.shape == (3, 5) and torch.equal(odd[:, 4], torch.zeros(3))
+
+
+# --- backend and op names ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("op", ["layernorm", "patchify", "layer_norm_backward"])
+def test_use_backend_refuses_an_op_that_is_not_dispatched(op):
+    with pytest.raises(ValueError, match=rf"use_backend: epg has no op '{op}'"), ops.use_backend("triton", op):
+        pass
+
+
+def test_use_backend_suggests_the_op_meant():
+    with pytest.raises(ValueError, match="did you mean 'layer_norm'"), ops.use_backend("triton", "layernorm"):
+        pass
+
+
+@pytest.mark.parametrize("name", ["ref", "REF", "Reference", " reference "])
+def test_use_backend_takes_the_names_the_variable_takes(monkeypatch, name):
+    cpu = torch.device("cpu")
+    with ops.use_backend(name, "layer_norm"):
+        assert _backend.is_forced("layer_norm") and _backend.choose("layer_norm", cpu) == "reference"
+    monkeypatch.setenv("EPG_BACKEND_LAYER_NORM", name)
+    assert _backend.environment_problems() == []
+    assert _backend.is_forced("layer_norm") and _backend.choose("layer_norm", cpu) == "reference"
+
+
+@pytest.mark.parametrize(
+    "op", ["normalization_stats", "patchify", "patchify_output_order", "unpatchify", "unpatchify_conv_order"]
+)
+def test_a_variable_for_a_reference_helper_is_an_environment_problem(monkeypatch, op):
+    # Helpers of epg.reference have no backends to choose from: the variable would do nothing.
+    var = f"EPG_BACKEND_{op.upper()}"
+    monkeypatch.setenv(var, "reference")
+    (problem,) = _backend.environment_problems()
+    assert problem.startswith(f"{var}: epg has no op {op!r} (")
+
+
+def test_a_misspelt_op_variable_suggests_the_op_meant(monkeypatch):
+    monkeypatch.setenv("EPG_BACKEND_LAYERNORM", "triton")
+    (problem,) = _backend.environment_problems()
+    assert problem.startswith("EPG_BACKEND_LAYERNORM: epg has no op 'layernorm' (did you mean 'layer_norm'? ops: ")
+
+
+# --- what `epg info` says can run here ---------------------------------------------------------------
+
+
+@pytest.fixture
+def fresh_probes(monkeypatch):
+    """Probes the Triton and extension backends anew, and again after the test (which patches what
+    they see): their results are cached per process."""
+    probes = (_backend._triton_info, _backend._cuda_info)
+    for probe in probes:
+        probe.cache_clear()
+    yield
+    for probe in probes:
+        probe.cache_clear()
+
+
+def _detail(name, monkeypatch, gpu, interpret=None):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: gpu)
+    if interpret is None:
+        monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    else:
+        monkeypatch.setenv("TRITON_INTERPRET", interpret)
+    _backend._triton_info.cache_clear()
+    _backend._cuda_info.cache_clear()
+    backend = _backend.info(name)
+    if not backend.available:
+        pytest.skip(f"{name} is unavailable here: {backend.reason}")
+    return backend.reason
+
+
+def test_triton_detail_says_what_it_can_run_here(monkeypatch, fresh_probes):
+    import triton
+
+    version = f"Triton {triton.__version__}"
+    assert _detail("triton", monkeypatch, gpu=True) == version
+    assert _detail("triton", monkeypatch, gpu=False) == (
+        f"{version} (GPU only here: no CUDA GPU; CPU tensors need TRITON_INTERPRET=1)"
+    )
+    assert _detail("triton", monkeypatch, gpu=False, interpret="1") == (
+        f"{version} (no CUDA GPU here: CPU tensors under TRITON_INTERPRET=1, when forced)"
+    )
+
+
+def test_extension_detail_says_what_it_can_run_here(monkeypatch, fresh_probes):
+    _C = pytest.importorskip("epg._C", reason="needs the extension epg._C")
+    if not getattr(_C, "WITH_CUDA", 0):
+        detail = "epg._C: C++ kernels only (built without CUDA): they run on CPU when forced"
+        assert _detail("cuda", monkeypatch, gpu=False) == detail
+        return
+    assert _detail("cuda", monkeypatch, gpu=True) == "epg._C: C++ and CUDA kernels"
+    assert _detail("cuda", monkeypatch, gpu=False) == (
+        "epg._C built with CUDA kernels; no GPU here: its C++ twins run on CPU when forced"
+    )
+
+
+def test_info_prints_what_the_backends_can_run_here(monkeypatch, fresh_probes, capsys):
+    if torch.cuda.is_available():
+        pytest.skip("checks the text printed on a machine without a GPU")
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    assert main(["info"]) == 0
+    out = capsys.readouterr().out
+    if _backend.info("triton").available:
+        assert "CPU tensors need TRITON_INTERPRET=1" in out
+    if _backend.info("cuda").available:
+        assert "run on CPU when forced" in out
