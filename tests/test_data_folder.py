@@ -532,17 +532,17 @@ def test_prepare_refuses_an_empty_class_and_keeps_index_and_scan_consistent(tmp_
         prepare(swapped, tmp_path / "o2", 32, workers=0, progress=False)
 
 
-def test_prepare_into_a_new_folder_keeps_the_folders_it_did_not_make(tmp_path, caplog):
-    # Every empty non-class folder of DST used to be removed, even on a first run there.
+def test_prepare_into_a_folder_it_did_not_make_touches_nothing(tmp_path):
+    # Every empty non-class folder of DST used to be removed, even on a first run there; then the
+    # class folders and index.txt were written among the user's files, with a warning.
     src, dst = _raw_tree(tmp_path / "raw"), tmp_path / "out"
     (dst / "keepme").mkdir(parents=True)
     (dst / "other").mkdir()
     (dst / "other" / "f.txt").write_text("data")
-    with caplog.at_level("WARNING"):
+    with pytest.raises(ValueError, match="is not empty and is not an earlier `epg prepare` output"):
         prepare(src, dst, 32, workers=0, progress=False)
-    assert (dst / "keepme").is_dir() and (dst / "other" / "f.txt").read_text() == "data"
-    warned = " ".join(r.getMessage() for r in caplog.records)
-    assert f"{dst / 'keepme'} is not a class of the source" in warned and f"{dst / 'other'} is not" in warned
+    assert sorted(p.name for p in dst.iterdir()) == ["keepme", "other"]
+    assert (dst / "other" / "f.txt").read_text() == "data"
 
 
 # ---------------------------------------------------------------------------------------------

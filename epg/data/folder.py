@@ -62,6 +62,12 @@ ON_ERROR = ("raise", "skip")
 # POSIX file system allows, which os.fsdecode keeps as surrogate escapes) is written and read
 # back as its own bytes, so every name a folder scan finds survives a list.
 LIST_TEXT = dict(encoding="utf-8", errors="surrogateescape")  # open()/read_text() keywords
+# `epg prepare` writes INDEX_LIST beside its class folders, its first line "# PREPARE_HEADER
+# <settings>"; the line "# UNFINISHED_PREPARE" stays in that header from the start of a run to
+# its end, so a killed run leaves it, and a scan of the folder or a read of the list refuses it.
+INDEX_LIST = "index.txt"
+PREPARE_HEADER = "epg prepare:"
+UNFINISHED_PREPARE = "incomplete: the run has not finished"
 
 log = logging.getLogger("epg.data")
 
@@ -173,13 +179,15 @@ class FolderIndex:
             FileNotFoundError / NotADirectoryError: ``root`` is missing or not a folder.
             ValueError: no class folders, no images at all, or (unless ``allow_empty_classes``)
                 a class folder without images — which would otherwise shift no labels but train
-                a class that never appears.
+                a class that never appears; or ``root`` is the output of an ``epg prepare`` run
+                that has not finished (its ``index.txt`` says so).
         """
         root = Path(root)
         if not root.exists():
             raise FileNotFoundError(f"image folder {root} does not exist")
         if not root.is_dir():
             raise NotADirectoryError(f"image folder {root} is not a folder")
+        refuse_unfinished(root / INDEX_LIST)
         exts = tuple(e.lower() for e in extensions)
 
         def is_image(entry: os.DirEntry) -> bool:
@@ -255,11 +263,14 @@ class FolderIndex:
 
         Relative paths are relative to ``root``, by default the list file's folder. Blank lines
         and lines starting with ``#`` are skipped. Existence is not checked here (at ImageNet
-        scale that is a million stats); a missing file fails when loaded, naming it.
+        scale that is a million stats); a missing file fails when loaded, naming it. The
+        ``index.txt`` of an ``epg prepare`` run that has not finished is refused, as
+        :meth:`scan` refuses its folder.
         """
         list_file = Path(list_file)
         if not list_file.is_file():
             raise FileNotFoundError(f"file list {list_file} does not exist")
+        refuse_unfinished(list_file)
         paths, labels, kinds, comments, numbers = [], [], set(), [], []
         text = list_file.read_text(**LIST_TEXT)
         if "\0" in text:  # a checkpoint, an archive or an image given as data_options.path
@@ -298,6 +309,34 @@ class FolderIndex:
                                      "class from; give it one (CLASS/FILE) or every line a label (FILE LABEL)")  # fmt: skip
         root = Path(root) if root is not None else list_file.parent.resolve()
         return cls.from_files(paths, labels if kinds == {"labelled"} else None, root)
+
+
+def prepare_header(list_file: str | os.PathLike) -> list[str]:
+    """The ``#`` header lines (without ``# ``) of an index list ``epg prepare`` wrote; [] for a
+    missing or unreadable file or any other file. Reads the header only, not the whole list."""
+    header = []
+    try:
+        with open(list_file, **LIST_TEXT) as f:
+            for line in f:
+                if not line.startswith("# "):
+                    break
+                header.append(line[2:].rstrip("\r\n"))
+    except OSError:
+        return []
+    return header if header and header[0].startswith(PREPARE_HEADER) else []
+
+
+def refuse_unfinished(list_file: Path) -> None:
+    """Refuse the output of an `epg prepare` run that has not finished (it was killed, or still
+    runs): some of its images are missing, and training on it would go on without a word."""
+    header = prepare_header(list_file)
+    if UNFINISHED_PREPARE in header:
+        raise ValueError(
+            f"{list_file.parent} is an unfinished `epg prepare` output: its {list_file.name} says "
+            f"the run ({header[0].removeprefix(PREPARE_HEADER).strip()}) has not finished, so "
+            "images are missing. Rerun the same `epg prepare` command to finish it (the prepared "
+            "images are kept), then train on it"
+        )
 
 
 def _class_folder(path: str) -> str:
