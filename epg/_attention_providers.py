@@ -41,12 +41,20 @@ def _heads(qkv: Tensor, num_heads: int) -> tuple[int, int, int]:
     return B, T, width // (3 * num_heads)
 
 
+def sdpa_kernel_problem() -> str | None:
+    """What is wrong with ``EPG_SDPA_KERNEL`` (None: unset or valid)."""
+    name = os.environ.get(SDPA_KERNEL_ENV, "").strip().lower()
+    if name and name not in _SDPA_KERNELS:
+        return f"{SDPA_KERNEL_ENV}={name!r}: expected one of {sorted(_SDPA_KERNELS)}"
+    return None
+
+
 def _sdpa_context():
     name = os.environ.get(SDPA_KERNEL_ENV, "").strip().lower()
     if not name:
         return contextlib.nullcontext()
-    if name not in _SDPA_KERNELS:
-        raise ValueError(f"{SDPA_KERNEL_ENV}={name!r}: expected one of {sorted(_SDPA_KERNELS)}")
+    if problem := sdpa_kernel_problem():
+        raise ValueError(problem)
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     return sdpa_kernel(getattr(SDPBackend, _SDPA_KERNELS[name]))

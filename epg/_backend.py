@@ -249,9 +249,9 @@ def is_forced(op: str) -> bool:
 
 
 def environment_problems() -> list[str]:
-    """What is wrong with the ``EPG_BACKEND*`` variables (empty: nothing). Commands check this
-    when they start: a typo otherwise fails at the first op, after data, checkpoints and output
-    folders were already touched."""
+    """What is wrong with the ``EPG_BACKEND*`` and ``EPG_SDPA_KERNEL`` variables (empty:
+    nothing). Commands check this when they start: a typo otherwise fails at the first op,
+    after data, checkpoints and output folders were already touched."""
     problems = []
     for var, raw in sorted(os.environ.items()):
         if var != ENV_VAR and not var.startswith(ENV_VAR + "_"):
@@ -273,6 +273,10 @@ def environment_problems() -> list[str]:
             if value == "flash_attn" or os.environ.get("TRITON_INTERPRET") != "1":
                 why = _why_not(info(value), "attention", torch.device("cpu"))
                 problems.append(f"{var}={raw!r}: no CUDA GPU here, and {why}")
+    from ._attention_providers import sdpa_kernel_problem
+
+    if sdpa_problem := sdpa_kernel_problem():  # read at the first attention call otherwise
+        problems.append(sdpa_problem)
     return problems
 
 

@@ -33,6 +33,8 @@ Shapes: B batch, T tokens, D width, H heads, Dh head dim, C channels, p patch si
 
 from __future__ import annotations
 
+import functools
+import inspect
 import math
 from collections.abc import Callable
 
@@ -138,6 +140,28 @@ def _check(condition: bool, message: Callable[[], str]) -> None:
         raise ValueError(message())
 
 
+def _tensor_arguments(fn: Callable) -> Callable:
+    """``fn`` with the AttributeError of a number or a list given for one of its tensor
+    arguments ("'float' object has no attribute 'shape'") turned into a TypeError naming the
+    argument; free until it fires (a try block)."""
+    signature = inspect.signature(fn)
+    tensors = [name for name, p in signature.parameters.items() if p.annotation == "Tensor"]
+
+    @functools.wraps(fn)
+    def op(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except AttributeError:
+            given = signature.bind(*args, **kwargs).arguments
+            for name in tensors:
+                if name in given and not isinstance(given[name], Tensor):
+                    raise TypeError(f"{fn.__name__}: {name} must be a tensor, got "
+                                    f"{type(given[name]).__name__}") from None  # fmt: skip
+            raise
+
+    return op
+
+
 def _check_tensor(name: str, arg: str, t: object, what: str) -> None:
     """A TypeError naming ``arg`` for a number where a tensor is due (else: 'no attribute dim')."""
     if not isinstance(t, Tensor):
@@ -184,6 +208,7 @@ def _layer_norm_grad(ctx, grad):
 _register_autograd(_layer_norm_op, _layer_norm_grad, _layer_norm_setup)
 
 
+@_tensor_arguments
 def layer_norm(x: Tensor, weight: Tensor, bias: Tensor, eps: float = 1e-5) -> Tensor:
     """LayerNorm over the last dim, statistics in float32, result in x's dtype.
 
@@ -228,6 +253,7 @@ def _ln_modulate_grad(ctx, grad):
 _register_autograd(_ln_modulate_op, _ln_modulate_grad, _ln_modulate_setup)
 
 
+@_tensor_arguments
 def ln_modulate(
     x: Tensor, weight: Tensor, bias: Tensor, shift: Tensor, scale: Tensor, eps: float = 1e-5
 ) -> Tensor:
@@ -278,6 +304,7 @@ def _gated_residual_grad(ctx, grad):
 _register_autograd(_gated_residual_op, _gated_residual_grad, _gated_residual_setup)
 
 
+@_tensor_arguments
 def gated_residual(x: Tensor, gate: Tensor, y: Tensor) -> Tensor:
     """x + gate·y, the adaLN-Zero residual update with a per-sample gate broadcast over tokens.
 
@@ -321,6 +348,7 @@ def _attention_grad(ctx, grad):
 _register_autograd(_attention_op, _attention_grad, _attention_setup)
 
 
+@_tensor_arguments
 def attention(qkv: Tensor, num_heads: int) -> Tensor:
     """Non-causal multi-head attention on the packed output of a fused qkv projection.
 
@@ -366,6 +394,7 @@ def _patch_embed_grad(ctx, grad):
 _register_autograd(_patch_embed_op, _patch_embed_grad, _patch_embed_setup)
 
 
+@_tensor_arguments
 def patch_embed(img: Tensor, weight: Tensor, bias: Tensor, pos_embed: Tensor) -> Tensor:
     """Image → patch tokens: the stride-p convolution as tokens, + bias + positional embedding.
 
@@ -438,6 +467,7 @@ def _output_head_grad(ctx, grad):
 _register_autograd(_output_head_op, _output_head_grad, _output_head_setup)
 
 
+@_tensor_arguments
 def output_head(
     x: Tensor,
     norm_weight: Tensor,
@@ -498,6 +528,7 @@ def _timestep_embedding_grad(ctx, grad):
 _register_autograd(_timestep_embedding_op, _timestep_embedding_grad, _timestep_embedding_setup)
 
 
+@_tensor_arguments
 def timestep_embedding(t: Tensor, dim: int) -> Tensor:
     """Sinusoidal time embedding [cos(t·f), sin(t·f)] (cos first), f_k = 10000^(−2k/dim).
 
@@ -558,6 +589,7 @@ def _edm_scalings_grad(ctx, *grads):
 _register_autograd(_edm_scalings_op, _edm_scalings_grad, _edm_scalings_setup)
 
 
+@_tensor_arguments
 def edm_scalings(
     sigma: Tensor, sigma_data: float = 0.5, sigma_min: float = 0.002, mode: str = "x0"
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -655,6 +687,7 @@ def _noise_precondition_grad(ctx, grad_x_in, *grad_scalings):
 _register_autograd(_noise_precondition_op, _noise_precondition_grad, _noise_precondition_setup)
 
 
+@_tensor_arguments
 def noise_precondition(
     x0: Tensor,
     eps: Tensor,
@@ -756,6 +789,7 @@ def _weighted_mse_loss_grad(ctx, grad, _grad_mse):
 _register_autograd(_weighted_mse_loss_op, _weighted_mse_loss_grad, _loss_setup)
 
 
+@_tensor_arguments
 def weighted_mse_loss(pred: Tensor, target: Tensor, weight: Tensor) -> Tensor:
     """Per-sample weighted MSE: loss_b = weight_b · mean over sample b of (pred − target)².
 
@@ -796,6 +830,7 @@ def _pseudo_huber_loss_grad(ctx, grad, _grad_sqsum):
 _register_autograd(_pseudo_huber_loss_op, _pseudo_huber_loss_grad, _loss_setup)
 
 
+@_tensor_arguments
 def pseudo_huber_loss(pred: Tensor, target: Tensor, weight: Tensor, c: float = 0.06) -> Tensor:
     """The consistency loss of stage 2b (§7.3) per sample: with S_b = Σ over sample b of
     (pred − target)², loss_b = weight_b · S_b / sqrt(sg(S_b) + c²).
@@ -826,6 +861,7 @@ def _normalize_images_op(
     return _run("normalize_images", images, images, flip, mean, std, dtype)
 
 
+@_tensor_arguments
 def normalize_images(
     images: Tensor, convention: str, flip: Tensor | None = None, dtype: torch.dtype = torch.float32
 ) -> Tensor:
@@ -872,6 +908,7 @@ def _to_uint8_op(images: Tensor, mean: list[float], std: list[float]) -> Tensor:
     return _run("to_uint8", images, images, mean, std)
 
 
+@_tensor_arguments
 def to_uint8(images: Tensor, convention: str) -> Tensor:
     """Normalised images → uint8 for saving: the inverse of :func:`normalize_images`.
 
@@ -941,6 +978,7 @@ def _check_element_size(name: str, arg: str, t: Tensor) -> None:
     )
 
 
+@_tensor_arguments
 def patchify_hwc(img: Tensor, patch_size: int) -> Tensor:
     """Image → patch tokens in the model's output layout: features in (p1, p2, c) order.
 
@@ -959,6 +997,7 @@ def patchify_hwc(img: Tensor, patch_size: int) -> Tensor:
     return _patchify_hwc_op(img, int(patch_size))
 
 
+@_tensor_arguments
 def unpatchify_hwc(tokens: Tensor, patch_size: int, height: int | None = None) -> Tensor:
     """Patch tokens with (p1, p2, c) features → image, as the EPG output head does.
 
@@ -1014,6 +1053,7 @@ def _info_nce_grad(ctx, grad):
 _register_autograd(_info_nce_op, _info_nce_grad, _info_nce_setup)
 
 
+@_tensor_arguments
 def info_nce(q: Tensor, k: Tensor, tau: float | Tensor) -> Tensor:
     """InfoNCE of L2-normalised queries q (B, D) against keys k (M ≥ B, D), key i being query i's
     positive (§5.3): loss_i = logsumexp_j(q_i·k_j/τ) − q_i·k_i/τ, (B,) float32.

@@ -221,3 +221,27 @@ def test_info_prints_what_the_backends_can_run_here(monkeypatch, fresh_probes, c
         assert "CPU tensors need TRITON_INTERPRET=1" in out
     if _backend.info("cuda").available:
         assert "run on CPU when forced" in out
+
+
+def test_every_op_names_a_tensor_argument_given_as_a_number():
+    # gated_residual(x, 0.5, x) and ln_modulate(..., 0.0, scale) were "'float' object has no
+    # attribute 'shape'".
+    x, w, b = torch.randn(2, 3, 8), torch.ones(8), torch.zeros(8)
+    cases = [
+        (lambda: ops.gated_residual(x, 0.5, x), "gated_residual: gate must be a tensor, got float"),
+        (lambda: ops.ln_modulate(x, w, b, 0.0, torch.zeros(2, 8)), "ln_modulate: shift must be a tensor, got float"),
+        (lambda: ops.layer_norm([1.0], w, b), "layer_norm: x must be a tensor, got list"),
+        (lambda: ops.patch_embed(torch.randn(2, 3, 8, 8), 1.0, b, b), "patch_embed: weight must be a tensor, got float"),
+        (lambda: ops.info_nce(torch.randn(2, 4), None, 0.2), "info_nce: k must be a tensor, got NoneType"),
+    ]  # fmt: skip
+    for call, message in cases:
+        with pytest.raises(TypeError, match=f"^{message}$"):
+            call()
+
+
+def test_a_bad_sdpa_kernel_variable_is_an_environment_problem(monkeypatch):
+    # It was read at the first attention call only: after the run folder was made.
+    monkeypatch.setenv("EPG_SDPA_KERNEL", "bogus")
+    assert any("EPG_SDPA_KERNEL='bogus': expected one of" in p for p in _backend.environment_problems())
+    monkeypatch.setenv("EPG_SDPA_KERNEL", "math")
+    assert not any("EPG_SDPA_KERNEL" in p for p in _backend.environment_problems())
