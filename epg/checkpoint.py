@@ -302,6 +302,11 @@ def load(directory: str | os.PathLike, device: str | torch.device = "cpu") -> nn
     path = run_output(directory)
     if path.is_file() and path.suffix != ".safetensors":
         _refuse_other_file(path)
+    if path.is_dir() and not (path / CONFIG_NAME).is_file():
+        official = [n for n in OFFICIAL_NAMES if (path / n).is_file()]
+        if official:
+            raise CheckpointError(f"{path} holds an official EPG checkpoint ({official[0]}): read it with "
+                                  "checkpoint.load_official(path, config_name)")  # fmt: skip
     if path.is_file():  # the weights file itself was given: its folder holds the config
         directory, weights = path.parent, path
     else:

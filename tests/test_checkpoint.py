@@ -347,6 +347,10 @@ def test_load_takes_a_finished_run_folder_and_names_the_files_it_cannot_read(tmp
     torch.save(model.state_dict(), tmp_path / "net.pth")
     with pytest.raises(ck.CheckpointError, match=r"net.pth is not an epg checkpoint.*load_official"):
         ck.load(tmp_path / "net.pth")
+    (tmp_path / "official").mkdir()
+    (tmp_path / "net.pth").rename(tmp_path / "official" / "nnet_ema.pth")
+    with pytest.raises(ck.CheckpointError, match=r"holds an official EPG checkpoint \(nnet_ema.pth\).*load_official"):
+        ck.load(tmp_path / "official")
     with pytest.raises(ValueError, match=r"device 'gpu' is not a device name \(cpu, cuda, cuda:N\)"):
         ck.load(run, device="gpu")
 
