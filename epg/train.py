@@ -975,9 +975,10 @@ class Trainer:
                              "epg.ops.normalize_images turns (N, H, W, C) uint8 into them)")  # fmt: skip
         # Normalised images lie within a few units of 0 under every convention; 0..255 is the
         # usual slip, and it trains without an error, to nothing.
-        if images.numel() and float(images.detach().abs().amax()) > 10:
-            raise ValueError(f"training images reach {float(images.detach().abs().amax()):g}: pixel values "
-                             "rather than normalised ones (2·x/255 − 1 for 'simple')?")  # fmt: skip
+        peak = float(images.detach().abs().amax()) if images.numel() else 0.0
+        if peak > 10:
+            raise ValueError(f"training images reach {peak:g}: pixel values rather than normalised "
+                             "ones (2·x/255 − 1 for 'simple')?")  # fmt: skip
         labels = data.get("label")
         if labels is not None and (not isinstance(labels, Tensor) or labels.shape != (len(images),)
                                    or labels.dtype not in (torch.int64, torch.int32)):  # fmt: skip
