@@ -412,7 +412,8 @@ def patch_embed(img: Tensor, weight: Tensor, bias: Tensor, pos_embed: Tensor) ->
     _check(
         p == p2 and c_img == C and H % p == 0 and W % p == 0,
         lambda: f"patch_embed: img {tuple(img.shape)} does not fit weight {tuple(weight.shape)} "
-        f"(expected {C} channels and sides divisible by {p})",
+        f"(expected {C} channels and sides divisible by {p})"
+        + (": it looks like (B, H, W, C), pass img.permute(0, 3, 1, 2)" if W == C != c_img else ""),
     )
     n = (H // p) * (W // p)
     _check(

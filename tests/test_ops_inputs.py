@@ -245,3 +245,11 @@ def test_a_bad_sdpa_kernel_variable_is_an_environment_problem(monkeypatch):
     assert any("EPG_SDPA_KERNEL='bogus': expected one of" in p for p in _backend.environment_problems())
     monkeypatch.setenv("EPG_SDPA_KERNEL", "math")
     assert not any("EPG_SDPA_KERNEL" in p for p in _backend.environment_problems())
+
+
+def test_patch_embed_names_the_permute_for_a_channels_last_image():
+    weight, bias, pos = torch.randn(64, 3, 4, 4), torch.zeros(64), torch.zeros(64, 64)
+    with pytest.raises(ValueError, match=r"looks like \(B, H, W, C\), pass img.permute\(0, 3, 1, 2\)"):
+        ops.patch_embed(torch.randn(2, 32, 32, 3), weight, bias, pos)
+    with pytest.raises(ValueError, match=r"expected 3 channels and sides divisible by 4\)$"):
+        ops.patch_embed(torch.randn(2, 1, 32, 32), weight, bias, pos)  # not transposed: no hint
