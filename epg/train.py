@@ -565,12 +565,15 @@ def export_checkpoint(path: str | os.PathLike, out: str | os.PathLike | None = N
         state = read_checkpoint(path)
     cfg, step = state["config"], state["step"]
     if out is None:
-        run = ckpt.run_folder_of(path) or path.parent
-        out = run / EXPORTS_NAME / f"step_{step:08d}"
+        out = _run_of(path) / EXPORTS_NAME / f"step_{step:08d}"
     out = Path(out)
     if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not _is_export(out))):
         raise FileExistsError(f"{out} exists and is not an earlier export; the export needs a new or empty "
                               "folder (it replaces only what epg export wrote)")  # fmt: skip
+    earlier = _exported_from(out)
+    if earlier is not None and _run_of(earlier) != _run_of(path):
+        raise FileExistsError(f"{out} holds an export of another run ({earlier}); export {path} into a new "
+                              "or empty folder, or remove that one first")  # fmt: skip
     config = ckpt.config_from_dict(state["model_config"])
     weights = state["ema"] if state["ema"] is not None else state["model"]
     net = ckpt.network_from_state(config, weights, str(path))
@@ -586,10 +589,21 @@ def export_checkpoint(path: str | os.PathLike, out: str | os.PathLike | None = N
 def _is_export(folder: Path) -> bool:
     """Whether ``folder`` holds what :func:`export_checkpoint` wrote (and nothing it may not
     replace, such as a run's ``final/``)."""
+    return _exported_from(folder) is not None
+
+
+def _exported_from(folder: Path) -> Path | None:
+    """The training checkpoint an export in ``folder`` was written from; None for no export."""
     try:
-        return "exported_from" in ckpt.read_config(folder)[1]
+        source = ckpt.read_config(folder)[1].get("exported_from")
     except (OSError, ValueError):
-        return False
+        return None
+    return Path(source) if isinstance(source, str) else None
+
+
+def _run_of(checkpoint_file: Path) -> Path:
+    """The run folder of a training checkpoint (its own folder for a file outside a run)."""
+    return ckpt.run_folder_of(checkpoint_file) or checkpoint_file.parent
 
 
 def sample_preview(trainer: Trainer, step: int) -> Path | None:

@@ -111,3 +111,16 @@ def test_a_checkpoint_from_before_the_convention_was_recorded_gets_the_datas(tmp
     state["config"]["data"] = "folder"
     torch.save(state, path)
     assert export_checkpoint(path, tmp_path / "f")[1]["convention"] == "imagenet"  # the folder loader's default
+
+
+def test_an_export_of_another_run_is_not_replaced(tmp_path):
+    # `epg export s1 --out s2/exports/step_3` used to replace s2's export with s1's network.
+    for name in ("a", "b"):
+        Trainer(_cfg(tmp_path / name, "diffusion", steps=2, ckpt_every=1)).fit()
+    run_a, run_b, out = tmp_path / "a" / "run", tmp_path / "b" / "run", tmp_path / "out"
+    export_checkpoint(run_a / "checkpoints" / "step_00000001.pt", out)
+    export_checkpoint(run_a, out)  # the same run, a later step: replaced as before
+    assert _meta(out)["step"] == 2
+    with pytest.raises(FileExistsError, match=r"out holds an export of another run \(.*a/run/checkpoints"):
+        export_checkpoint(run_b, out)
+    assert _meta(out)["exported_from"].startswith(str(run_a))
