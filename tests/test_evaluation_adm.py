@@ -353,11 +353,17 @@ def test_gpu_features_and_manifolds_match_the_cpu():
     def flags():
         return torch.backends.cudnn.conv.fp32_precision, torch.backends.cuda.matmul.fp32_precision
 
-    before = flags()
-    with torch.no_grad():
-        cpu = model(images)
-        gpu = model.cuda()(images)
-    assert flags() == before
+    # The test session runs in IEEE float32 (conftest); this test starts from TF32, cuDNN's
+    # default, to see the network switch it off and back.
+    session = flags()
+    torch.backends.cudnn.conv.fp32_precision = torch.backends.cuda.matmul.fp32_precision = "tf32"
+    try:
+        with torch.no_grad():
+            cpu = model(images)
+            gpu = model.cuda()(images)
+        assert flags() == ("tf32", "tf32")
+    finally:
+        torch.backends.cudnn.conv.fp32_precision, torch.backends.cuda.matmul.fp32_precision = session
     for name, c, g in zip(cpu._fields, cpu, gpu):
         assert g.is_cuda
         err = (g.cpu() - c).abs().max() / c.abs().max()
