@@ -172,8 +172,9 @@ def make_inputs(op: str, dims: dict[str, int], device: torch.device, act: torch.
                 rand(N, D, scale=0.02)]  # fmt: skip
     if op == "output_head":
         k = C * p * p
-        return [rand(B, N, D), rand(D, dtype=f32), rand(D, dtype=f32), rand(k, D, scale=0.02),
-                rand(k), p, 1e-6]  # fmt: skip
+        # fp32 weights, as training gives them (the op layer is not autocast)
+        return [rand(B, N, D), rand(D, dtype=f32), rand(D, dtype=f32),
+                rand(k, D, dtype=f32, scale=0.02), rand(k, dtype=f32), p, 1e-6]  # fmt: skip
     if op == "timestep_embedding":
         return [rand(B, dtype=f32, scale=400.0), dims["dim"]]  # t = 250·ln σ
     if op == "edm_scalings":
@@ -205,7 +206,8 @@ def make_inputs(op: str, dims: dict[str, int], device: torch.device, act: torch.
 
 def byte_sizes(act: torch.dtype) -> dict[str, int]:
     a = torch.empty((), dtype=act).element_size()
-    return {"act": a, "param": 4, "weight": a, "mod": a, "f32": 4, "data": 4}
+    # "weight": patch_embed's and output_head's, float32 in training (see make_inputs)
+    return {"act": a, "param": 4, "weight": 4, "mod": a, "f32": 4, "data": 4}
 
 
 def _provider_fn(op: str, provider: str, device: torch.device):
@@ -248,12 +250,17 @@ def _provider_fn(op: str, provider: str, device: torch.device):
     raise ValueError(f"unknown provider {provider!r}")
 
 
+FLOAT32_IN_TRAINING = frozenset({"patch_embed"})
+
+
 @pytest.mark.parametrize("device,op,shape,batch,mode,provider", list(_cases()))
 def test_op(benchmark, device, op, shape, batch, mode, provider):
     gpu = device == "cuda"
     common.require_time(30.0 if provider == "ref_compiled" else 5.0)
     dev = common.cuda_device() if gpu else torch.device("cpu")
-    act = torch.bfloat16 if gpu else torch.float32
+    # bf16 activations, as autocast training gives the ops; patch_embed gets float32 there (the
+    # op layer is not autocast: the data image and the fp32 weights reach it unconverted).
+    act = torch.bfloat16 if gpu and op not in FLOAT32_IN_TRAINING else torch.float32
     dims = dims_of(op, shape, batch)
     fn, context = _provider_fn(op, provider, dev)
     args = make_inputs(op, dims, dev, act)

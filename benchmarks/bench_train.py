@@ -64,7 +64,7 @@ CPU_BATCH, CPU_QUICK_BATCH = 64, 16
 # Compiled paths run after every other case (conftest.py), so a time budget reaches them last.
 PATH_ORDER = ("eager_ref", "eager_epg", "compiled_epg", "compiled_ref")
 # Seconds a case needs at most (gpu_check.sh budget): compiling a paper-size step is the cost.
-COST_S = {("cuda", False): 60.0, ("cuda", True): 200.0, ("cpu", False): 30.0, ("cpu", True): 240.0}
+COST_S = {("cuda", False): 30.0, ("cuda", True): 200.0, ("cpu", False): 30.0, ("cpu", True): 240.0}
 
 
 def _cases():

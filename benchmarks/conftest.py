@@ -52,16 +52,17 @@ def _is_benchmark(item) -> bool:
 
 
 def _run_order(item) -> int:
-    """Where a case runs, so that a time budget (gpu_check.sh) spends itself on the many cheap
-    op figures first: the op cases, then the op cases that compile the reference (a compile
-    each), loaders, sampling, eager training steps, and compiled training steps (minutes each)."""
+    """Where a case runs, so that a time budget (gpu_check.sh) spends itself on the figures the
+    README leads with: the many cheap op cases, then sampling and eager training steps (about
+    10 s each on a GPU), the op cases that compile the reference (a compile each), loaders, and
+    compiled training steps (minutes each)."""
     params = getattr(getattr(item, "callspec", None), "params", {})
     kind = getattr(item.module, "KIND", None)
     if kind == "op":
-        return 1 if params.get("provider") == "ref_compiled" else 0
+        return 3 if params.get("provider") == "ref_compiled" else 0
     if kind == "train":
-        return 5 if str(params.get("path", "")).startswith("compiled") else 4
-    return 3 if kind == "sampling" else 2
+        return 5 if str(params.get("path", "")).startswith("compiled") else 2
+    return 1 if kind == "sampling" else 4
 
 
 def pytest_collection_modifyitems(config, items):
@@ -85,9 +86,13 @@ def _jsonable(value):
 def pytest_runtest_makereport(item, call):
     outcome = yield
     report = outcome.get_result()
-    if report.skipped and _is_benchmark(item):
+    if (report.skipped or report.failed) and _is_benchmark(item):
         longrepr = report.longrepr
-        reason = longrepr[2] if isinstance(longrepr, tuple) else str(longrepr)
+        if report.failed:  # listed with its error: the summary would otherwise just lack the row
+            errors = [line[1:].strip() for line in report.longreprtext.splitlines() if line.startswith("E ")]
+            reason = "failed: " + (errors[0] if errors else "see benchmarks.log")[:200]
+        else:
+            reason = longrepr[2] if isinstance(longrepr, tuple) else str(longrepr)
         params = getattr(getattr(item, "callspec", None), "params", {})
         _NOT_RUN.append(
             {

@@ -20,7 +20,7 @@
 #   EPG_CHECK_BUDGET_S  total seconds to plan for (default 470); later steps shrink to fit
 #   EPG_CHECK_CPU_ONLY  1: behave as on a machine without a GPU
 #   MAX_JOBS, EPG_NVCC_THREADS   build parallelism (default MAX_JOBS = number of CPUs)
-#   EPG_CHECK_TEST_WORKERS  pytest-xdist workers for the GPU tests when xdist is installed (default 4)
+#   EPG_CHECK_TEST_WORKERS  pytest-xdist workers for the GPU tests when xdist is installed (default 8)
 #   EPG_GIT_REV         revision to record when the tree has no .git
 #   EPG_WHEELS          folder of wheels to install missing test tools or epg dependencies from
 #                       (offline, into a venv over the interpreter; default: .whl/ in the repo)
@@ -54,9 +54,9 @@ pytest_summary() {  # the last "N passed, M skipped ..." line of a pytest log
     grep -E '[0-9]+ (passed|failed|skipped|error|errors|deselected)' "$1" | tail -n 1 | sed 's/=//g; s/^ *//; s/ *$//'
 }
 run_limited() {  # run_limited SECONDS LOG CMD...: SIGINT at the limit (pytest still writes its
-    local limit=$1 log=$2  # results), SIGKILL 30 s later
+    local limit=$1 log=$2  # results), SIGKILL 10 s later
     shift 2
-    timeout -s INT -k 30 "$limit" "$@" > "$log" 2>&1
+    timeout -s INT -k 10 "$limit" "$@" > "$log" 2>&1
 }
 
 # --- interpreter and environment -------------------------------------------------------------------
@@ -135,7 +135,7 @@ if [ "$HAVE_GPU" != "1" ]; then
     step "build CUDA extension" "skipped" "no GPU; $DETAIL"
 else
     LIMIT=$(min 240 $(( $(left) - 200 )))
-    say "building epg._C for sm_$ARCH (limit ${LIMIT}s, log build.log)"
+    say "building epg._C for sm_${ARCH//./} (limit ${LIMIT}s, log build.log)"
     T0=$(date +%s)
     if [ "$LIMIT" -gt 30 ] && run_limited "$LIMIT" "$OUT_DIR/build.log" env EPG_BUILD_CUDA=1 \
         TORCH_CUDA_ARCH_LIST="$ARCH" MAX_JOBS="${MAX_JOBS:-$(nproc)}" "$PY" setup.py build_ext --inplace &&
@@ -158,7 +158,7 @@ else
     # On a fresh machine every Triton test compiles its kernels' specialisations on first use, one
     # after another in one process; pytest-xdist (in the GPU image) spreads them over workers.
     WORKERS=()
-    if "$PY" -c "import xdist" 2>/dev/null; then WORKERS=(-n "${EPG_CHECK_TEST_WORKERS:-4}"); fi
+    if "$PY" -c "import xdist" 2>/dev/null; then WORKERS=(-n "${EPG_CHECK_TEST_WORKERS:-8}"); fi
     say "GPU tests: pytest -m 'cuda or triton' tests ${WORKERS[*]} (limit ${LIMIT}s, log gpu-tests.log)"
     run_limited "$LIMIT" "$OUT_DIR/gpu-tests.log" "$PY" -m pytest tests -m "cuda or triton" -q \
         -p no:cacheprovider "${WORKERS[@]}"

@@ -24,7 +24,8 @@ Figures (per call = median round time / calls per round):
   sampling  images/s = batch / time of one Heun-32 batch; the same FLOP-based fraction
   loader    images/s = batch / time per batch
 
-``--compact`` prints a short plain-text table (gpu_check.sh prints it last); ``--steps`` adds
+``--compact`` prints a short plain-text table, the steps and the run last (gpu_check.sh
+prints it last); ``--steps`` adds
 gpu_check.sh's step statuses (a TSV of step, status, detail). Standard library only.
 """
 
@@ -414,7 +415,7 @@ def render_compact(runs: list[Run], measured: list[dict], not_run: list[dict],
         lines.append(f"run {run.ref} {env.get('date', '?')}  {run.device_text()}  "
                      f"torch {env.get('torch')}  Triton {env.get('triton') or '—'}  "
                      f"CUDA {run.cuda_text()}  git {env.get('git_revision')}")  # fmt: skip
-    rows = [(name, f"{status}: {det}" if det else status) for name, status, det in steps or []]
+    rows = []
     # The other providers of an op case with a speed-up are in it (and in summary.md): the
     # table stays short enough for the end of a log that is cut to its last 12,000 characters.
     summarised = {_case(row) for row in measured if row.get("speedup") is not None}
@@ -438,8 +439,10 @@ def render_compact(runs: list[Run], measured: list[dict], not_run: list[dict],
     if missing:
         counts = ", ".join(f"{n} {kind}" for kind, n in sorted(missing.items()))
         rows.append(("GPU cases skipped", f"{counts} ({NOT_ON_GPU})"))
+    # The steps and the run last: a log cut to its last 12,000 characters keeps them.
+    rows += [(name, f"{status}: {det}" if det else status) for name, status, det in steps or []]
     width = max((len(name) for name, _ in rows), default=0)
-    return "\n".join(lines + [f"{name.ljust(width)}  {value}" for name, value in rows]) + "\n"
+    return "\n".join([f"{name.ljust(width)}  {value}" for name, value in rows] + lines) + "\n"
 
 
 # --- summary JSON and the command line --------------------------------------------------------
