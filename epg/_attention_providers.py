@@ -41,20 +41,26 @@ def _heads(qkv: Tensor, num_heads: int) -> tuple[int, int, int]:
     return B, T, width // (3 * num_heads)
 
 
+def _sdpa_kernel_name() -> str:
+    return os.environ.get(SDPA_KERNEL_ENV, "").strip().lower()
+
+
+def _unknown_kernel(name: str) -> str:
+    return f"{SDPA_KERNEL_ENV}={name!r}: expected one of {sorted(_SDPA_KERNELS)}"
+
+
 def sdpa_kernel_problem() -> str | None:
     """What is wrong with ``EPG_SDPA_KERNEL`` (None: unset or valid)."""
-    name = os.environ.get(SDPA_KERNEL_ENV, "").strip().lower()
-    if name and name not in _SDPA_KERNELS:
-        return f"{SDPA_KERNEL_ENV}={name!r}: expected one of {sorted(_SDPA_KERNELS)}"
-    return None
+    name = _sdpa_kernel_name()
+    return _unknown_kernel(name) if name and name not in _SDPA_KERNELS else None
 
 
 def _sdpa_context():
-    name = os.environ.get(SDPA_KERNEL_ENV, "").strip().lower()
+    name = _sdpa_kernel_name()  # read once per attention call
     if not name:
         return contextlib.nullcontext()
-    if problem := sdpa_kernel_problem():
-        raise ValueError(problem)
+    if name not in _SDPA_KERNELS:
+        raise ValueError(_unknown_kernel(name))
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     return sdpa_kernel(getattr(SDPBackend, _SDPA_KERNELS[name]))

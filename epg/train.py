@@ -978,7 +978,7 @@ class Trainer:
         if not isinstance(data, Mapping):
             raise TypeError(f"data must be a dict of tensors, {wanted}; got a {type(data).__name__}")
         conditional = self.cfg.mode != "pretrain" and bool(getattr(self.model.config, "num_classes", 0))
-        missing = [k for k in ("image", "label") if k not in data and (k == "image" or conditional)]
+        missing = [k for k in (("image", "label") if conditional else ("image",)) if k not in data]
         if missing:
             raise ValueError(f"data needs {wanted}; {', '.join(map(repr, missing))} missing from keys {sorted(data)}")
         images = data["image"]
