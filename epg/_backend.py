@@ -33,7 +33,6 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import difflib
-import functools
 import importlib
 import os
 from collections.abc import Callable, Iterator
@@ -67,7 +66,6 @@ class BackendInfo:
     supports: dict[str, Callable[..., str | None]] = field(default_factory=dict)
 
 
-@functools.cache
 def _reference_info() -> BackendInfo:
     ops = {
         name: fn
@@ -77,7 +75,6 @@ def _reference_info() -> BackendInfo:
     return BackendInfo("reference", True, "plain PyTorch (epg.reference)", ops, runs_on_cuda=True)
 
 
-@functools.cache
 def _triton_info() -> BackendInfo:
     try:
         import epg_kernels
@@ -104,7 +101,6 @@ def _triton_info() -> BackendInfo:
     )  # fmt: skip
 
 
-@functools.cache
 def _cuda_info() -> BackendInfo:
     try:
         from . import _C
@@ -114,7 +110,7 @@ def _cuda_info() -> BackendInfo:
         )
     ops_namespace = torch.ops.epg_C
     impls = {}
-    for name in _reference_info().implementations:
+    for name in info("reference").implementations:
         if hasattr(ops_namespace, name):
             impls[name] = getattr(ops_namespace, name)
     with_cuda = bool(getattr(_C, "WITH_CUDA", 0))
@@ -127,7 +123,6 @@ def _cuda_info() -> BackendInfo:
     return BackendInfo("cuda", True, detail, impls, runs_on_cuda=with_cuda)
 
 
-@functools.cache
 def _sdpa_info() -> BackendInfo:
     from . import _attention_providers as providers
 
@@ -135,7 +130,6 @@ def _sdpa_info() -> BackendInfo:
                        dict(providers.SDPA_IMPLEMENTATIONS), runs_on_cuda=True)  # fmt: skip
 
 
-@functools.cache
 def _flash_info() -> BackendInfo:
     from . import _attention_providers as providers
 
@@ -156,11 +150,25 @@ _INFO = {
 }
 
 
+# The probes' results, per process. A plain dict rather than functools.cache: torch.compile
+# traces a cached function's body (with a warning on every compiled run) but a dict lookup.
+_PROBED: dict[str, BackendInfo] = {}
+
+
 def info(name: str) -> BackendInfo:
     """Availability and implemented ops of one backend."""
-    if name not in _INFO:
-        raise ValueError(f"unknown backend {name!r}; expected one of {BACKENDS}")
-    return _INFO[name]()
+    found = _PROBED.get(name)
+    if found is None:
+        if name not in _INFO:
+            raise ValueError(f"unknown backend {name!r}; expected one of {BACKENDS}")
+        found = _PROBED[name] = _INFO[name]()
+    return found
+
+
+def probe_again() -> None:
+    """Forget the probes' results, so that the next :func:`info` looks again (for tests that
+    change what the probes see)."""
+    _PROBED.clear()
 
 
 # os.environ's own dict (bytes keys on POSIX). torch.compile guards a lookup in it also when the

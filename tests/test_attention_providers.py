@@ -83,7 +83,7 @@ def test_flash_attn_backward_differentiates_an_old_style_autograd_function(monke
     # A CPU stand-in for the backend (the real one takes CUDA tensors only).
     stub = dataclasses.replace(_backend.info("sdpa"), name="flash_attn stub",
                                implementations=dict(_attention_providers.FLASH_IMPLEMENTATIONS))
-    monkeypatch.setitem(_backend._INFO, "flash_attn", lambda: stub)
+    monkeypatch.setitem(_backend._PROBED, "flash_attn", stub)
     qkv, H = _qkv()
     grad = torch.randn(2, 19, 3 * 24, dtype=torch.float64)
     with ops.use_backend("flash_attn", "attention"):

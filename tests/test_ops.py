@@ -3,6 +3,7 @@
 import contextlib
 import math
 import os
+import warnings
 
 import pytest
 import torch
@@ -241,9 +242,10 @@ def test_patch_embed_skips_image_gradient_when_not_needed():
 
 
 @pytest.mark.parametrize("forced", [False, True], ids=["unforced", "forced_reference"])
-def test_ops_under_torch_compile_fullgraph_equal_eager(forced):
+def test_ops_under_torch_compile_fullgraph_equal_eager(forced, monkeypatch):
     """Compiled on a CPU with no backend forced, the network ops are their reference math
-    (inductor can fuse it); forced, they stay custom ops. Both equal eager."""
+    (inductor can fuse it); forced, they stay custom ops. Both equal eager, and dynamo has
+    nothing to warn about (it warned of the backend probes' functools cache)."""
     x = torch.randn(2, 9, 12, requires_grad=True)
     w, b = torch.randn(12, requires_grad=True), torch.randn(12, requires_grad=True)
     shift, scale, gate = (torch.randn(2, 12, requires_grad=True) for _ in range(3))
@@ -263,10 +265,13 @@ def test_ops_under_torch_compile_fullgraph_equal_eager(forced):
     eager = block(x)  # on a CPU: the references called directly
     grads_eager = torch.autograd.grad(eager, [x, w, shift, qkv_w])
     force = ops.use_backend("reference") if forced else contextlib.nullcontext()
-    with force:
+    monkeypatch.setattr(torch._dynamo.utils, "warn_once_cache", set())  # its warnings fire anew
+    with force, warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
         torch.compile(block, fullgraph=True, backend=recording_backend)(x)
         compiled = torch.compile(block, fullgraph=True, backend="aot_eager")(x)
         grads_compiled = torch.autograd.grad(compiled, [x, w, shift, qkv_w])
+    assert not [warning.message for warning in caught if "Dynamo" in str(warning.message)]
     custom = {f"epg.{op}.default" for op in ("ln_modulate", "attention", "gated_residual", "layer_norm")}
     if forced or not _backend.choice_traceable():  # torch 2.11: compiled code keeps the custom ops
         assert custom <= graph_ops

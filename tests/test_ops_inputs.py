@@ -164,12 +164,9 @@ def test_a_misspelt_op_variable_suggests_the_op_meant(monkeypatch):
 def fresh_probes(monkeypatch):
     """Probes the Triton and extension backends anew, and again after the test (which patches what
     they see): their results are cached per process."""
-    probes = (_backend._triton_info, _backend._cuda_info)
-    for probe in probes:
-        probe.cache_clear()
+    _backend.probe_again()
     yield
-    for probe in probes:
-        probe.cache_clear()
+    _backend.probe_again()
 
 
 def _detail(name, monkeypatch, gpu, interpret=None):
@@ -178,8 +175,7 @@ def _detail(name, monkeypatch, gpu, interpret=None):
         monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     else:
         monkeypatch.setenv("TRITON_INTERPRET", interpret)
-    _backend._triton_info.cache_clear()
-    _backend._cuda_info.cache_clear()
+    _backend.probe_again()
     backend = _backend.info(name)
     if not backend.available:
         pytest.skip(f"{name} is unavailable here: {backend.reason}")

@@ -226,7 +226,7 @@ def test_automatic_choice_passes_on_inputs_the_kernel_declines(monkeypatch):
     assert "head dim 320" in supports(torch.zeros(1, 4, 3 * 320), 1)
     # Pretend Triton runs CUDA tensors here, so the choice among backends can be seen on CPU.
     triton = _backend.info("triton")
-    monkeypatch.setitem(_backend._INFO, "triton", lambda: dataclasses.replace(triton, runs_on_cuda=True))
+    monkeypatch.setitem(_backend._PROBED, "triton", dataclasses.replace(triton, runs_on_cuda=True))
     monkeypatch.setattr(_backend, "AUTO_ORDER", ("triton",))
     cuda = torch.device("cuda")
     assert _backend.choose("attention", cuda, (torch.zeros(1, 4, 3 * 72), 1)) == "triton"

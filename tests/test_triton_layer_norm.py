@@ -238,7 +238,7 @@ def test_rows_wider_than_the_kernel_holds_go_to_the_reference(monkeypatch):
     assert f"{max_width + 1} > {max_width}" in supports["layer_norm"](wide, None, None, 1e-6)
     # Pretend Triton runs CUDA tensors here, so the choice among backends can be seen on CPU.
     triton = _backend.info("triton")
-    monkeypatch.setitem(_backend._INFO, "triton", lambda: dataclasses.replace(triton, runs_on_cuda=True))
+    monkeypatch.setitem(_backend._PROBED, "triton", dataclasses.replace(triton, runs_on_cuda=True))
     monkeypatch.setattr(_backend, "AUTO_ORDER", ("triton",))
     cuda = torch.device("cuda")
     assert _backend.choose("ln_modulate_backward", cuda, (ok, ok)) == "triton"

@@ -193,8 +193,7 @@ def test_declines_float64(monkeypatch):
     with pytest.raises(TypeError, match="float64"):
         K["patch_embed"](img, weight, bias, pos)
     triton = _backend.info("triton")
-    monkeypatch.setitem(_backend._INFO, "triton",
-                        lambda: dataclasses.replace(triton, runs_on_cuda=True))
+    monkeypatch.setitem(_backend._PROBED, "triton", dataclasses.replace(triton, runs_on_cuda=True))
     monkeypatch.setattr(_backend, "AUTO_ORDER", ("triton",))
     cuda = torch.device("cuda")
     f32 = tuple(t.float() for t in (img, weight, bias, pos))
