@@ -64,10 +64,12 @@ ON_ERROR = ("raise", "skip")
 LIST_TEXT = dict(encoding="utf-8", errors="surrogateescape")  # open()/read_text() keywords
 # `epg prepare` writes INDEX_LIST beside its class folders, its first line "# PREPARE_HEADER
 # <settings>"; the line "# UNFINISHED_PREPARE" stays in that header from the start of a run to
-# its end, so a killed run leaves it, and a scan of the folder or a read of the list refuses it.
+# its end, so a killed run leaves it, and a scan of the folder or a read of the list refuses it,
+# as it refuses any other header line starting INCOMPLETE_PREPARE (a run that lost a class).
 INDEX_LIST = "index.txt"
 PREPARE_HEADER = "epg prepare:"
-UNFINISHED_PREPARE = "incomplete: the run has not finished"
+INCOMPLETE_PREPARE = "incomplete:"
+UNFINISHED_PREPARE = f"{INCOMPLETE_PREPARE} the run has not finished"
 
 log = logging.getLogger("epg.data")
 
@@ -328,14 +330,22 @@ def prepare_header(list_file: str | os.PathLike) -> list[str]:
 
 def refuse_unfinished(list_file: Path) -> None:
     """Refuse the output of an `epg prepare` run that has not finished (it was killed, or still
-    runs): some of its images are missing, and training on it would go on without a word."""
+    runs) or that could prepare no image of some class: images are missing, and training on it
+    would go on without a word."""
     header = prepare_header(list_file)
+    settings = header[0].removeprefix(PREPARE_HEADER).strip() if header else ""
     if UNFINISHED_PREPARE in header:
         raise ValueError(
             f"{list_file.parent} is an unfinished `epg prepare` output: its {list_file.name} says "
-            f"the run ({header[0].removeprefix(PREPARE_HEADER).strip()}) has not finished, so "
-            "images are missing. Rerun the same `epg prepare` command to finish it (the prepared "
-            "images are kept), then train on it"
+            f"the run ({settings}) has not finished, so images are missing. Rerun the same "
+            "`epg prepare` command to finish it (the prepared images are kept), then train on it"
+        )
+    incomplete = [line for line in header[1:] if line.startswith(INCOMPLETE_PREPARE)]
+    if incomplete:
+        raise ValueError(
+            f"{list_file.parent} is an incomplete `epg prepare` output: its {list_file.name} says "
+            f"{incomplete[0]!r} (run {settings}). Fix or remove those images in the source, then "
+            "rerun the same `epg prepare` command (the prepared images are kept)"
         )
 
 

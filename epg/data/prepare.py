@@ -40,14 +40,16 @@ A long run must survive a bad file and an interruption:
 * files the folder scan of ``SRC`` leaves out (other extensions, sub-folders of a class folder)
   are counted in the report, as are the images upscaled from a source smaller than resolution²;
 * a run whose every image of some class fails still writes the rest, but then raises naming the
-  class (see below), and its empty folder stays in ``DST``.
+  class (see below); its empty folder stays in ``DST``, and ``index.txt`` keeps listing every
+  output the run may have written (so a rerun knows its files), under a header that says which
+  class was lost.
 
 Classes: ``DST/index.txt`` and a folder scan of ``DST`` must give the same classes and labels, those
 of the sorted source class folders. So a class without images — an empty source class folder,
 or a label of a ``FolderIndex`` source that no file carries — is refused before anything is
 written, and so is a ``FolderIndex`` whose labels are not the rank of each file's class folder
-(what a scan of ``DST`` would give). A class whose images all fail leaves ``index.txt`` without
-entries, its header saying why, so the loaders refuse it like the scan refuses the empty folder.
+(what a scan of ``DST`` would give). A class whose images all fail leaves that header in
+``index.txt``, so the loaders and a scan of ``DST`` refuse it, as they refuse an unfinished run.
 """
 
 from __future__ import annotations
@@ -65,6 +67,7 @@ import numpy as np
 
 from .folder import (
     IMAGE_EXTENSIONS,
+    INCOMPLETE_PREPARE,
     INDEX_LIST,
     LIST_TEXT,
     PREPARE_HEADER,
@@ -478,10 +481,11 @@ def prepare(
     # Sorted by (class folder, output file name): the order FolderIndex.scan(dst) gives.
     done = sorted(v for rel, v in entries.items() if rel not in failed_rels)
     lost = sorted(set(classes) - {cls for cls, _, _ in done})
-    if lost:  # index.txt stays without entries, so training from it fails as a scan of DST does
-        why = f"incomplete: no image of the class folder(s) {_shown(lost)} could be prepared"
+    if lost:  # training refuses the header; the entries stay those the run tracked
+        why = f"{INCOMPLETE_PREPARE} no image of the class folder(s) {_shown(lost)} could be prepared"
         with _writing(index_list):
-            write_file_list(index_list, [], [], header=[settings, f"{why} (see {SKIPPED_LIST})"])
+            write_file_list(index_list, list(tracked), list(tracked.values()),
+                            header=[settings, f"{why} (see {SKIPPED_LIST})"])  # fmt: skip
         raise ValueError(
             f"no image of the class folder(s) {_shown(lost)} could be prepared (their files are "
             f"listed in {listing}), so {dst} lacks those classes: fix or remove them in the "
