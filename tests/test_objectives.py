@@ -201,8 +201,9 @@ def test_pretrain_interpolated_tau():
     assert float(d["tau_rc"]) == pytest.approx(expected, rel=1e-6)
 
 
-def test_pretrain_loss_matches_formula():
-    obj, online, target = make_pretrain()
+@pytest.mark.parametrize("rc_key", ["online", "target"])
+def test_pretrain_loss_matches_formula(rc_key):
+    obj, online, target = make_pretrain(rc_key=rc_key)
     batch = pretrain_batch()
     draws = obj.draw(1000, 4, SHAPE, gen(0), "cpu")
     loss, terms = obj.loss(batch, draws)
@@ -219,7 +220,7 @@ def test_pretrain_loss_matches_formula():
         z1t, _ = target(*net_in(batch["view1"], smin))
         z2t, _ = target(*net_in(batch["view2"], smin))
         _, hn = online(*net_in(batch["image"], draws["sigma_n"]))
-        _, hn1 = online(*net_in(batch["image"], draws["sigma_n1"]))
+        _, hn1 = (online if rc_key == "online" else target)(*net_in(batch["image"], draws["sigma_n1"]))
     con = naive_info_nce(z1, z2t, 0.2) + naive_info_nce(z2, z1t, 0.2)
     rc = naive_info_nce(hn, hn1, 0.1)
     assert_close(terms["contrastive"], con.mean().float(), atol=1e-5, rtol=1e-5, what="L_con")
@@ -541,6 +542,7 @@ def test_consistency_gradients_reach_net_not_perceptual():
     "objective, option, value",
     [(PretrainObjective, "tau_rc", -0.1), (PretrainObjective, "tau_con", 0.0), (PretrainObjective, "s0", 0),
      (PretrainObjective, "s1", 10), (PretrainObjective, "sigma_min", 100.0), (PretrainObjective, "sigma_data", -0.5),
+     (PretrainObjective, "rc_key", "ema"),
      (DiffusionObjective, "P_std", -1.6), (DiffusionObjective, "label_dropout", 1.5),
      (DiffusionObjective, "sigma_data", float("nan")), (ConsistencyObjective, "c", -0.06),
      (ConsistencyObjective, "tau_aux", 0.0), (ConsistencyObjective, "label_dropout", -0.1),

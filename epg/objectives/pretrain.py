@@ -5,8 +5,9 @@ Two InfoNCE terms per image:
     v = view + σ̃_min·ε seen at time σ̃_min, θ⁻ the EMA target network;
   * representation consistency (§5.3.2):
     L_rc = NT(h_θ(x + σ_n ε, σ_n), sg h_θ(x + σ_{n+1} ε, σ_{n+1}); τ_rc),
-    with the key from the *online* network under stop-gradient, and one grid index n per step
-    drawn from the curriculum grid of N(k) points (§5.2).
+    with the key from the *online* network under stop-gradient (as the released code; the EMA
+    target with ``rc_key="target"``, §13.9), and one grid index n per step drawn from the
+    curriculum grid of N(k) points (§5.2).
 Total: L = mean_batch(L_con + L_rc).
 """
 
@@ -28,9 +29,11 @@ __all__ = [
     "interpolated_tau",
     "PretrainObjective",
     "TAU_SCHEDULES",
+    "RC_KEYS",
 ]
 
 TAU_SCHEDULES = ("constant", "interpolated")
+RC_KEYS = ("online", "target")
 
 
 def curriculum_grid_size(
@@ -96,6 +99,10 @@ class PretrainObjective:
             τ_rc at σ_min and τ_max(k) (cosine from tau_start to tau_start − tau_end over the
             first 2/3 of total_steps) at σ_max. The paper's exact τ schedule is an open question
             (§13.1); "interpolated" with 0.2 → 0.1 is the spec's best guess.
+        rc_key: the network whose h at σ_{n+1} is the consistency key (under stop-gradient):
+            ``"online"`` θ, as the released code does, or ``"target"`` θ⁻. Which one the paper
+            used is an open question (§13.9: its Fig. 2 calls θ⁻ the EMA of θ, without saying
+            which branches use it).
 
     draw(...) keys:
         "n" () int64 grid index ~ U{0..N(step)−2}, shared by the batch;
@@ -128,9 +135,12 @@ class PretrainObjective:
         tau_schedule: str = "constant",
         tau_start: float = 0.2,
         tau_end: float = 0.1,
+        rc_key: str = "online",
     ):
         if tau_schedule not in TAU_SCHEDULES:
             raise ValueError(f"tau_schedule must be one of {TAU_SCHEDULES}, got {tau_schedule!r}")
+        if rc_key not in RC_KEYS:
+            raise ValueError(f"rc_key must be one of {RC_KEYS}, got {rc_key!r}")
         require_positive(sigma_data=sigma_data, rho=rho, tau_con=tau_con, tau_rc=tau_rc, tau_start=tau_start,
                          tau_end=tau_end, s0=s0, total_steps=total_steps)  # fmt: skip
         karras_sigmas(2, sigma_min, sigma_max, rho)  # 0 < sigma_min < sigma_max, checked here and not at a step
@@ -150,6 +160,7 @@ class PretrainObjective:
         self.tau_rc = tau_rc
         self.tau_schedule = tau_schedule
         self.tau_start, self.tau_end = tau_start, tau_end
+        self.rc_key = rc_key
         self._grids: dict[int, Tensor] = {}
 
     def grid(self, n_points: int) -> Tensor:
@@ -203,7 +214,7 @@ class PretrainObjective:
 
     def keys(self, batch: dict[str, Tensor], draws: dict[str, Tensor]) -> dict[str, Tensor]:
         """The InfoNCE keys of every sample, without gradient: the target's z of both views
-        ("z1", "z2") and the online h at σ_{n+1} ("h_n1").
+        ("z1", "z2") and the ``rc_key`` network's h at σ_{n+1} ("h_n1").
 
         Each key depends on its own sample only: h comes before the projector's BatchNorm, and
         the target runs in eval mode (the Trainer's; its BatchNorms then use running
@@ -221,10 +232,11 @@ class PretrainObjective:
         return {"z1": z1, "z2": z2}
 
     def _consistency_key(self, batch: dict[str, Tensor], draws: dict[str, Tensor]) -> Tensor:
-        """The less noisy consistency key: the online network's h at σ_{n+1}, under stop-gradient."""
+        """The less noisy consistency key: the ``rc_key`` network's h at σ_{n+1}, under stop-gradient."""
         x = batch["image"]
+        net = self.online if self.rc_key == "online" else self.target
         with torch.no_grad():
-            _, h_n1 = self.online(*self._inputs(x, draws["sigma_n1"], draws["eps"].to(x.dtype)))
+            _, h_n1 = net(*self._inputs(x, draws["sigma_n1"], draws["eps"].to(x.dtype)))
         return h_n1
 
     def _sigma_min(self, batch: dict[str, Tensor]) -> Tensor:
