@@ -29,7 +29,10 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from .models import build, build_from_config, config_from_dict, config_to_dict
-from .models.configs import EPGConfig, RCMConfig
+from .models.configs import EPGConfig, RCMConfig, get_config
+
+# The class embedding's key in EPGViT's (and the official DMViT's) state dict.
+CLASS_EMBED_KEY = "class_embed.weight"
 
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
@@ -582,7 +585,22 @@ def load_official(
 ) -> nn.Module:
     """Build ``config_name`` (e.g. ``"epg-xl-16"``) and load an official checkpoint into it,
     unchanged and strictly: missing, unexpected and shape-mismatched keys are reported by name.
-    The network comes back in eval mode."""
+    The network comes back in eval mode.
+
+    A stage-2 file without ``class_embed.weight`` is taken as an unconditional network
+    (``num_classes=0``) unless ``num_classes`` is given: the official code has a class-conditional
+    and an unconditional consistency config, and which one the released one-step model was
+    trained with is open (epg-method.md §12, §13.8); the file says."""
     path = official_file(path)  # a key mismatch names the file read, not only its folder
     state = read_official_state_dict(path)
+    if "num_classes" not in overrides and _unconditional_official(config_name, state):
+        overrides["num_classes"] = 0
     return _materialize(lambda name: build(name, **overrides), config_name, state, device, str(path))
+
+
+def _unconditional_official(config_name: str, state: Mapping[str, Tensor]) -> bool:
+    """Whether an official state dict is a stage-2 network without class conditioning (its
+    decoder keys there, ``class_embed.weight`` not), for a conditional stage-2 config."""
+    config = get_config(config_name)
+    return (isinstance(config, EPGConfig) and config.num_classes > 0 and CLASS_EMBED_KEY not in state
+            and any(key.startswith("decoder_blocks.") for key in state))  # fmt: skip

@@ -279,6 +279,8 @@ def _cmd_sample(args: argparse.Namespace) -> int:
             print(f"epg sample: {settings.num_images} images, {sampler} ({steps} steps), guidance "
                   f"{guidance:g}, {mode} network from {info['source']}, {settings.precision} on "
                   f"{dist_info.device} x{dist_info.world_size} -> {Path(args.out).resolve()}")
+            if "note" in info:
+                print(f"note: {info['note']}")
             if note:
                 print(note)
         summary = run_sampling(

@@ -146,7 +146,9 @@ def load_network(
     ``.pth`` file or folder (``nnet_ema.pth`` preferred) loaded unchanged into ``config``.
     Returns (network in eval mode, info) with info keys "config" (name or None), "mode" and
     "convention" when the checkpoint recorded them, and "source". A released file's mode is
-    that of the released network of its config (consistency for epg-l-16, else diffusion).
+    that of the released network of its config (consistency for epg-l-16, else diffusion); one
+    without a class embedding is unconditional, with the "simple" convention and a "note" that
+    says so (see :func:`epg.checkpoint.load_official`).
     """
     if (checkpoint is None) == (official is None):
         raise ValueError("give either an epg checkpoint folder or --official PATH (with --config)")
@@ -161,6 +163,13 @@ def load_network(
         info = {"config": config, "source": f"official:{Path(official).resolve()}", "convention": "imagenet",
                 "mode": "consistency" if config in RELEASED_CONSISTENCY_CONFIGS else "diffusion",
                 "weights": ckpt.weights_digest(ckpt.official_file(official))}
+        if getattr(net.config, "num_classes", None) == 0:  # no class_embed.weight in the file
+            # The official unconditional config (the consistency one of commit 21c2ca2) also
+            # sets no normalisation statistics: "simple" [-1, 1] (epg-method.md §12).
+            info["convention"] = "simple"
+            info["note"] = (f"{ckpt.official_file(official).name} has no {ckpt.CLASS_EMBED_KEY}: an "
+                            "unconditional network, sampled with the 'simple' [-1, 1] normalisation "
+                            "of the official unconditional config (--convention imagenet to change)")
     else:
         folder = _checkpoint_path(Path(checkpoint))
         # The recorded mode decides before the weights are read: a stage-1 folder is refused

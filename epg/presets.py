@@ -26,7 +26,8 @@ _CONSISTENCY = dict(
     weight_decay=0.03, lr_schedule="warmup-step", warmup_steps=10_000,
     lr_milestones=(400_000, 500_000), lr_factors=(0.3, 0.08), grad_clip=0.0, ema_decay=0.9999,
     model_overrides=dict(drop=0.5), objective=dict(stage_length=100_000, c=0.06),
-)  # fmt: skip
+)  # fmt: skip  (700k steps at 1024 = the paper's 560 epochs; the config file says 1M steps, the
+#  released script batch 256, spec §7.4)
 
 # The demo's recipes (``epg demo`` runs them; ``epg pretrain/finetune --preset demo-*`` reruns a
 # stage): the digits networks on the embedded digits at 16 px, float32 on a CPU. compile is off:

@@ -10,8 +10,8 @@ from epg import checkpoint as ck
 from epg.models import build
 
 
-def _noisy(name):
-    model = build(name).eval()
+def _noisy(name, **overrides):
+    model = build(name, **overrides).eval()
     with torch.no_grad():
         for p in model.parameters():
             p.normal_(0, 0.1)
@@ -84,6 +84,19 @@ def test_official_layouts_load_unchanged(tmp_path, inputs, layout):
         torch.save({f"module.{k}": v for k, v in sd.items()}, path)
     loaded = ck.load_official(path, "epg-tiny")
     assert torch.equal(loaded(*inputs), model(*inputs))
+
+
+def test_an_official_file_without_a_class_embedding_loads_unconditional(tmp_path, inputs):
+    model = _noisy("epg-tiny", num_classes=0)
+    torch.save(model.state_dict(), tmp_path / "nnet_ema.pth")
+    loaded = ck.load_official(tmp_path, "epg-tiny")
+    assert loaded.config.num_classes == 0
+    x, t, _ = inputs
+    assert torch.equal(loaded(x, t, None), model(x, t, None))
+    with pytest.raises(ck.CheckpointError, match=r"1 missing key\(s\): class_embed.weight"):
+        ck.load_official(tmp_path, "epg-tiny", num_classes=10)  # asked for, so strict as ever
+    with pytest.raises(ck.CheckpointError, match="missing key"):  # a stage-1 file is no such case
+        ck.load_official(tmp_path, "rcm-tiny")
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])

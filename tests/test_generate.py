@@ -187,6 +187,19 @@ def test_official_layout_state_dict_samples_without_renaming(tmp_path):
     assert np.load(out / "samples.npz")["arr_0"].shape == (2, 32, 32, 3)
 
 
+def test_an_official_file_without_a_class_embedding_samples_unconditionally(tmp_path, capsys):
+    # The official code's unconditional consistency config (spec §12, open question §13.8): the
+    # file decides, and that config's normalisation ("simple") comes with it.
+    torch.save(_tiny(seed=3, num_classes=0).state_dict(), tmp_path / "nnet_ema.pth")
+    out = tmp_path / "s"
+    assert main(["sample", "--official", str(tmp_path), "--config", "epg-tiny", "--out", str(out),
+                 "--num-images", "2", "--steps", "2", "--device", "cpu", "--no-progress"]) == 0  # fmt: skip
+    assert "note: nnet_ema.pth has no class_embed.weight: an unconditional network" in capsys.readouterr().out
+    settings = json.loads((out / "settings.json").read_text())
+    assert (settings["convention"], settings["labels"], settings["guidance"]) == ("simple", "none", 1.0)
+    assert np.load(out / "samples.npz")["arr_0"].shape == (2, 32, 32, 3)
+
+
 @pytest.mark.parametrize("config, mode", [("epg-l-16", "consistency"), ("epg-xl-16", "diffusion"),
                                           ("epg-tiny", "diffusion")])
 def test_a_released_file_samples_as_the_released_network_of_its_config(monkeypatch, tmp_path, config, mode):
