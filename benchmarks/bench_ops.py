@@ -167,12 +167,12 @@ def make_inputs(op: str, dims: dict[str, int], device: torch.device, act: torch.
         return [rand(B, T, D), rand(B, D, scale=0.1), rand(B, T, D)]
     if op == "attention":
         return [rand(B, T, 3 * D), dims["H"]]
-    if op == "patch_embed":
+    if op == "patch_embed":  # as the op layer hands them on under autocast: a float32 table
         return [rand(B, C, side, side, grad=False), rand(D, C, p, p, scale=0.02), rand(D),
-                rand(N, D, scale=0.02)]  # fmt: skip
+                rand(N, D, dtype=f32, scale=0.02)]  # fmt: skip
     if op == "output_head":
         k = C * p * p
-        # fp32 weights, as training gives them (the op layer is not autocast)
+        # fp32 weights, as training gives them (the op layer passes them on uncast)
         return [rand(B, N, D), rand(D, dtype=f32), rand(D, dtype=f32),
                 rand(k, D, dtype=f32, scale=0.02), rand(k, dtype=f32), p, 1e-6]  # fmt: skip
     if op == "timestep_embedding":
@@ -206,7 +206,7 @@ def make_inputs(op: str, dims: dict[str, int], device: torch.device, act: torch.
 
 def byte_sizes(act: torch.dtype) -> dict[str, int]:
     a = torch.empty((), dtype=act).element_size()
-    # "weight": patch_embed's and output_head's, float32 in training (see make_inputs)
+    # "weight": output_head's, float32 in training (see make_inputs)
     return {"act": a, "param": 4, "weight": 4, "mod": a, "f32": 4, "data": 4}
 
 
@@ -250,17 +250,12 @@ def _provider_fn(op: str, provider: str, device: torch.device):
     raise ValueError(f"unknown provider {provider!r}")
 
 
-FLOAT32_IN_TRAINING = frozenset({"patch_embed"})
-
-
 @pytest.mark.parametrize("device,op,shape,batch,mode,provider", list(_cases()))
 def test_op(benchmark, device, op, shape, batch, mode, provider):
     gpu = device == "cuda"
     common.require_time(30.0 if provider == "ref_compiled" else 5.0)
     dev = common.cuda_device() if gpu else torch.device("cpu")
-    # bf16 activations, as autocast training gives the ops; patch_embed gets float32 there (the
-    # op layer is not autocast: the data image and the fp32 weights reach it unconverted).
-    act = torch.bfloat16 if gpu and op not in FLOAT32_IN_TRAINING else torch.float32
+    act = torch.bfloat16 if gpu else torch.float32  # as autocast training gives the ops
     dims = dims_of(op, shape, batch)
     fn, context = _provider_fn(op, provider, dev)
     args = make_inputs(op, dims, dev, act)

@@ -157,9 +157,11 @@ def op_counts(op: str, mode: str, dims: Mapping[str, int], sizes: Mapping[str, i
 
     ``dims``: the case's sizes (B, T, D, H, Dh, N, C, img, p, dim as the op needs).
     ``sizes``: bytes per element of the case's tensors: ``act`` (activations, network outputs
-    and their gradients), ``param`` (LayerNorm affine parameters), ``weight`` (matmul weights and
-    biases), ``mod`` (per-sample shift/scale/gate), ``f32`` (float32 values per sample), ``data``
-    (data images and noise, float32 in a training step).
+    and their gradients; patch_embed's image, weight and bias, which the op layer casts as
+    autocast casts conv2d's), ``param`` (LayerNorm affine parameters), ``weight`` (output_head's
+    weight and bias), ``mod`` (per-sample shift/scale/gate), ``f32`` (float32 values: per
+    sample, and patch_embed's positional table and tokens), ``data`` (data images and noise,
+    float32 in a training step).
     Backward counts are for the inputs benchmarks/bench_ops.py differentiates: every floating
     input except patch_embed's image and the losses' target and weight.
     """
@@ -192,14 +194,14 @@ def op_counts(op: str, mode: str, dims: Mapping[str, int], sizes: Mapping[str, i
         if fwd:  # read qkv, write out
             return Counts(4 * b * t * width * a, 2 * matmul)
         return Counts(7 * b * t * width * a, 4 * matmul)  # read qkv, dout; write dqkv
-    if op == "patch_embed":
+    if op == "patch_embed":  # image, weight and bias in act; pos_embed and so tokens in f32
         b, c, side, pp, d = g["B"], g["C"], g["img"], g["p"], g["D"]
-        n, k, w = (side // pp) ** 2, c * pp * pp, sizes.get("weight", a)
+        n, k, f = (side // pp) ** 2, c * pp * pp, sizes.get("f32", 4)
         matmul = 2 * b * n * k * d
         if fwd:  # read img, weight, bias, pos; write tokens
-            return Counts(b * c * side * side * a + (k * d + d + n * d) * w + b * n * d * a, matmul)
+            return Counts((b * c * side * side + k * d + d) * a + (n * d + b * n * d) * f, matmul)
         # read dtokens, img; write dweight, dbias, dpos
-        return Counts(b * n * d * a + b * c * side * side * a + (k * d + d + n * d) * w, matmul)
+        return Counts((b * c * side * side + k * d + d) * a + (b * n * d + n * d) * f, matmul)
     if op == "output_head":
         b, n, d = g["B"], g["N"], g["D"]
         k, w = g["C"] * g["p"] ** 2, sizes.get("weight", a)

@@ -394,12 +394,27 @@ def _patch_embed_grad(ctx, grad):
 _register_autograd(_patch_embed_op, _patch_embed_grad, _patch_embed_setup)
 
 
+def _autocast_operands(*tensors: Tensor) -> tuple[Tensor, ...]:
+    """``tensors`` as autocast hands them to the PyTorch matrix product an op replaces: inside
+    an autocast region of their device, the floating ones but float64 in the autocast dtype;
+    elsewhere unchanged. Custom ops are not autocast, so a kernel would otherwise multiply the
+    float32 data image by the float32 weights where conv2d multiplies in bf16/fp16."""
+    device_type = tensors[0].device.type
+    if not (torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)):
+        return tensors
+    dtype = torch.get_autocast_dtype(device_type)
+    return tuple(t.to(dtype) if t.is_floating_point() and t.dtype != torch.float64 else t for t in tensors)
+
+
 @_tensor_arguments
 def patch_embed(img: Tensor, weight: Tensor, bias: Tensor, pos_embed: Tensor) -> Tensor:
     """Image → patch tokens: the stride-p convolution as tokens, + bias + positional embedding.
 
     Args: img (B, C, H, W) with H, W multiples of p; weight (D, C, p, p); bias (D,);
-    pos_embed (N, D), N = (H/p)·(W/p), tokens row-major. Returns (B, N, D).
+    pos_embed (N, D), N = (H/p)·(W/p), tokens row-major. Returns (B, N, D), in img's dtype
+    promoted with pos_embed's. Under ``torch.autocast`` img, weight and bias are cast to the
+    autocast dtype first, as autocast casts conv2d's operands (pos_embed is added unrounded, so
+    float32 tokens come out of a float32 table, as conv2d + pos_embed gives them).
     """
     _check(img.dim() == 4, lambda: f"patch_embed: img must be (B, C, H, W), got {tuple(img.shape)}")
     _check_float("patch_embed", "img", img)
@@ -421,6 +436,7 @@ def patch_embed(img: Tensor, weight: Tensor, bias: Tensor, pos_embed: Tensor) ->
         lambda: f"patch_embed: bias must be ({D},) and pos_embed ({n}, {D}), "
         f"got {tuple(bias.shape)}, {tuple(pos_embed.shape)}",
     )
+    img, weight, bias = _autocast_operands(img, weight, bias)
     return _network_op(_patch_embed_op, "patch_embed", img, img, weight, bias, pos_embed)
 
 

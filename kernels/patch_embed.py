@@ -35,9 +35,14 @@ bias and pos_embed[n] and stores once. Backward:
 2. ``_patch_embed_bwd_img_kernel`` (only when need_img_grad): g·W per 64 tokens × one chunk,
    reduced over D in pieces of 64, scattered into the image layout.
 
-Numerics. Every product accumulates in float32. float16/bfloat16 operands of one dtype go to
-tl.dot as they are (their products are exact in float32); any other mix, and float32, is
-multiplied in IEEE float32 (no TF32), so float32 inputs match a float64 reference to ~1e-6.
+Numerics. Every product accumulates in float32. The dtype the products are taken in is the
+forward's, for the backward too: an image and weight of one 16-bit dtype go to tl.dot as they are
+(their products are exact in float32), and the backward rounds the gradient to that dtype for its
+products (as autocast's conv2d backward does with its 16-bit output's gradient: under autocast
+the op layer hands this kernel 16-bit image and weight, while the tokens, and so their gradient,
+are float32 like pos_embed; grad_bias and grad_pos_embed sum the unrounded gradient). Any other
+mix, and float32, is multiplied in IEEE float32 (no TF32), so float32 inputs match a float64
+reference to ~1e-6.
 Outputs are rounded once on store: tokens to the dtype the reference returns (img's dtype
 promoted with pos_embed's), each gradient to the dtype of its input (grad_bias to weight's, as
 the reference does). float64 is not taken (tl.dot has no float64 path worth using): SUPPORTS
@@ -394,12 +399,13 @@ def patch_embed_backward(
         return grad_img.zero_(), grad_w.zero_(), grad_bias.zero_(), grad_pos.zero_()
     chunking = _chunking(p)
     tiles_k = C * chunking["CHUNKS"]
+    dot = _dot_config(img.dtype, weight.dtype)  # the forward's (see the module docstring)
     with device_guard(img):
         _patch_embed_bwd_weight_kernel[(cdiv(D, _BLOCK_M) * tiles_k,)](
             grad, img, grad_w, grad_bias, grad_pos,
             B, N, D, C * p * p, w, tiles_k,
             *grad.stride(), *img.stride(),
-            **chunking, **_dot_config(grad.dtype, img.dtype),
+            **chunking, **dot,
             BLOCK_D=_BLOCK_M, BLOCK_M=_block(N, _BLOCK_M), num_warps=4, num_stages=3, **FP_FUSION,
         )
         if need_img_grad:
@@ -407,7 +413,7 @@ def patch_embed_backward(
                 grad, weight, grad_img,
                 B * N, N, D, w, tiles_k,
                 *grad.stride(), *weight.stride(), *grad_img.stride(),
-                **chunking, **_dot_config(grad.dtype, weight.dtype),
+                **chunking, **dot,
                 BLOCK_M=_BLOCK_M, BLOCK_D=_block(D, _BLOCK_M), num_warps=4, num_stages=3,
                 **FP_FUSION,
             )

@@ -180,6 +180,34 @@ def test_op_layer_autograd():
             torch.testing.assert_close(o.double(), r, atol=1e-4, rtol=1e-5)
 
 
+def test_op_layer_under_autocast(monkeypatch):
+    """Under autocast the op layer gives the kernel the image, weight and bias in the autocast
+    dtype, as autocast gives them to conv2d (custom ops are not autocast: the kernel used to get
+    them float32, and multiplied without tensor cores on a GPU). float16 here: the interpreter
+    cannot do bfloat16. Tokens and gradients match the reference under the same autocast; the
+    tokens stay float32 (pos_embed is), and so do the parameters' gradients."""
+    from epg import _backend, ops
+
+    img64, w64, b64, pos64, grad64 = _inputs((2, 3, 8, 12, 4, 40), "contiguous", seed=10)
+    img = img64.float()
+    leaves = [t.float().requires_grad_() for t in (w64, b64, pos64)]
+    seen, kernel = [], K["patch_embed"]
+    monkeypatch.setitem(_backend.info("triton").implementations, "patch_embed",
+                        lambda *args: seen.append([a.dtype for a in args]) or kernel(*args))
+    with ops.use_backend("triton", "patch_embed"), torch.autocast(DEVICE, dtype=F16):
+        out = ops.patch_embed(img, *leaves)
+        grads = torch.autograd.grad(out, leaves, grad64.float())
+    with torch.autocast(DEVICE, dtype=F16):  # conv2d under autocast, + the float32 table
+        ref = R.patch_embed(img, *leaves)
+        ref_grads = torch.autograd.grad(ref, leaves, grad64.float())
+    assert seen == [[F16, F16, F16, F32]]
+    _check("tokens", out, R.patch_embed(img64, w64, b64, pos64), ref, F16, n=48)
+    truths = R.patch_embed_backward(grad64, img64, w64, pos64, False)[1:]
+    for name, o, t, base, n in zip(("grad_weight", "grad_bias", "grad_pos_embed"), grads, truths,
+                                   ref_grads, (12, 12, 2)):  # fmt: skip  (B·N, B·N, B)
+        _check(name, o, t, base, F16, n=n)
+
+
 def test_declines_float64(monkeypatch):
     """float64 has no kernel: the launchers raise, SUPPORTS says why, and automatic choice on a
     CUDA tensor passes it to the reference."""
