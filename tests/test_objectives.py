@@ -5,6 +5,7 @@ import math
 import pytest
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 import torch.multiprocessing as mp
 from helpers import assert_close
 
@@ -145,6 +146,9 @@ def test_tau_schedules():
     assert tau_max_schedule(0, K) == pytest.approx(0.2)
     assert tau_max_schedule(K // 3, K) == pytest.approx(0.2 - 0.1 * math.cos(math.pi / 4))
     assert tau_max_schedule(400_000, K) == pytest.approx(0.1)
+    # k ≤ K/1.5 (spec §5.4): at k = K/1.5 the cosine ends at τ_start − τ_end, which only the
+    # defaults make equal to τ_end
+    assert tau_max_schedule(400_000, K, 0.3, 0.1) == pytest.approx(0.2)
     assert tau_max_schedule(400_001, K) == pytest.approx(0.1)
     assert tau_max_schedule(K, K) == pytest.approx(0.1)
     assert interpolated_tau(80.0, 0.2, 0.1) == pytest.approx(0.2)
@@ -406,35 +410,55 @@ def test_consistency_draws():
     assert_close(d["t"], torch.full((4,), smin, dtype=torch.float32), what="t = σ̃_min")
 
 
-def test_consistency_loss_matches_formula():
-    obj, net, perceptual = make_consistency()
+def differentiable_info_nce(q, k, tau):
+    """naive_info_nce as one differentiable expression: logsumexp_j(q̂·k̂_j/τ) − q̂·k̂_i/τ."""
+    logits = F.normalize(q, dim=1) @ F.normalize(k, dim=1).T / tau
+    return torch.logsumexp(logits, dim=1) - logits.diagonal()
+
+
+def test_consistency_loss_and_gradients_match_formula():
+    # With aux_weight 0.5 and two labels dropped to the null class (10), so that neither can
+    # go unseen; the gradients check the stop-gradient on the target D(x_r, r) (dropping it
+    # leaves the loss as it is) and on the pseudo-Huber normaliser.
+    obj, net, perceptual = make_consistency(aux_weight=0.5)
     B = 4
     x0 = torch.randn(B, *SHAPE) * 0.5
     label = torch.tensor([1, 2, 3, 4])
     draws = obj.draw(300_000, B, SHAPE, gen(9), "cpu")
+    draws["drop"] = torch.tensor([True, False, False, True])
     loss, terms = obj.loss({"image": x0, "label": label}, draws)
+    grads = torch.autograd.grad(loss, list(net.parameters()))
 
     smin = 0.002 * SHIFT
+    seen = torch.tensor([10, 2, 3, 10])
 
     def D(x, s):
         v = s.view(B, 1, 1, 1)
         skip = SD**2 / ((v - smin) ** 2 + SD**2)
         out = (v - smin) * SD / torch.sqrt(v**2 + SD**2)
-        return skip * x + out * net(c_in(v) * x, t_cond(s), label)
+        return skip * x + out * net(c_in(v) * x, t_cond(s), seen)
 
     eps, t, r = draws["eps"], draws["t"], draws["r"]
+    d_t = D(x0 + t.view(B, 1, 1, 1) * eps, t)
     with torch.no_grad():
-        d_t = D(x0 + t.view(B, 1, 1, 1) * eps, t)
         d_r = D(x0 + r.view(B, 1, 1, 1) * eps, r)
-        delta2 = ((d_t - d_r) ** 2).sum(dim=(1, 2, 3))
-        cons = draws["weight"] * delta2 / torch.sqrt(delta2 + 0.06**2)
-        sm = torch.full((B,), smin)
-        q, _ = perceptual(c_in(sm).view(B, 1, 1, 1) * d_t, t_cond(sm))
+    delta2 = ((d_t - d_r) ** 2).sum(dim=(1, 2, 3))
+    cons = draws["weight"] * delta2 / torch.sqrt(delta2.detach() + 0.06**2)
+    sm = torch.full((B,), smin)
+    q, _ = perceptual(c_in(sm).view(B, 1, 1, 1) * d_t, t_cond(sm))
+    with torch.no_grad():
         k, _ = perceptual(c_in(sm).view(B, 1, 1, 1) * x0, t_cond(sm))
-    aux = naive_info_nce(q, k, 0.1).float()
-    assert_close(terms["consistency"], cons.mean(), atol=1e-5, rtol=1e-4, what="consistency")
-    assert_close(terms["aux"], aux.mean(), atol=1e-5, rtol=1e-5, what="aux")
-    assert_close(loss, (cons + aux).mean(), atol=1e-5, rtol=1e-4, what="loss")
+    aux = differentiable_info_nce(q, k, 0.1)
+    expected = (cons + 0.5 * aux).mean()
+    expected_grads = torch.autograd.grad(expected, list(net.parameters()))
+
+    assert_close(aux.detach(), naive_info_nce(q.detach(), k, 0.1).float(), atol=1e-5, rtol=1e-5, what="aux formula")
+    assert_close(terms["consistency"], cons.detach().mean(), atol=1e-5, rtol=1e-4, what="consistency")
+    assert_close(terms["aux"], aux.detach().mean(), atol=1e-5, rtol=1e-5, what="aux")
+    assert_close(loss, expected.detach(), atol=1e-5, rtol=1e-4, what="loss")
+    scale = max(g.abs().max() for g in expected_grads)
+    for (name, _), got, want in zip(net.named_parameters(), grads, expected_grads):
+        assert_close(got, want, atol=1e-4 * scale, rtol=1e-3, what=f"grad {name}")
 
 
 def test_consistency_aux_weight_0_does_not_run_the_perceptual_network():
@@ -487,14 +511,6 @@ def test_consistency_stage_0_is_the_codes_denoising_warm_up():
     assert_close(terms["consistency"], expected.mean(), atol=1e-5, rtol=1e-4, what="stage-0 loss")
     with pytest.raises(ValueError, match="first_stage must be 0"):
         make_consistency(first_stage=2)
-
-
-def test_consistency_pseudo_huber_gradient():
-    """ℓ = Δ²/sqrt(sg(Δ²) + c²) has value Δ²/sqrt(Δ² + c²) and 2× the gradient of sqrt(Δ² + c²)."""
-    delta2 = torch.tensor([0.0, 1e-3, 0.5, 40.0], dtype=torch.float64, requires_grad=True)
-    c = 0.06
-    (delta2 / torch.sqrt(delta2.detach() + c**2)).sum().backward()
-    assert_close(delta2.grad, 2 * (1 / (2 * torch.sqrt(delta2.detach() + c**2))), what="grad")
 
 
 def test_consistency_target_pass_reuses_dropout_masks():

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from epg.schedules import karras_sigmas, resolution_shift, shifted_karras_sigmas
+from epg.schedules import WeightedGrid, karras_sigmas, resolution_shift, shifted_karras_sigmas
 
 
 def test_karras_grid_endpoints_and_formula():
@@ -28,3 +28,10 @@ def test_bad_grid_arguments():
         karras_sigmas(1)
     with pytest.raises(ValueError, match="sigma_min < sigma_max"):
         karras_sigmas(5, sigma_min=1.0, sigma_max=0.5)
+
+
+def test_nearest_grid_point_is_nearest_in_sigma_not_in_log_sigma():
+    # The released find_nearest compares |σ − σ_i| (spec §6.2): 0.3 snaps to 0.002 (0.298 away),
+    # where a log-distance would pick 1.0.
+    grid = WeightedGrid(torch.tensor([80.0, 1.0, 0.002], dtype=torch.float64), torch.ones(3, dtype=torch.float64))
+    assert grid.nearest(torch.tensor([0.3, 0.6, 50.0])).tolist() == [2, 1, 0]
