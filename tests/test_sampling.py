@@ -7,6 +7,7 @@ import torch
 from helpers import assert_close
 
 from epg.models import Denoiser, build
+from epg.objectives import ConsistencyObjective
 from epg.sampling import (
     SAMPLERS,
     GuidedDenoiser,
@@ -94,13 +95,16 @@ def test_heun_32_with_interval_cfg_makes_62_cond_and_12_uncond_passes():
     assert (guided.nfe_cond, guided.nfe_uncond) == (63, 12)
 
 
+# At 16 px the grid ends at σ̃_min = 0.0005: the last Heun correction is skipped only at σ = 0,
+# not at any small σ.
+@pytest.mark.parametrize("img_size", [256, 16])
 @pytest.mark.parametrize(
     "fn, nfe",
     [(euler, 9), (euler_ancestral, 9), (euler_sde, 9), (edm_sde, 17), (heun, 18)],
 )
-def test_nfe_of_each_sampler(fn, nfe):
-    guided = GuidedDenoiser(CountingZeros(), scale=1.0, null_class=NULL)
-    fn(guided, torch.randn(2, 1, 4, 4), sampling_sigmas(10, 256), torch.tensor([0, 1]))
+def test_nfe_of_each_sampler(fn, nfe, img_size):
+    guided = GuidedDenoiser(CountingZeros(), scale=1.0, null_class=NULL, img_size=img_size)
+    fn(guided, torch.randn(2, 1, 4, 4), sampling_sigmas(10, img_size), torch.tensor([0, 1]))
     assert (guided.nfe_cond, guided.nfe_uncond) == (nfe, 0)
 
 
@@ -149,6 +153,30 @@ def test_stochastic_samplers_reach_the_data_distribution():
         assert x.std().item() == pytest.approx(s, rel=0.03), fn.__name__
 
 
+def test_one_euler_sde_step_by_hand():
+    den, x = GaussianData(0.3, 0.5), torch.randn(2, 1, 4, 4, dtype=torch.float64)
+    s, s_next = 2.0, 0.5
+    out = euler_sde(den, x, [s, s_next], generator=image_generators([0, 1], seed=7))
+    # The step's noise is the first draw of each image's stream.
+    z = image_noise([0, 1], (1, 4, 4), seed=7, dtype=torch.float64)
+    d = (x - den(x, torch.full((2,), s, dtype=torch.float64))) / s
+    expected = x + 2 * (s_next - s) * d + math.sqrt(2 * s * (s - s_next)) * z
+    assert_close(out, expected, what="euler_sde step")
+
+
+def test_one_edm_sde_step_by_hand():
+    den, x = GaussianData(0.3, 0.5), torch.randn(2, 1, 4, 4, dtype=torch.float64)
+    s, s_next = 2.0, 0.5
+    # N = len(sigmas) = 2: γ = 0.3/2 = 0.15, where N − 1 would give 0.3 (both below √2 − 1).
+    out = edm_sde(den, x, [s, s_next], S_churn=0.3, generator=image_generators([0, 1], seed=7))
+    z = image_noise([0, 1], (1, 4, 4), seed=7, dtype=torch.float64)
+    s_hat = s * 1.15
+    x_hat = x + math.sqrt(s_hat**2 - s**2) * 1.003 * z  # default S_noise 1.003
+    # A 2-point grid is all last step: Euler from σ̂, no correction.
+    d = (x_hat - den(x_hat, torch.full((2,), s_hat, dtype=torch.float64))) / s_hat
+    assert_close(out, x_hat + (s_next - s_hat) * d, what="edm_sde step")
+
+
 def test_one_step_consistency_with_the_exact_denoiser_gives_the_posterior_mean():
     mu, s = 0.3, 0.5
     sigmas = sampling_sigmas(32, 256)[:1]
@@ -176,7 +204,69 @@ def test_sample_consistency_grid_and_sigma_min():
     assert [c[1][0] for c in fake.calls] == pytest.approx(sampling_sigmas(3, 128)[:2].tolist())
 
 
+def test_sample_consistency_renoises_down_to_the_shifted_sigma_min():
+    # Re-noising to σ_mid = 0.05 adds sqrt(σ_mid² − σ̃_min²) of noise: at 256 px
+    # σ̃_min = 0.008, which differs from the unshifted 0.002 by 1% in that std.
+    den, labels = GaussianData(0.3, 0.5), torch.tensor([1, 2])
+    kw = {
+        "img_size": 256,
+        "channels": 1,
+        "sampler": "consistency",
+        "sigmas": [320.0, 0.05],
+        "clamp": False,
+        "dtype": torch.float64,
+        "progress": False,
+    }
+    out = sample(den, labels, **kw)
+    shifted = sample(den, labels, sampler_kwargs={"sigma_min": 0.002 * 256 / 64}, **kw)
+    unshifted = sample(den, labels, sampler_kwargs={"sigma_min": 0.002}, **kw)
+    assert_close(out, shifted, atol=0, rtol=0, what="default σ̃_min vs 0.008")
+    assert (out - unshifted).abs().max() > 1e-5
+
+
+def test_edm_denoiser_is_c_skip_x_plus_c_out_F_away_from_sigma_min():
+    # Weights of std 0.5 make |F| > 1 at some pixels, so clamping F would show.
+    torch.manual_seed(0)
+    net = build("epg-tiny", embed_dim=32, depth=1, num_heads=2, decoder_embed_dim=32,
+                decoder_depth=1, decoder_num_heads=2)  # fmt: skip
+    for p in net.parameters():
+        torch.nn.init.normal_(p, std=0.5)
+    net.eval()
+    den = Denoiser(net, mode="edm")
+    g = torch.Generator().manual_seed(1)
+    x0, eps = torch.randn(2, 3, 32, 32, generator=g), torch.randn(2, 3, 32, 32, generator=g)
+    sigma, y = torch.tensor([0.3, 40.0]), torch.tensor([3, 7])
+    x = x0 + sigma.view(2, 1, 1, 1) * eps
+    # Spec §3 at 32 px: σ_d = 0.5, σ̃_min = 0.002·32/64.
+    sd, smin, s = 0.5, 0.002 * 32 / 64, sigma.view(2, 1, 1, 1)
+    c_in = 1 / torch.sqrt(s**2 + sd**2)
+    c_skip = sd**2 / ((s - smin) ** 2 + sd**2)
+    c_out = (s - smin) * sd / torch.sqrt(s**2 + sd**2)
+    with torch.no_grad():
+        F = net(c_in * x, 250 * torch.log(sigma), y)
+        out = den(x, sigma, y)
+    assert F.abs().max() > 2
+    assert_close(out, c_skip * x + c_out * F, what="D = c_skip·x + c_out·F")
+    # The training objective's D_θ is the same function.
+    objective = ConsistencyObjective(net, None, img_size=32, num_classes=10)
+    with torch.no_grad():
+        trained = objective.denoise(x0, eps, sigma, y)
+    assert_close(out, trained, what="Denoiser vs ConsistencyObjective")
+
+
 # --- guidance -------------------------------------------------------------------------------------
+
+
+def test_cfg_interval_edges_exactly():
+    # (σ_low·H/64, σ_high·H/64] = (0.76, 6.44] at 256 px: open below, closed above.
+    guided = GuidedDenoiser(LabelDependent(), scale=2.0, null_class=NULL, img_size=256)
+    low, high = 0.19 * 256 / 64, 1.61 * 256 / 64
+    sigma = torch.tensor(
+        [math.nextafter(low, 0), low, math.nextafter(low, math.inf), 3.0,
+         math.nextafter(high, 0), high, math.nextafter(high, math.inf)],
+        dtype=torch.float64,
+    )  # fmt: skip
+    assert guided.in_interval(sigma).tolist() == [False, False, True, True, True, True, False]
 
 
 def test_cfg_scale_1_is_the_conditional_path_exactly():
@@ -332,6 +422,13 @@ def test_image_noise_is_per_image_and_matches_the_generators():
     )
     gens = image_generators([2, 3], seed=5)
     assert torch.equal(prior((2, 2, 3, 3), [7.0], gens), 7.0 * b)
+
+
+def test_image_streams_are_not_indexed_by_seed_plus_index():
+    # (seed 0, image 1) and (seed 1, image 0) are different images of different runs.
+    for (s1, i1), (s2, i2) in [((0, 1), (1, 0)), ((2, 3), (3, 2))]:
+        a, b = image_noise([i1], (1, 4, 4), seed=s1), image_noise([i2], (1, 4, 4), seed=s2)
+        assert not torch.equal(a, b), f"image {i1} of seed {s1} = image {i2} of seed {s2}"
 
 
 def test_ancestral_step_formula():
