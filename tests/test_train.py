@@ -18,7 +18,7 @@ import torch
 from epg import checkpoint as ckpt
 from epg.models import build
 from epg.train import Interrupted, TrainConfig, Trainer, export_checkpoint, lr_factor, read_checkpoint
-from helpers import TINY, signal_in_call, tiny_train_config as _cfg, torchrun
+from helpers import TINY, assert_close, signal_in_call, tiny_train_config as _cfg, torchrun
 
 def _losses(records):
     return [r["loss"] for r in records]
@@ -294,6 +294,71 @@ def test_weight_decay_groups_and_frozen_copies(tmp_path):
     trainer.fit(stop_at=1)
     moved = [not torch.equal(e, p) for e, p in zip(trainer.ema.parameters(), trainer.model.parameters())]
     assert any(moved)  # the EMA lags the model
+
+
+def _one_step_of_averaging(trainer, average):
+    """The online parameters before and after one train_step, and ``average``'s before it."""
+    before = [p.detach().clone() for p in trainer.model.parameters()]
+    average_before = [p.detach().clone() for p in average.parameters()]
+    trainer.train_step()
+    after = [p.detach().clone() for p in trainer.model.parameters()]
+    # lr 1e-2 without warm-up moves every weight by ~1e-2 in AdamW's first step: a wrong decay
+    # (0.9999 for 0.99 differs by 1% of the step) or averaging the pre-step weights stands far
+    # above the 1e-6 tolerance, which only float32 rounding of the lerp has to fit in.
+    assert max((b - a).abs().max().item() for a, b in zip(before, after)) > 1e-3
+    return before, average_before, after
+
+
+def _assert_averaged(average, average_before, after, decay):
+    for (name, got), old, new in zip(average.named_parameters(), average_before, after):
+        expected = decay * old.double() + (1 - decay) * new.double()
+        assert_close(got.double(), expected, atol=1e-6, rtol=0, what=name)
+
+
+def test_the_ema_moves_by_1_minus_ema_decay_towards_the_stepped_weights(tmp_path):
+    # Spec §6.3: EMA of the parameters, starting from the online weights, updated after the
+    # optimiser's step (the weights the EMA takes in are the new ones).
+    trainer = Trainer(_cfg(tmp_path, "diffusion", ema_decay=0.9, lr=1e-2, warmup_steps=0))
+    before, ema_before, after = _one_step_of_averaging(trainer, trainer.ema)
+    assert all(torch.equal(e, p) for e, p in zip(ema_before, before))
+    _assert_averaged(trainer.ema, ema_before, after, 0.9)
+
+
+def test_the_stage1_target_averages_parameters_with_target_ema_and_keeps_its_buffers(tmp_path):
+    # Spec §5.1: the target is an EMA (target_ema 0.99, not the stage-2 ema_decay, left at its
+    # 0.9999 default here) of the parameters only; its eval-mode projector BatchNorms keep
+    # their initial running statistics while the online network's follow the batches.
+    trainer = Trainer(_cfg(tmp_path, "pretrain", lr=1e-2, warmup_steps=0))
+    assert trainer.cfg.target_ema == 0.99 and trainer.cfg.ema_decay == 0.9999
+    target_buffers = [b.clone() for b in trainer.target.buffers()]
+    online_buffers = [b.clone() for b in trainer.model.buffers()]
+    assert target_buffers  # the projector's BatchNorm statistics
+    before, target_before, after = _one_step_of_averaging(trainer, trainer.target)
+    assert all(torch.equal(t, p) for t, p in zip(target_before, before))
+    _assert_averaged(trainer.target, target_before, after, 0.99)
+    assert not all(torch.equal(a, b) for a, b in zip(online_buffers, trainer.model.buffers()))
+    for (name, got), old in zip(trainer.target.named_buffers(), target_buffers):
+        assert torch.equal(got, old), name
+
+
+@pytest.mark.parametrize("after_warmup", [True, False])
+def test_gradients_are_clipped_to_grad_clip_once_warm_up_ends(tmp_path, after_warmup):
+    # Spec §6.3: clipping to a global norm, only after warm-up (clip_after_warmup); the logged
+    # grad_norm is the norm before clipping. grad_clip is far below this network's gradient
+    # norms (~1e3), so every clipped step shows in the norm AdamW steps with.
+    cfg = _cfg(tmp_path, "diffusion", grad_clip=1e-3, warmup_steps=2, clip_after_warmup=after_warmup)
+    trainer = Trainer(cfg)
+    stepped = []
+
+    def record_norm(optimizer, args, kwargs):
+        grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        stepped.append(torch.stack([g.norm() for g in grads]).norm().item())
+
+    trainer.optimizer.register_step_pre_hook(record_norm)
+    logged = [trainer.train_step()["grad_norm"] for _ in range(3)]
+    assert min(logged) > 1.0  # clipped steps too: the norm is logged before clipping
+    expected = [1e-3 if step >= 2 or not after_warmup else norm for step, norm in enumerate(logged)]
+    assert stepped == pytest.approx(expected, rel=1e-4)
 
 
 def test_non_finite_steps_are_skipped_and_too_many_stop_the_run(tmp_path):
