@@ -400,7 +400,8 @@ def _autocast_operands(*tensors: Tensor) -> tuple[Tensor, ...]:
     elsewhere unchanged. Custom ops are not autocast, so a kernel would otherwise multiply the
     float32 data image by the float32 weights where conv2d multiplies in bf16/fp16."""
     device_type = tensors[0].device.type
-    if not (torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)):
+    # (a fixed list: torch 2.11's dynamo cannot trace torch.amp.is_autocast_available)
+    if device_type not in ("cuda", "cpu") or not torch.is_autocast_enabled(device_type):
         return tensors
     dtype = torch.get_autocast_dtype(device_type)
     return tuple(t.to(dtype) if t.is_floating_point() and t.dtype != torch.float64 else t for t in tensors)

@@ -284,6 +284,26 @@ def test_ops_under_torch_compile_fullgraph_equal_eager(forced, monkeypatch):
         assert_close(gc, ge, atol=1e-5 * ge.abs().max().item(), rtol=1e-5)
 
 
+@pytest.mark.parametrize("forced", [False, True], ids=["unforced", "forced_reference"])
+def test_patch_embed_under_autocast_compiles_fullgraph(forced):
+    """The op layer's autocast cast of patch_embed's operands traces without a graph break
+    (torch 2.11's dynamo could not trace torch.amp.is_autocast_available) and equals eager."""
+    img = torch.randn(2, 3, 8, 8)
+    w, b, pos = (torch.randn(*s, requires_grad=True) for s in ((16, 3, 4, 4), (16,), (4, 16)))
+
+    def embed(img):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return ops.patch_embed(img, w, b, pos)
+
+    force = ops.use_backend("reference") if forced else contextlib.nullcontext()
+    with force:
+        eager = embed(img)
+        compiled = torch.compile(embed, fullgraph=True, backend="aot_eager")(img)
+    assert eager.dtype == compiled.dtype == torch.float32  # bf16 conv + the float32 table
+    assert torch.equal(compiled, eager)
+    assert [g.dtype for g in torch.autograd.grad(compiled.sum(), [w, b, pos])] == [torch.float32] * 3
+
+
 def test_compiled_network_op_follows_a_backend_forced_after_compiling(monkeypatch):
     """A function compiled with no backend forced is recompiled, not reused, once EPG_BACKEND or
     use_backend forces one: the choice made at tracing time is guarded."""
