@@ -22,7 +22,7 @@ from epg.data import (
     view1_config,
     view2_config,
 )
-from epg.data.augment import _adjust_hue, _gaussian_blur
+from epg.data.augment import _adjust_contrast, _adjust_hue, _gaussian_blur, blur_kernel_size
 
 # ---------------------------------------------------------------------------------------------
 # Digits
@@ -300,3 +300,101 @@ def test_augment_follows_the_images_device():
         if dev != "cpu":
             ref = ViewAugment(view2_config())(x, torch.Generator().manual_seed(1))
             assert_close(out.cpu(), ref, atol=1e-4, rtol=1e-4)
+
+
+# Spec §2's recipe, pinned value by value: the tests above check each step's math, not which
+# settings the two views get.
+_OFF = dict(crop_scale=(1.0, 1.0), jitter_p=0.0, grayscale_p=0.0, blur_p=0.0, solarize_p=0.0, flip_p=0.0)
+
+
+def test_view_configs_are_the_spec_recipe():
+    v1, v2 = view1_config(), view2_config()
+    for v in (v1, v2):
+        assert v.crop_scale == (0.08, 1.0) and v.crop_ratio == pytest.approx((3 / 4, 4 / 3))
+        assert (v.jitter_p, v.brightness, v.contrast, v.saturation, v.hue) == (0.8, 0.4, 0.4, 0.2, 0.1)
+        assert v.grayscale_p == 0.2 and v.blur_sigma == (0.1, 2.0) and v.flip_p == 0.5
+        assert v.solarize_threshold == 128 / 255
+    assert (v1.blur_p, v1.solarize_p) == (1.0, 0.0)  # blur always, never solarize
+    assert (v2.blur_p, v2.solarize_p) == (0.1, 0.2)
+    # ≈10% of the side, odd; σ ≤ 2 needs 13 taps for ±3σ
+    assert [blur_kernel_size(s) for s in (16, 224, 256)] == [3, 23, 27]
+
+
+def test_stage1_views_are_view1_then_view2_from_one_generator():
+    x = load_digits_tensors("test", image_size=16)[0][:8]
+    a1, a2 = ViewAugment(view1_config()), ViewAugment(view2_config())
+    y1, y2 = stage1_views(x, torch.Generator().manual_seed(5), a1, a2)
+    g = torch.Generator().manual_seed(5)
+    assert torch.equal(y1, a1(x, g)) and torch.equal(y2, a2(x, g))
+
+
+def _one_colour(n, colour):
+    return from_unit(torch.tensor(colour).view(1, 3, 1, 1).expand(n, 3, 2, 2).contiguous(), "imagenet")
+
+
+def test_jitter_draws_span_their_ranges():
+    n, g = 4000, torch.Generator().manual_seed(0)
+    # hue alone, on one saturated colour: the shift recovered by colorsys spans ±0.1
+    cfg = view1_config(**{**_OFF, "jitter_p": 1.0, "brightness": 0, "contrast": 0, "saturation": 0},
+                       convention="imagenet")  # fmt: skip
+    out = to_unit(ViewAugment(cfg)(_one_colour(n, [0.8, 0.4, 0.2]), g), "imagenet")[:, :, 0, 0].double()
+    h0 = colorsys.rgb_to_hsv(0.8, 0.4, 0.2)[0]
+    shifts = np.array([((colorsys.rgb_to_hsv(*p)[0] - h0 + 0.5) % 1) - 0.5 for p in out.tolist()])
+    assert shifts.min() < -0.09 and shifts.max() > 0.09 and np.abs(shifts).max() <= 0.1 + 1e-4
+    # saturation alone: the blend factor with the luma spans [0.8, 1.2]
+    cfg = view1_config(**{**_OFF, "jitter_p": 1.0, "brightness": 0, "contrast": 0, "hue": 0},
+                       convention="imagenet")  # fmt: skip
+    c = [0.6, 0.5, 0.4]
+    out = to_unit(ViewAugment(cfg)(_one_colour(n, c), g), "imagenet")[:, :, 0, 0].double()
+    luma = 0.299 * c[0] + 0.587 * c[1] + 0.114 * c[2]
+    factor = ((out[:, 0] - luma) / (c[0] - luma)).numpy()
+    assert factor.min() == pytest.approx(0.8, abs=0.01) and factor.max() == pytest.approx(1.2, abs=0.01)
+
+
+def test_contrast_blends_with_the_mean_luma_as_torchvision():
+    x = torch.rand(3, 3, 5, 5, generator=torch.Generator().manual_seed(1))
+    f = torch.tensor([0.7, 1.0, 1.3]).view(3, 1, 1, 1)
+    luma = (0.299 * x[:, 0] + 0.587 * x[:, 1] + 0.114 * x[:, 2]).mean(dim=(1, 2)).view(3, 1, 1, 1)
+    torch.testing.assert_close(_adjust_contrast(x, f.view(3)), (f * x + (1 - f) * luma).clamp(0, 1))
+
+
+def test_crop_boxes_have_their_size_and_reach_every_position():
+    # Pixel value = row index; scale 0.25 with ratio 1 is a 4x4 box at top 0..4 of the 8x8
+    # image, resampled to 8x8: output row 1 samples source row top + 0.25, row 6 top + 2.75.
+    img = torch.arange(8, dtype=torch.float64).view(1, 1, 8, 1).expand(3000, 1, 8, 8).contiguous()
+    cfg = view1_config(**{**_OFF, "crop_scale": (0.25, 0.25), "crop_ratio": (1.0, 1.0)})
+    out = ViewAugment(cfg)(img, torch.Generator().manual_seed(0))
+    tops = out[:, 0, 1, 0] - 0.25
+    assert torch.equal(tops, tops.round())
+    counts = torch.bincount(tops.long(), minlength=5)
+    assert len(counts) == 5 and (counts > 450).all()  # uniform over 0..4
+    assert torch.allclose(out[:, 0, 6, 0] - out[:, 0, 1, 0], torch.full_like(tops, 2.5))
+
+
+def test_solarize_inverts_the_threshold_pixel_itself():
+    # PIL's solarize inverts pixels ≥ 128
+    x01 = torch.tensor([127 / 255, 128 / 255, 129 / 255, 130 / 255]).view(1, 1, 2, 2)
+    cfg = view2_config(**{**_OFF, "solarize_p": 1.0})
+    out = to_unit(ViewAugment(cfg)(from_unit(x01, "simple"), torch.Generator()), "simple")
+    assert to_uint8(from_unit(out, "simple")).reshape(-1).tolist() == [127, 127, 126, 125]
+
+
+def test_png_pixels_round_half_up():
+    # x01·255 exactly k + 0.5 (k even): floor(x01·255 + 0.5) gives k + 1, round-half-even k
+    k = torch.arange(0, 254, 2, dtype=torch.float64)
+    x = (2 * (k + 0.5) / 255 - 1).float()
+    exact = (x * 0.5 + 0.5) * 255.0 == (k + 0.5).float()
+    assert exact.any()
+    out = torch.from_numpy(to_uint8(x.view(1, 1, 1, -1)).reshape(-1).astype(np.int64))
+    assert torch.equal(out[exact], (k[exact] + 1).long())
+
+
+def test_grayscale_is_the_itu_luma_and_each_image_draws_its_blur():
+    x01 = torch.rand(4, 3, 6, 6, generator=torch.Generator().manual_seed(2))
+    cfg = view1_config(**{**_OFF, "grayscale_p": 1.0}, convention="imagenet")
+    gray = to_unit(ViewAugment(cfg)(from_unit(x01, "imagenet"), torch.Generator()), "imagenet")
+    luma = 0.299 * x01[:, 0] + 0.587 * x01[:, 1] + 0.114 * x01[:, 2]
+    torch.testing.assert_close(gray[:, 1], luma, atol=1e-5, rtol=0)
+    same = torch.rand(1, 1, 16, 16, generator=torch.Generator().manual_seed(3)).expand(8, 1, 16, 16) * 2 - 1
+    out = ViewAugment(view1_config(**{**_OFF, "blur_p": 1.0}))(same.contiguous(), torch.Generator().manual_seed(0))
+    assert len({tuple(o.flatten().tolist()) for o in out}) == 8  # a σ per image, not per batch

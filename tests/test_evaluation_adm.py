@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import scipy.linalg
 import torch
+import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
@@ -30,7 +31,7 @@ from epg.evaluation import (
     save_reference_statistics,
     trace_sqrt_product,
 )
-from epg.evaluation.adm import _sq_distances
+from epg.evaluation.adm import _sq_distances, compute_activations
 from epg.evaluation.inception import load_state_dict_checked, preprocess, tf_resize_bilinear
 
 # --------------------------------------------------------------------------------------------
@@ -101,6 +102,16 @@ def test_trace_sqrt_product_is_exact_for_rank_deficient_covariances():
     )
 
 
+def test_frechet_distance_is_never_negative_at_rounding_level():
+    # Identical rank-deficient statistics: the exact distance is 0, and rounding can take the
+    # trace formula a little below it.
+    rng = np.random.default_rng(2)
+    for _ in range(50):
+        cov = np.cov(rng.normal(size=(6, 40)), rowvar=False)
+        mu = rng.normal(size=40)
+        assert frechet_distance_from_stats(mu, cov, mu, cov) >= 0.0
+
+
 def test_frechet_distance_rejects_mismatched_statistics():
     with pytest.raises(ValueError, match="equal d"):
         frechet_distance_from_stats(np.zeros(3), np.eye(3), np.zeros(4), np.eye(4))
@@ -122,6 +133,30 @@ def test_inception_score_of_uniform_and_of_confident_balanced_predictions():
     assert inception_score(1e4 * np.eye(10)[labels]) == pytest.approx(10.0, rel=1e-12)
     # All confident in one class: IS = 1.
     assert inception_score(100.0 * np.eye(10)[np.zeros(50, int)]) == pytest.approx(1.0, abs=1e-9)
+    # ... and with underflow, classes no sample predicts have marginal 0: 0·log(0/0) counts as 0.
+    assert inception_score(1e4 * np.eye(10)[np.zeros(50, int)]) == pytest.approx(1.0, abs=1e-12)
+
+
+def _naive_inception_score(logits, split=5000):
+    """exp(mean_i KL(p_i ‖ m)) per split of ``split`` rows, averaged, one term at a time."""
+    z = np.asarray(logits, np.float64)
+    p = np.exp(z - z.max(1, keepdims=True))
+    p /= p.sum(1, keepdims=True)
+    scores = []
+    for start in range(0, len(p), split):
+        part = p[start : start + split]
+        m = part.mean(0)
+        kl = [sum(pi * np.log(pi / mi) for pi, mi in zip(row, m) if pi > 0) for row in part]
+        scores.append(np.exp(np.mean(kl)))
+    return np.mean(scores)
+
+
+def test_inception_score_matches_the_formula_on_soft_predictions():
+    # Soft, unequal predictions: saturated ones give every sample the same KL and a normalised
+    # softmax, where a mean of exp(KL) or unnormalised logits would go unseen.
+    z = np.random.default_rng(0).normal(size=(60, 7)) * 2.0
+    assert inception_score(z) == pytest.approx(_naive_inception_score(z), rel=1e-12)
+    assert inception_score(z, split_size=25) == pytest.approx(_naive_inception_score(z, 25), rel=1e-12)
 
 
 def test_inception_score_averages_adm_splits_of_5000():
@@ -249,6 +284,21 @@ PORT_LAYOUT = {
 }
 
 
+def test_half_precision_distances_round_as_adm_does():
+    # ADM's DistanceBlock: squares rounded to half, their sums and the dot products accumulated
+    # in float32 and rounded to half, the combination in half.
+    rng = np.random.default_rng(5)
+    u = torch.from_numpy(rng.normal(size=(9, 16))).float()
+    v = torch.from_numpy(rng.normal(size=(7, 16))).float()
+    u16, v16 = u.half(), v.half()
+    nu, nv = u16.square().float().sum(1).half(), v16.square().float().sum(1).half()
+    dot = (u16.float() @ v16.float().T).half()
+    expected = (nu[:, None] - 2 * dot + nv[None, :]).clamp_min(0).float()
+    assert torch.equal(_sq_distances(u, v, "float16"), expected)
+    duplicates = torch.full((3, 64), 0.1) + torch.arange(64) * 1e-3
+    assert (_sq_distances(duplicates, duplicates, "float32") >= 0).all()
+
+
 def test_state_dict_layout_matches_the_port():
     model = InceptionV3()
     state = model.state_dict()
@@ -321,6 +371,35 @@ def _random_inception(seed=0):
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
     return model
+
+
+def test_block_wiring_follows_the_tf_graph():
+    # Random weights cannot tell a max pool from an average pool or one branch order from
+    # another by the outputs alone: the blocks' inputs and concatenation slices can.
+    model, seen = _random_inception(), {}
+
+    def keep(name):
+        return lambda module, inputs, output: seen.__setitem__(name, (inputs[0], output))
+
+    for name in ("Mixed_7c", "Conv2d_3b_1x1", "Conv2d_2b_3x3", "Conv2d_4a_3x3", "Mixed_5b", "Mixed_6e"):
+        getattr(model, name).register_forward_hook(keep(name))
+    for name in ("branch_pool", "branch3x3_2a", "branch3x3_2b"):
+        getattr(model.Mixed_7c, name).register_forward_hook(keep("7c." + name))
+    for name in ("branch7x7_3", "branch7x7dbl_5"):
+        getattr(model.Mixed_6e, name).register_forward_hook(keep("6e." + name))
+    with torch.no_grad():
+        model(np.random.default_rng(0).integers(0, 256, (1, 40, 40, 3), dtype=np.uint8))
+    x7c, out7c = seen["Mixed_7c"]
+    assert torch.allclose(seen["7c.branch_pool"][0], F.max_pool2d(x7c, 3, 1, 1))  # a max pool here
+    # concatenation order: 1x1 (320) | 3x3_2a (384) | 3x3_2b (384) | ...
+    assert torch.equal(out7c[:, 320:704], seen["7c.branch3x3_2a"][1])
+    assert torch.equal(out7c[:, 704:1088], seen["7c.branch3x3_2b"][1])
+    out6e = seen["Mixed_6e"][1]  # 1x1 (192) | 7x7 | 7x7dbl | pool
+    assert torch.equal(out6e[:, 192:384], seen["6e.branch7x7_3"][1])
+    assert torch.equal(out6e[:, 384:576], seen["6e.branch7x7dbl_5"][1])
+    # the stem's two 3x3/2 max pools
+    assert torch.equal(seen["Conv2d_3b_1x1"][0], F.max_pool2d(seen["Conv2d_2b_3x3"][1], 3, 2))
+    assert torch.equal(seen["Mixed_5b"][0], F.max_pool2d(seen["Conv2d_4a_3x3"][1], 3, 2))
 
 
 def test_outputs_are_adm_feature_taps():
@@ -576,6 +655,31 @@ def test_evaluate_end_to_end_on_cpu(tmp_path, weights_file, monkeypatch):
     for name in ("Inception Score", "FID", "sFID", "Precision", "Recall"):
         assert name in table
     assert f"{computed['fid']:.4f}" in table and "samples: 4" in table
+
+
+def test_evaluate_reports_the_metrics_of_its_activations(tmp_path, weights_file):
+    # Samples = half the reference + three flat images: precision 4/7, recall 1, so swapped
+    # arguments show, as does a sample count taken for the reference's. Computed independently of
+    # evaluate()'s own plumbing, from the activations.
+    reference = _images(2, n=8)
+    samples = np.concatenate([reference[:4], np.zeros((2, 32, 32, 3), np.uint8),
+                              np.full((1, 32, 32, 3), 255, np.uint8)])  # fmt: skip
+    np.savez(tmp_path / "s.npz", arr_0=samples)
+    np.savez(tmp_path / "r.npz", arr_0=reference)
+    got = evaluate(tmp_path / "s.npz", tmp_path / "r.npz", weights=weights_file, device="cpu",
+                   progress=False, batch_size=3)  # fmt: skip
+    model = load_inception(weights_file, "cpu")
+    a = compute_activations(samples, model, progress=False)
+    b = compute_activations(reference, model, progress=False)
+    precision, recall = precision_recall(b.pool, a.pool, device="cpu")
+    assert precision != recall and (got["precision"], got["recall"]) == (precision, recall)
+    assert (got["num_samples"], got["num_reference"]) == (7, 8)
+    fid = FIDStatistics.from_features(a.pool).frechet_distance(FIDStatistics.from_features(b.pool))
+    sfid = FIDStatistics.from_features(a.spatial).frechet_distance(FIDStatistics.from_features(b.spatial))
+    assert got["fid"] == pytest.approx(fid, rel=1e-5) and got["sfid"] == pytest.approx(sfid, rel=1e-5)
+    assert got["inception_score"] == pytest.approx(inception_score(a.logits), rel=1e-6)
+    same = evaluate(tmp_path / "s.npz", tmp_path / "s.npz", weights=weights_file, device="cpu", progress=False)
+    assert same["fid"] == pytest.approx(0, abs=1e-6) and same["sfid"] == pytest.approx(0, abs=1e-6)
 
 
 def test_format_table_without_precision_and_recall():

@@ -8,6 +8,7 @@ import torch
 
 from epg.data import load_digits_tensors
 from epg.evaluation import DigitsJudge, digits_report, frechet_distance
+from epg.seeding import torch_seed
 
 
 @pytest.fixture(scope="module")
@@ -125,3 +126,35 @@ def test_digits_report_on_real_digits(judge, digits):
     noise = torch.rand(half, 1, 16, 16, generator=torch.Generator().manual_seed(0)) * 2 - 1
     bad = digits_report(noise, y_te[:half], judge, (x_te[half:], y_te[half:]), x_tr)
     assert bad["frechet_distance"] > 10 * ref and bad["accuracy"] < 0.3
+
+
+def test_digits_report_values_are_their_definitions(judge, digits):
+    # No sample asks for class 0 (its accuracy is None), class 1 gets some 0s as well.
+    _, (x_te, y_te) = digits
+    (x_tr, _), _ = digits
+    labels = y_te[:100].clone()
+    labels[labels == 0] = 1
+    labels[labels == 9] = 8
+    report = digits_report(x_te[:100], labels, judge, (x_te[100:], y_te[100:]), x_tr, seed=3)
+    predicted = judge.predict(x_te[:100])
+    for c in range(10):
+        asked = labels == c
+        expected = float((predicted[asked] == c).double().mean()) if asked.any() else None
+        assert report["class_accuracy"][c] == expected, c
+    # the reference distance: as many random training images as samples against the real test split
+    picked = torch.randperm(len(x_tr), generator=torch.Generator().manual_seed(torch_seed(3)))[:100]
+    reference = frechet_distance(judge.features(x_tr[picked]), judge.features(x_te[100:]))
+    assert report["reference_frechet_distance"] == pytest.approx(reference, rel=1e-12)
+    assert report["real_test_accuracy"] == judge.accuracy(x_te[100:], y_te[100:])
+
+
+def test_judge_features_come_after_its_relu(judge, digits):
+    features = judge.features(digits[1][0][:50])
+    assert (features >= 0).all() and (features == 0).any()
+
+
+def test_training_shifts_fill_with_black():
+    from epg.evaluation.digits import _random_shift
+
+    out = _random_shift(torch.ones(64, 1, 8, 8), 1, torch.Generator().manual_seed(0))
+    assert set(out.unique().tolist()) == {-1.0, 1.0}

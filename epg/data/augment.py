@@ -141,7 +141,7 @@ def view2_config(**overrides) -> ViewAugmentConfig:
 
 
 def blur_kernel_size(image_size: int) -> int:
-    """Odd kernel size ≈ 10% of the image side, at least 3 (23→25 at 224/256 px, 3 at 16 px)."""
+    """Odd kernel size ≈ 10% of the image side, at least 3 (23 at 224 px, 27 at 256, 3 at 16)."""
     k = max(3, round(0.1 * image_size))
     return k if k % 2 == 1 else k + 1
 
