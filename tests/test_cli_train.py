@@ -235,12 +235,38 @@ def test_sigterm_ends_a_training_command_with_a_checkpoint_it_resumes_from(tmp_p
     assert steps[-2:] == [step + 1, step + 2]
 
 
-def test_demo_quick_runs_the_whole_pipeline(tmp_path, capsys):
+def test_demo_quick_runs_the_whole_pipeline(tmp_path, capsys, monkeypatch):
+    # The judge learns from the training split, and the samples are measured against the
+    # held-out test split, next to training digits (disjoint from it) as the reference.
+    import torch
+
+    import epg.demo
+    from epg.data import load_digits_tensors
+
+    seen = {}
+    real_fit, real_report = epg.demo.DigitsJudge.fit, epg.demo.digits_report
+
+    def fit(judge, x, y, **kwargs):
+        seen["fit"] = x
+        return real_fit(judge, x, y, **kwargs)
+
+    def report(samples, labels, judge, real_test, real_reference, seed):
+        seen["test"], seen["reference"] = real_test[0], real_reference
+        seen["report"] = real_report(samples, labels, judge, real_test, real_reference=real_reference, seed=seed)
+        return seen["report"]
+
+    monkeypatch.setattr(epg.demo.DigitsJudge, "fit", fit)
+    monkeypatch.setattr(epg.demo, "digits_report", report)
     out = tmp_path / "demo"
     assert main(["demo", "--quick", "--out", str(out)]) == 0
     metrics = json.loads((out / "metrics.json").read_text())
     assert 0.0 <= metrics["accuracy"] <= 1.0
     assert metrics["frechet_distance"] > 0 and metrics["reference_frechet_distance"] > 0
+    for key in ("accuracy", "frechet_distance", "reference_frechet_distance"):
+        assert metrics[key] == pytest.approx(seen["report"][key], rel=1e-12), key
+    train, test = load_digits_tensors("train", 16, 1)[0], load_digits_tensors("test", 16, 1)[0]
+    assert torch.equal(seen["fit"], train) and torch.equal(seen["reference"], train)
+    assert torch.equal(seen["test"], test)
     assert (out / "samples.png").is_file() and (out / "stage2" / "final" / "model.safetensors").is_file()
     printed = capsys.readouterr().out
     assert "samples.png" in printed and "metrics.json" in printed
