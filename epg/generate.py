@@ -160,14 +160,15 @@ def load_network(
             raise ValueError("--official needs --config NAME (e.g. epg-xl-16), the released files "
                              "hold weights only")
         net = ckpt.load_official(official, config, device=device)
+        weights_file = ckpt.official_file(official)
         info = {"config": config, "source": f"official:{Path(official).resolve()}", "convention": "imagenet",
                 "mode": "consistency" if config in RELEASED_CONSISTENCY_CONFIGS else "diffusion",
-                "weights": ckpt.weights_digest(ckpt.official_file(official))}
+                "weights": ckpt.weights_digest(weights_file)}
         if getattr(net.config, "num_classes", None) == 0:  # no class_embed.weight in the file
             # The official unconditional config (the consistency one of commit 21c2ca2) also
             # sets no normalisation statistics: "simple" [-1, 1] (epg-method.md §12).
             info["convention"] = "simple"
-            info["note"] = (f"{ckpt.official_file(official).name} has no {ckpt.CLASS_EMBED_KEY}: an "
+            info["note"] = (f"{weights_file.name} has no {ckpt.CLASS_EMBED_KEY}: an "
                             "unconditional network, sampled with the 'simple' [-1, 1] normalisation "
                             "of the official unconditional config (--convention imagenet to change)")
     else:
