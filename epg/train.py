@@ -1530,7 +1530,8 @@ class Trainer:
         # fp16: a finite loss whose gradients overflowed at a scale above 1 asks for a smaller
         # scale, and does not count towards max_bad_steps (the official GradScaler's skip).
         if self.loss_scale is not None and self.loss_scale > 1 and math.isfinite(values["loss"]):
-            self.loss_scale *= LOSS_SCALE_BACKOFF
+            # not below 1: growth makes the scale no power of two (1.5 would halve to 0.75)
+            self.loss_scale = max(1.0, self.loss_scale * LOSS_SCALE_BACKOFF)
             self._overflows_in_a_row += 1
             return
         if self.bad_in_a_row - self._overflows_in_a_row - self._bad_before_resume < self.cfg.max_bad_steps:

@@ -684,3 +684,52 @@ def test_dali_cpu_decodes_real_jpegs_like_pillow(jpeg_tree):
     assert torch.equal(dali["label"], portable["label"])
     diff = (dali["image"].int() - portable["image"].int()).abs()
     assert int(diff.max()) <= JPEG_TOLERANCE, f"max |DALI − Pillow| = {int(diff.max())} levels"
+
+
+def test_a_negative_label_in_a_list_is_named_as_a_bad_label(tmp_path):
+    # A list whose labels include -1
+    # must be refused for the label, not read as a file named "b.png -1" and then blamed on
+    # "some lines carry a label and some do not" (or, with every label negative, indexed as
+    # files with spaces in their names).
+    listing = tmp_path / "list.txt"
+    listing.write_text("c/a.png 0\nc/b.png -1\n")
+    with pytest.raises(ValueError, match=r"labels must be >= 0, got -1"):
+        FolderIndex.from_file_list(listing)
+    listing.write_text("c/a.png -2\nc/b.png -1\n")
+    with pytest.raises(ValueError, match=r"labels must be >= 0, got -2"):
+        FolderIndex.from_file_list(listing)
+
+
+def test_list_lines_are_stripped_at_both_ends(tmp_path):
+    # An indented line names the file without the blanks (no
+    # listable name starts with one), and an indented "# ..." is a comment, not a file.
+    listing = tmp_path / "list.txt"
+    listing.write_text("  cat/a.png\n\t# a note\n   dog/b.png\n")
+    index = FolderIndex.from_file_list(listing)
+    assert [index.relpath(i) for i in range(len(index))] == ["cat/a.png", "dog/b.png"]
+    assert index.classes == ("cat", "dog") and index.labels.tolist() == [0, 1]
+
+
+def test_the_substituted_file_count_survives_a_resume(tmp_path):
+    # The count of batch slots filled by a
+    # substitute for a bad file is part of the saved data position ("skipped" in state_dict);
+    # a resumed loader must continue it, not restart it from 0.
+    from PIL import Image
+
+    from epg.data.portable import PortableLoader
+
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+        for i in range(2):
+            Image.new("RGB", (12, 12), (40 * i, 80, 120)).save(tmp_path / name / f"{i}.png")
+    (tmp_path / "b" / "1.png").write_bytes(b"not an image")
+    options = dict(convention=None, flip_p=0.0, on_error="skip", num_workers=0)
+    first = PortableLoader(FolderIndex.scan(tmp_path), 12, 4, **options)  # one batch: every file
+    next(first)
+    state = first.state_dict()
+    assert first.skipped == 1 and state["skipped"] == 1
+    resumed = PortableLoader(FolderIndex.scan(tmp_path), 12, 4, **options)
+    resumed.load_state_dict(state)
+    assert resumed.skipped == 1 and resumed.state_dict()["skipped"] == 1
+    next(resumed)
+    assert resumed.skipped == 2

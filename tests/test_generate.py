@@ -15,6 +15,7 @@ from epg import generate, sampling
 from epg.cli import _SAMPLERS, main
 from epg.generate import (
     SampleSettings,
+    check_resume,
     image_path,
     labels_for,
     load_network,
@@ -601,3 +602,77 @@ def test_hand_edited_checkpoint_metadata_is_named(tmp_path, capsys):
     assert ("records no convention, and the default, imagenet, needs 3 channels; this network has "
             "1: pass --convention simple") in capsys.readouterr().err  # fmt: skip
     assert _sample_cli(gray, tmp_path / "g", "--convention", "simple", "--num-images", "1") == 0
+
+
+def test_a_settings_file_missing_a_key_is_another_run(tmp_path):
+    # A settings.json that lacks a setting this
+    # run has (say a hand-edited or older file without "clamp") must not be taken as this run's.
+    settings = SampleSettings(num_images=4, steps=2)
+    saved = settings.to_dict()
+    del saved["clamp"]
+    tmp_path.mkdir(exist_ok=True)
+    (tmp_path / generate.SETTINGS_NAME).write_text(json.dumps(saved))
+    with pytest.raises(ValueError, match="other settings.*clamp: None there, True now"):
+        check_resume(tmp_path, settings, overwrite=False)
+    (tmp_path / generate.SETTINGS_NAME).write_text(json.dumps(settings.to_dict()))
+    assert check_resume(tmp_path, settings, overwrite=False) is None
+
+
+def test_released_guidance_scales_per_config():
+    # Spec §8: 2.5 for EPG-XL/16 at 256 px, 3.2 for EPG-L/32 at 512 px.
+    assert generate.GUIDANCE_SCALES == {"epg-xl-16": 2.5, "epg-l-32": 3.2}
+
+
+def test_a_consistency_network_of_a_guided_config_samples_without_guidance(tmp_path, capsys):
+    # The released scale is the
+    # diffusion model's; a consistency network of the same config samples with guidance 1.
+    folder = tmp_path / "run" / "final"
+    ckpt.save(_tiny(), folder, metadata={"mode": "consistency", "model": "epg-xl-16", "convention": "simple"})
+    out = tmp_path / "s"
+    assert main(["sample", str(folder), "--out", str(out), "--num-images", "2", "--device", "cpu",
+                 "--no-progress"]) == 0  # fmt: skip
+    assert json.loads((out / "settings.json").read_text())["guidance"] == 1.0
+
+
+def test_random_labels_are_pinned_to_the_seed():
+    # A regression pin, on purpose: a sampling run
+    # resumed by a later version recomputes every image's label from `seed` for the .npz, so
+    # the label stream of a given seed must not move between versions (images sampled before
+    # the resume would be filed under other classes). Values from the current code.
+    from epg.sampling import class_labels
+
+    assert class_labels(12, 10, balanced=False, seed=5).tolist() == [1, 4, 7, 5, 6, 0, 2, 3, 8, 4, 9, 0]
+    assert class_labels(12, 4, balanced=False, seed=5, class_counts=[1, 1, 1, 1]).tolist() == [
+        2, 1, 1, 1, 1, 3, 2, 2, 3, 1, 1, 1]
+
+
+def test_negative_class_counts_are_a_value_error():
+    # Without the check torch.multinomial would fail with a
+    # RuntimeError (or, for some inputs, draw from a meaningless distribution); the documented
+    # refusal is a ValueError naming the requirement, which the CLI reports as a usage error.
+    from epg.sampling import class_labels
+
+    with pytest.raises(ValueError, match="non-negative"):
+        class_labels(10, 3, balanced=False, class_counts=[2.0, -1.0, 2.0])
+
+
+def test_an_old_settings_file_with_a_relative_model_path_and_no_digest_resumes(tmp_path, monkeypatch):
+    # settings.json of earlier
+    # versions recorded the path as given ("final") and no weights digest; rerun from the same
+    # folder, that is this run. (With a recorded digest the same-weights fallback hides the
+    # mutant, so the file here has none, as those versions wrote.)
+    (tmp_path / "final").mkdir()
+    monkeypatch.chdir(tmp_path)
+    settings = SampleSettings(num_images=4, steps=2, model=str((tmp_path / "final").resolve()),
+                              weights="sha256:" + "0" * 64)  # fmt: skip
+    saved = settings.to_dict()
+    saved["model"] = "final"
+    del saved["weights"]
+    out = tmp_path / "s"
+    out.mkdir()
+    (out / generate.SETTINGS_NAME).write_text(json.dumps(saved))
+    assert check_resume(out, settings, overwrite=False) is None
+    saved["model"] = "elsewhere"  # another path still is another run
+    (out / generate.SETTINGS_NAME).write_text(json.dumps(saved))
+    with pytest.raises(ValueError, match="other settings.*model"):
+        check_resume(out, settings, overwrite=False)

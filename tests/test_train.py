@@ -1017,3 +1017,86 @@ def test_a_gloo_worker_ends_with_its_exit_status_and_flushed_output(tmp_path):
     assert proc.returncode != 0 and "end_process returned" not in proc.stderr, proc.stderr[-2000:]
     assert "rank 0 flushed" in proc.stdout and "rank 1 flushed" in proc.stdout
     assert "exitcode  : 3" in proc.stderr or "exitcode  : 4" in proc.stderr, proc.stderr[-2000:]
+
+
+# --- schedules, loss scale and retries ------------------------------------------------------------
+
+
+def test_cosine_stays_at_zero_past_steps():
+    # A run resumed past its `steps` (or its log) must
+    # not see the cosine climb back up, e.g. to 0.5 at 1.5× the span.
+    cfg = TrainConfig(steps=110, warmup_steps=10, lr_schedule="cosine")
+    assert lr_factor(160, cfg) == pytest.approx(0.0, abs=1e-12)
+    assert lr_factor(210, cfg) == pytest.approx(0.0, abs=1e-12)
+
+
+def test_cosine_with_a_single_step_after_warm_up_ends_at_zero():
+    # With exactly one post-warm-up step the cosine goes from 1 to
+    # 0 in that step; a wider span would leave 0.5 at `steps`.
+    one = TrainConfig(steps=11, warmup_steps=10, lr_schedule="cosine")
+    assert lr_factor(10, one) == pytest.approx(1.0)
+    assert lr_factor(11, one) == pytest.approx(0.0, abs=1e-12)
+    no_warmup = TrainConfig(steps=1, warmup_steps=0, lr_schedule="cosine")
+    assert [lr_factor(s, no_warmup) for s in (0, 1)] == pytest.approx([1.0, 0.0], abs=1e-12)
+
+
+def test_a_run_resumed_with_more_steps_stretches_its_cosine(tmp_path):
+    # The schedule follows this run's `steps`, not the checkpoint's: resumed at step 2 of a
+    # 4-step run with steps=8, the lr is the 8-step cosine's at 2 (0.854·lr, not 0.5·lr).
+    short = _cfg(tmp_path, "diffusion", steps=4, warmup_steps=0, batch_size=4)
+    Trainer(short).fit(stop_at=2)
+    longer = _cfg(tmp_path, "diffusion", steps=8, warmup_steps=0, batch_size=4)
+    resumed = Trainer(longer)
+    assert resumed.step == 2
+    expected = longer.lr * lr_factor(2, longer)
+    assert expected != pytest.approx(short.lr * lr_factor(2, short))
+    assert all(g["lr"] == pytest.approx(expected) for g in resumed.optimizer.param_groups)
+    records = resumed.fit(stop_at=3)
+    assert [r["lr"] for r in records] == pytest.approx([expected])
+
+def test_fp16_loss_scale_keeps_growing_above_2_to_the_16(tmp_path):
+    # The GradScaler settings grow the scale by
+    # ×1.000693 after every step made, whatever its size. The loss is shrunk by 2^-24 so that
+    # the gradients at scale 2^20 stay finite and no step is skipped.
+    trainer = Trainer(_cfg(tmp_path, "diffusion", steps=2, ckpt_every=0, precision="fp16"))
+    trainer.loss_scale = 2.0**20
+    real = trainer.loss_fn
+    trainer.loss_fn = lambda b, d: (lambda out: (out[0] * 2.0**-24, out[1]))(real(b, d))
+    records = trainer.fit()
+    assert [r["skipped"] for r in records] == [0, 0]
+    assert trainer.loss_scale == pytest.approx(2.0**20 * 1.000693**2, rel=1e-9)
+
+
+def test_a_retried_stage1_step_augments_with_fresh_randomness(tmp_path):
+    # The module doc promises
+    # that a skipped step's retry takes "the next batch with fresh noise"; the views' crops and
+    # flips are that step's randomness too, so the retry's generator must be seeded anew.
+    trainer = Trainer(_cfg(tmp_path, "pretrain", steps=1, ckpt_every=0, max_bad_steps=3))
+    seeds = []
+    first = trainer.augment[0]
+
+    def recording(image, g):
+        seeds.append(g.initial_seed())
+        return first(image, g)
+
+    trainer.augment = [recording, trainer.augment[1]]
+    real, calls = trainer.loss_fn, []
+
+    def nan_once(batch, draws):
+        loss, terms = real(batch, draws)
+        calls.append(1)
+        return (loss * float("nan") if len(calls) == 1 else loss), terms
+
+    trainer.loss_fn = nan_once
+    records = trainer.fit()
+    assert [r["skipped"] for r in records] == [1, 1] and trainer.step == 1
+    assert len(seeds) == 2 and seeds[0] != seeds[1]
+
+
+def test_an_fp16_overflow_halves_the_loss_scale_no_lower_than_1(tmp_path):
+    # Growth makes the scale no power of two: halving 1.5 would give 0.75, where the documented
+    # floor is 1 (from there a skip counts towards max_bad_steps).
+    trainer = Trainer(_cfg(tmp_path, "diffusion", steps=1, ckpt_every=0, precision="fp16", max_bad_steps=2))
+    trainer.loss_scale = 1.5
+    trainer._skip(0, {"loss": 1.0})
+    assert trainer.loss_scale == 1.0 and trainer._overflows_in_a_row == 1
