@@ -687,10 +687,9 @@ def test_dali_cpu_decodes_real_jpegs_like_pillow(jpeg_tree):
 
 
 def test_a_negative_label_in_a_list_is_named_as_a_bad_label(tmp_path):
-    # A list whose labels include -1
-    # must be refused for the label, not read as a file named "b.png -1" and then blamed on
-    # "some lines carry a label and some do not" (or, with every label negative, indexed as
-    # files with spaces in their names).
+    # A list whose labels include -1 must be refused for the label, not read as a file named
+    # "b.png -1" and then blamed on "some lines carry a label and some do not" (or, with every
+    # label negative, indexed as files with spaces in their names).
     listing = tmp_path / "list.txt"
     listing.write_text("c/a.png 0\nc/b.png -1\n")
     with pytest.raises(ValueError, match=r"labels must be >= 0, got -1"):
@@ -701,8 +700,8 @@ def test_a_negative_label_in_a_list_is_named_as_a_bad_label(tmp_path):
 
 
 def test_list_lines_are_stripped_at_both_ends(tmp_path):
-    # An indented line names the file without the blanks (no
-    # listable name starts with one), and an indented "# ..." is a comment, not a file.
+    # An indented line names the file without the blanks (no listable name starts with one), and
+    # an indented "# ..." is a comment, not a file.
     listing = tmp_path / "list.txt"
     listing.write_text("  cat/a.png\n\t# a note\n   dog/b.png\n")
     index = FolderIndex.from_file_list(listing)
@@ -711,9 +710,9 @@ def test_list_lines_are_stripped_at_both_ends(tmp_path):
 
 
 def test_the_substituted_file_count_survives_a_resume(tmp_path):
-    # The count of batch slots filled by a
-    # substitute for a bad file is part of the saved data position ("skipped" in state_dict);
-    # a resumed loader must continue it, not restart it from 0.
+    # The count of batch slots filled by a substitute for a bad file is part of the saved data
+    # position ("skipped" in state_dict); a resumed loader must continue it, not restart it from
+    # 0.
     from PIL import Image
 
     from epg.data.portable import PortableLoader

@@ -605,8 +605,8 @@ def test_hand_edited_checkpoint_metadata_is_named(tmp_path, capsys):
 
 
 def test_a_settings_file_missing_a_key_is_another_run(tmp_path):
-    # A settings.json that lacks a setting this
-    # run has (say a hand-edited or older file without "clamp") must not be taken as this run's.
+    # A settings.json that lacks a setting this run has (say a hand-edited or older file without
+    # "clamp") must not be taken as this run's.
     settings = SampleSettings(num_images=4, steps=2)
     saved = settings.to_dict()
     del saved["clamp"]
@@ -624,8 +624,8 @@ def test_released_guidance_scales_per_config():
 
 
 def test_a_consistency_network_of_a_guided_config_samples_without_guidance(tmp_path, capsys):
-    # The released scale is the
-    # diffusion model's; a consistency network of the same config samples with guidance 1.
+    # The released scale is the diffusion model's; a consistency network of the same config
+    # samples with guidance 1.
     folder = tmp_path / "run" / "final"
     ckpt.save(_tiny(), folder, metadata={"mode": "consistency", "model": "epg-xl-16", "convention": "simple"})
     out = tmp_path / "s"
@@ -635,10 +635,10 @@ def test_a_consistency_network_of_a_guided_config_samples_without_guidance(tmp_p
 
 
 def test_random_labels_are_pinned_to_the_seed():
-    # A regression pin, on purpose: a sampling run
-    # resumed by a later version recomputes every image's label from `seed` for the .npz, so
-    # the label stream of a given seed must not move between versions (images sampled before
-    # the resume would be filed under other classes). Values from the current code.
+    # A regression pin, on purpose: a sampling run resumed by a later version recomputes every
+    # image's label from `seed` for the .npz, so the label stream of a given seed must not move
+    # between versions (images sampled before the resume would be filed under other classes).
+    # Values from the current code.
     from epg.sampling import class_labels
 
     assert class_labels(12, 10, balanced=False, seed=5).tolist() == [1, 4, 7, 5, 6, 0, 2, 3, 8, 4, 9, 0]
@@ -647,9 +647,9 @@ def test_random_labels_are_pinned_to_the_seed():
 
 
 def test_negative_class_counts_are_a_value_error():
-    # Without the check torch.multinomial would fail with a
-    # RuntimeError (or, for some inputs, draw from a meaningless distribution); the documented
-    # refusal is a ValueError naming the requirement, which the CLI reports as a usage error.
+    # Without the check torch.multinomial would fail with a RuntimeError (or, for some inputs,
+    # draw from a meaningless distribution); the documented refusal is a ValueError naming the
+    # requirement, which the CLI reports as a usage error.
     from epg.sampling import class_labels
 
     with pytest.raises(ValueError, match="non-negative"):
@@ -657,10 +657,9 @@ def test_negative_class_counts_are_a_value_error():
 
 
 def test_an_old_settings_file_with_a_relative_model_path_and_no_digest_resumes(tmp_path, monkeypatch):
-    # settings.json of earlier
-    # versions recorded the path as given ("final") and no weights digest; rerun from the same
-    # folder, that is this run. (With a recorded digest the same-weights fallback hides the
-    # mutant, so the file here has none, as those versions wrote.)
+    # settings.json of earlier versions recorded the path as given ("final") and no weights
+    # digest; rerun from the same folder, that is this run. (With a recorded digest the same-
+    # weights fallback hides the mutant, so the file here has none, as those versions wrote.)
     (tmp_path / "final").mkdir()
     monkeypatch.chdir(tmp_path)
     settings = SampleSettings(num_images=4, steps=2, model=str((tmp_path / "final").resolve()),

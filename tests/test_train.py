@@ -1023,16 +1023,16 @@ def test_a_gloo_worker_ends_with_its_exit_status_and_flushed_output(tmp_path):
 
 
 def test_cosine_stays_at_zero_past_steps():
-    # A run resumed past its `steps` (or its log) must
-    # not see the cosine climb back up, e.g. to 0.5 at 1.5× the span.
+    # A run resumed past its `steps` (or its log) must not see the cosine climb back up, e.g. to
+    # 0.5 at 1.5× the span.
     cfg = TrainConfig(steps=110, warmup_steps=10, lr_schedule="cosine")
     assert lr_factor(160, cfg) == pytest.approx(0.0, abs=1e-12)
     assert lr_factor(210, cfg) == pytest.approx(0.0, abs=1e-12)
 
 
 def test_cosine_with_a_single_step_after_warm_up_ends_at_zero():
-    # With exactly one post-warm-up step the cosine goes from 1 to
-    # 0 in that step; a wider span would leave 0.5 at `steps`.
+    # With exactly one post-warm-up step the cosine goes from 1 to 0 in that step; a wider span
+    # would leave 0.5 at `steps`.
     one = TrainConfig(steps=11, warmup_steps=10, lr_schedule="cosine")
     assert lr_factor(10, one) == pytest.approx(1.0)
     assert lr_factor(11, one) == pytest.approx(0.0, abs=1e-12)
@@ -1055,9 +1055,9 @@ def test_a_run_resumed_with_more_steps_stretches_its_cosine(tmp_path):
     assert [r["lr"] for r in records] == pytest.approx([expected])
 
 def test_fp16_loss_scale_keeps_growing_above_2_to_the_16(tmp_path):
-    # The GradScaler settings grow the scale by
-    # ×1.000693 after every step made, whatever its size. The loss is shrunk by 2^-24 so that
-    # the gradients at scale 2^20 stay finite and no step is skipped.
+    # The GradScaler settings grow the scale by ×1.000693 after every step made, whatever its
+    # size. The loss is shrunk by 2^-24 so that the gradients at scale 2^20 stay finite and no
+    # step is skipped.
     trainer = Trainer(_cfg(tmp_path, "diffusion", steps=2, ckpt_every=0, precision="fp16"))
     trainer.loss_scale = 2.0**20
     real = trainer.loss_fn
@@ -1068,9 +1068,9 @@ def test_fp16_loss_scale_keeps_growing_above_2_to_the_16(tmp_path):
 
 
 def test_a_retried_stage1_step_augments_with_fresh_randomness(tmp_path):
-    # The module doc promises
-    # that a skipped step's retry takes "the next batch with fresh noise"; the views' crops and
-    # flips are that step's randomness too, so the retry's generator must be seeded anew.
+    # The module doc promises that a skipped step's retry takes "the next batch with fresh noise";
+    # the views' crops and flips are that step's randomness too, so the retry's generator must be
+    # seeded anew.
     trainer = Trainer(_cfg(tmp_path, "pretrain", steps=1, ckpt_every=0, max_bad_steps=3))
     seeds = []
     first = trainer.augment[0]
