@@ -567,10 +567,10 @@ def export_checkpoint(path: str | os.PathLike, out: str | os.PathLike | None = N
     if out is None:
         out = _run_of(path) / EXPORTS_NAME / f"step_{step:08d}"
     out = Path(out)
-    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not _is_export(out))):
+    earlier = _exported_from(out)  # the checkpoint an export already there came from
+    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and earlier is None)):
         raise FileExistsError(f"{out} exists and is not an earlier export; the export needs a new or empty "
                               "folder (it replaces only what epg export wrote)")  # fmt: skip
-    earlier = _exported_from(out)
     if earlier is not None and _run_of(earlier) != _run_of(path):
         raise FileExistsError(f"{out} holds an export of another run ({earlier}); export {path} into a new "
                               "or empty folder, or remove that one first")  # fmt: skip
@@ -586,14 +586,10 @@ def export_checkpoint(path: str | os.PathLike, out: str | os.PathLike | None = N
     return out, {**meta, "source": str(path)}
 
 
-def _is_export(folder: Path) -> bool:
-    """Whether ``folder`` holds what :func:`export_checkpoint` wrote (and nothing it may not
-    replace, such as a run's ``final/``)."""
-    return _exported_from(folder) is not None
-
-
 def _exported_from(folder: Path) -> Path | None:
-    """The training checkpoint an export in ``folder`` was written from; None for no export."""
+    """The training checkpoint an export in ``folder`` was written from; None where ``folder``
+    holds no such export (nothing there, or something it may not replace, such as a run's
+    ``final/``)."""
     try:
         source = ckpt.read_config(folder)[1].get("exported_from")
     except (OSError, ValueError):
