@@ -123,8 +123,10 @@ def _train_config(args: argparse.Namespace, mode_options: dict[str, Any]):
     if options.get("mode", mode) != mode:  # a diffusion recipe would train a consistency model
         raise ValueError(f"preset {args.preset} is a {options['mode']} recipe, not {mode}")
     if args.config:
-        for key, value in read_config_file(args.config).items():
-            options[key] = value
+        from_file = read_config_file(args.config)
+        if from_file.get("mode", mode) != mode:  # as for a preset: its options are another mode's
+            raise ValueError(f"{args.config} is a {from_file['mode']} config, not {mode}")
+        options.update(from_file)
     for key, value in mode_options.items():
         if value is not None:
             options[key] = value

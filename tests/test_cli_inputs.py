@@ -83,6 +83,18 @@ def test_training_options_that_contradict_the_command_are_refused(tmp_path, monk
     assert list(tmp_path.iterdir()) == []  # nothing trained, nothing written
 
 
+def test_a_config_file_of_another_mode_is_refused_as_a_preset_is(tmp_path, monkeypatch, capsys):
+    # Its other options (weighting, P_mean, ...) belong to its own mode's objective.
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "run.yaml").write_text("mode: diffusion\nsteps: 5\n")
+    assert main(["finetune", "--objective", "consistency", "--encoder", "e", "--config", "run.yaml"]) == 2
+    assert "run.yaml is a diffusion config, not consistency" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run.yaml"]  # nothing trained, nothing written
+    cfg = _train_config_of(monkeypatch, ["finetune", "--objective", "diffusion", "--encoder", "e",
+                                         "--config", "run.yaml"])  # fmt: skip
+    assert (cfg.mode, cfg.steps) == ("diffusion", 5)
+
+
 def test_demo_refuses_a_bad_seed_or_output_before_making_anything(tmp_path, capsys):
     out = tmp_path / "demo"
     assert main(["demo", "--seed", "-1", "--out", str(out), "--quick"]) == 2
@@ -233,3 +245,124 @@ def test_an_output_that_is_a_file_is_named_up_front(tiny_ckpt, tmp_path, capsys)
     assert main(["prepare", str(tmp_path / "src"), str(afile), "--no-progress"]) == 2
     assert f"error: {afile} is a file; the output needs a folder" in capsys.readouterr().err
     assert afile.read_text() == "x"
+
+
+# --- how the training commands assemble their options -------------------------------------------
+
+
+def _train_config_of(monkeypatch, argv):
+    """The TrainConfig a training command would train with (nothing is trained)."""
+    from epg import cli
+
+    seen = []
+    monkeypatch.setattr(cli, "_cmd_train", lambda args, mode_options: seen.append(cli._train_config(args, mode_options)) or 0)
+    assert main(argv) == 0
+    (cfg,) = seen
+    return cfg
+
+
+def test_set_splits_at_the_first_equals_sign_and_trims_the_key():
+    from epg.cli import _parse_sets
+
+    # A value may hold "=" (a path, a URL query): the key ends at the first one.
+    assert _parse_sets(["data_options.path=/d/a=b", " lr =1e-3"]) == [("data_options.path", "/d/a=b"), ("lr", 1e-3)]
+    for pair in ("=3", "steps"):
+        with pytest.raises(ValueError, match=rf"--set expects key=value, got '{pair}'"):
+            _parse_sets([pair])
+
+
+def test_an_empty_set_key_is_named_as_such(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert main(["pretrain", "--set", "=3"]) == 2
+    assert "--set expects key=value, got '=3'" in capsys.readouterr().err
+
+
+def test_preset_then_config_then_command_line_then_set(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    config = tmp_path / "run.yaml"
+    config.write_text("steps: 7\nlr: 0.002\nrun_dir: from-file\nencoder: file-encoder\n")
+    argv = ["finetune", "--objective", "diffusion", "--preset", "demo-diffusion", "--config", str(config)]
+    cfg = _train_config_of(monkeypatch, argv)
+    assert (cfg.mode, cfg.steps, cfg.lr, cfg.run_dir, cfg.encoder) == ("diffusion", 7, 0.002, "from-file", "file-encoder")
+    # The command's own options win over the file, --set over both.
+    cfg = _train_config_of(monkeypatch, [*argv, "--run-dir", "r", "--encoder", "e", "--set", "steps=9"])
+    assert (cfg.mode, cfg.steps, cfg.run_dir, cfg.encoder) == ("diffusion", 9, "r", "e")
+
+
+def test_set_may_repeat_what_the_command_line_says(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cfg = _train_config_of(monkeypatch, ["pretrain", "--run-dir", "a", "--set", "run_dir=a", "--set", "mode=pretrain"])
+    assert (cfg.mode, cfg.run_dir) == ("pretrain", "a")
+    cfg = _train_config_of(monkeypatch, ["finetune", "--objective", "consistency", "--encoder", "e",
+                                         "--set", "mode=consistency", "--set", "encoder=e"])  # fmt: skip
+    assert (cfg.mode, cfg.encoder) == ("consistency", "e")
+
+
+def test_finetune_needs_its_objective(capsys):
+    # Without it the run would train TrainConfig's default mode without a word.
+    with pytest.raises(SystemExit) as exit_info:
+        main(["finetune", "--encoder", "e"])
+    assert exit_info.value.code == 2
+    assert "the following arguments are required: --objective" in capsys.readouterr().err
+
+
+# --- output paths ------------------------------------------------------------------------------------
+
+
+def test_output_checks_take_new_nested_folders_and_existing_outputs(tmp_path):
+    from epg.cli import _check_output
+
+    # A folder to make several levels down, and its file: the nearest existing folder decides.
+    _check_output(tmp_path / "a" / "b" / "c", folder=True)
+    _check_output(tmp_path / "a" / "b" / "m.json", folder=False)
+    # Outputs that are there already: a sample folder to resume, a metrics file to rewrite.
+    (tmp_path / "samples").mkdir()
+    (tmp_path / "m.json").write_text("{}")
+    _check_output(tmp_path / "samples", folder=True)
+    _check_output(tmp_path / "m.json", folder=False)
+    with pytest.raises(NotADirectoryError, match="is a file; the output needs a folder"):
+        _check_output(tmp_path / "m.json", folder=True)
+    with pytest.raises(IsADirectoryError, match="is a folder; the output needs a file name"):
+        _check_output(tmp_path / "samples", folder=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.json", "samples"]  # nothing made
+
+
+def test_evaluate_takes_exactly_one_of_ref_and_save_ref(tmp_path, capsys):
+    samples = tmp_path / "samples.npz"
+    samples.write_bytes(b"never read")
+    for extra in ([], ["--ref", str(tmp_path / "r.npz"), "--save-ref", str(tmp_path / "o.npz")]):
+        assert main(["evaluate", str(samples), *extra]) == 2
+        assert "give --ref REF.npz (evaluate SAMPLES against it) or --save-ref OUT.npz" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["samples.npz"]
+
+
+# --- how a command ends -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("signum, code", [(None, 130), (15, 143)])
+def test_an_interrupted_command_exits_as_the_shell_reports_its_signal(monkeypatch, capsys, signum, code):
+    from epg import cli
+
+    def interrupted(args):
+        exc = KeyboardInterrupt() if signum is None else KeyboardInterrupt("stopped by SIGTERM")
+        if signum is not None:
+            exc.signum = signum
+        raise exc
+
+    monkeypatch.setattr(cli, "_cmd_info", interrupted)
+    assert main(["info"]) == code  # Ctrl-C (no signal recorded) is SIGINT's 128 + 2
+    assert capsys.readouterr().err == ("epg info: interrupted\n" if signum is None else "epg info: stopped by SIGTERM\n")
+
+
+@pytest.mark.parametrize("command", ["pretrain", "finetune", "demo"])
+def test_a_run_stopped_by_non_finite_steps_ends_with_its_message_not_a_traceback(monkeypatch, capsys, command):
+    from epg import cli
+    from epg.train import NonFiniteStop
+
+    def stopped(args):
+        raise NonFiniteStop("3 non-finite steps in a row (step 7)")
+
+    monkeypatch.setattr(cli, f"_cmd_{command}", stopped)
+    argv = ["--objective", "diffusion"] if command == "finetune" else []
+    assert main([command, *argv]) == 2
+    assert capsys.readouterr().err == f"epg {command}: error: 3 non-finite steps in a row (step 7)\n"

@@ -249,3 +249,62 @@ def test_patch_embed_names_the_permute_for_a_channels_last_image():
         ops.patch_embed(torch.randn(2, 32, 32, 3), weight, bias, pos)
     with pytest.raises(ValueError, match=r"expected 3 channels and sides divisible by 4\)$"):
         ops.patch_embed(torch.randn(2, 1, 32, 32), weight, bias, pos)  # not transposed: no hint
+
+
+# --- shapes, dtypes and devices each op checks itself ---------------------------------------------
+
+
+def _refused_calls():
+    def f(*shape, dtype=torch.float32):
+        return torch.randn(*shape, dtype=dtype)
+
+    x, w, b = f(2, 4, 6), f(6), f(6)
+    img = torch.randint(0, 256, (2, 4, 4, 3), dtype=torch.uint8)
+    return {
+        "layer_norm bias": (lambda: ops.layer_norm(x, w, f(5)), r"layer_norm: weight and bias must be \(6,\)"),
+        "ln_modulate scale": (lambda: ops.ln_modulate(x, w, b, f(2, 6), f(2, 7)), r"shift and scale must be \(2, 6\)"),
+        "attention no heads": (lambda: ops.attention(f(1, 3, 12), 0), r"last dim 12 is not 3·num_heads·head_dim for num_heads=0"),
+        "attention width": (lambda: ops.attention(f(1, 3, 8), 2), r"last dim 8 is not 3·num_heads·head_dim for num_heads=2"),
+        "patch_embed kernel": (lambda: ops.patch_embed(f(2, 3, 8, 8), f(6, 3, 4, 2), b, f(4, 6)), r"does not fit weight \(6, 3, 4, 2\)"),
+        "output_head tokens": (lambda: ops.output_head(f(2, 5, 6), w, b, f(16, 6), f(16), 2), "token count 5 is not a square"),
+        "output_head patch": (lambda: ops.output_head(f(2, 4, 6), w, b, f(16, 6), f(16), 0), "patch_size must be >= 1, got 0"),
+        "output_head weight": (lambda: ops.output_head(f(2, 4, 6), w, b, f(15, 6), f(15), 2), r"weight must be \(p·p·C, 6\) with p=2"),
+        "timestep_embedding t": (lambda: ops.timestep_embedding(torch.arange(3), 8), "t must be float, got torch.int64"),
+        "edm_scalings sigma": (lambda: ops.edm_scalings(f(3, dtype=torch.float16)), "sigma must be float32 or float64, got torch.float16"),
+        "loss weight device": (lambda: ops.weighted_mse_loss(f(2, 3), f(2, 3), torch.ones(2, device="meta")),
+                               "weighted_mse_loss: weight must be on cpu like the images, got meta"),
+        "noise_precondition eps": (lambda: ops.noise_precondition(f(2, 3), f(2, 3, dtype=torch.float64), torch.ones(2)),
+                                   r"eps must match x0 \(2, 3\) torch.float32"),
+        "loss target dtype": (lambda: ops.weighted_mse_loss(f(2, 3, dtype=torch.float64), f(2, 3), torch.ones(2, dtype=torch.float64)),
+                              "target must have pred's dtype torch.float64"),
+        "pseudo_huber c": (lambda: ops.pseudo_huber_loss(f(2, 3), f(2, 3), torch.ones(2), c=float("inf")), "c must be a finite number > 0, got inf"),
+        "normalize_images channels": (lambda: ops.normalize_images(torch.zeros(2, 4, 4, 17, dtype=torch.uint8), "simple"),
+                                      r"with 1 <= C <= 16, got \(2, 4, 4, 17\)"),
+        "normalize_images flip": (lambda: ops.normalize_images(img, "simple", flip=torch.ones(2, dtype=torch.uint8)),
+                                  "flip must be bool, got torch.uint8"),
+        "normalize_images dtype": (lambda: ops.normalize_images(img, "simple", dtype=torch.int32),
+                                   "dtype must be float32, float64, bfloat16 or float16, got torch.int32"),
+        "unpatchify_hwc height": (lambda: ops.unpatchify_hwc(f(1, 6, 16), 2, height=8), r"height/2 dividing N = 6, got 8"),
+        "info_nce dtypes": (lambda: ops.info_nce(f(2, 4), f(3, 4, dtype=torch.float64), 0.1), "q and k must share a dtype"),
+    }  # fmt: skip
+
+
+@pytest.mark.parametrize("case", sorted(_refused_calls()))
+def test_inputs_an_op_would_mangle_are_refused_saying_what_to_pass(case):
+    # Each went on to the kernel: a shape error from deep inside, a ZeroDivisionError, or a result.
+    call, message = _refused_calls()[case]
+    with pytest.raises(ValueError, match=message):
+        call()
+
+
+def test_the_edge_sizes_each_op_takes():
+    q = F.normalize(torch.randn(3, 8), dim=1)
+    assert ops.info_nce(q, q, 0.1).shape == (3,)  # in-batch keys: M = B
+    x = torch.randn(5)  # a single (D,) vector
+    torch.testing.assert_close(ops.layer_norm(x, torch.ones(5), torch.zeros(5)), F.layer_norm(x, (5,)))
+    u = torch.randint(0, 256, (2, 6, 6, 16), dtype=torch.uint8)  # the most channels, 1 byte each
+    assert ops.normalize_images(u, "simple").shape == (2, 16, 6, 6)
+    img = torch.randint(0, 256, (2, 3, 6, 6), dtype=torch.uint8)
+    assert torch.equal(ops.unpatchify_hwc(ops.patchify_hwc(img, 3), 3, 6), img)
+    images = torch.rand(2, 3, 4, 4, requires_grad=True)  # a network output that still has a graph
+    assert ops.to_uint8(images, "simple").dtype == torch.uint8
