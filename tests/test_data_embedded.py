@@ -398,3 +398,16 @@ def test_grayscale_is_the_itu_luma_and_each_image_draws_its_blur():
     same = torch.rand(1, 1, 16, 16, generator=torch.Generator().manual_seed(3)).expand(8, 1, 16, 16) * 2 - 1
     out = ViewAugment(view1_config(**{**_OFF, "blur_p": 1.0}))(same.contiguous(), torch.Generator().manual_seed(0))
     assert len({tuple(o.flatten().tolist()) for o in out}) == 8  # a σ per image, not per batch
+
+
+def test_an_empty_test_share_is_refused():
+    # The bounds are exclusive: a split with no test images (or no train images) is refused.
+    with pytest.raises(ValueError, match=r"test_fraction must be in \(0, 1\), got 0"):
+        load_digits_tensors(test_fraction=0.0)
+
+
+def test_a_grid_of_fewer_images_than_a_row_is_as_wide_as_its_images(tmp_path):
+    x, _ = load_digits_tensors("test", image_size=8, channels=3)
+    assert make_grid_png(x[:3], tmp_path / "g.png", nrow=8, padding=1) == (3 * 9 + 1, 9 + 1)
+    with Image.open(tmp_path / "g.png") as im:
+        assert im.size == (28, 10) and im.mode == "RGB"

@@ -3,6 +3,7 @@
 import logging
 import os
 import shutil
+import subprocess
 import sys
 
 import numpy as np
@@ -263,6 +264,18 @@ def test_portable_two_ranks_make_the_global_batch_and_resume_exactly(png_tree):
     assert _equal(_take(first, 2), one[2:4])
     with pytest.raises(ValueError, match="global_batch_size 6, this run 3"):
         PortableLoader(png_tree, RES, 3, num_workers=0).load_state_dict(state)
+
+
+@pytest.mark.parametrize("ending", ["normal", "uncaught-error"])
+def test_a_script_that_never_closes_its_worker_loader_still_exits(png_tree, ending):
+    # At exit multiprocessing SIGTERMs its daemon workers and joins them; ours ignore SIGTERM
+    # (a job's SIGTERM is the trainer's to answer), so without the exit handler it waited forever.
+    script = (f"from epg.data.portable import PortableLoader\n"
+              f"loader = PortableLoader({str(png_tree)!r}, {RES}, 4, num_workers=2)\n"
+              f"next(loader)\n") + ("raise RuntimeError('boom')\n" if ending == "uncaught-error" else "")  # fmt: skip
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == (0 if ending == "normal" else 1), done.stderr
+    assert ("RuntimeError: boom" in done.stderr) == (ending == "uncaught-error")
 
 
 def test_flips_are_seeded(png_tree):
@@ -732,3 +745,65 @@ def test_the_substituted_file_count_survives_a_resume(tmp_path):
     assert resumed.skipped == 1 and resumed.state_dict()["skipped"] == 1
     next(resumed)
     assert resumed.skipped == 2
+
+
+def test_an_image_of_the_right_width_but_another_height_is_a_size_error(tmp_path):
+    # Both sides are checked: a non-square image (here RES wide) is not resolution² either.
+    path = str(tmp_path / "n0" / "tall.png")
+    _write(path, np.zeros((RES + 3, RES, 3), np.uint8))
+    with pytest.raises(ImageSizeError, match=rf"is {RES}×{RES + 3} pixels"):
+        decode_image(path, RES)
+
+
+def test_an_index_refuses_a_label_one_past_its_classes():
+    with pytest.raises(ValueError, match=r"labels must lie in 0\.\.1, got 0\.\.2"):
+        FolderIndex(["a/x.png", "b/y.png"], [0, 2], ("a", "b"))
+    assert FolderIndex(["a/x.png", "b/y.png"], [0, 1], ("a", "b")).num_classes == 2
+
+
+@pytest.mark.parametrize("name", ["n0/a\rb.png", "n0/a\nb.png", "#n0/a.png", " n0/a.png", "n0/a.png "])
+def test_a_file_list_refuses_a_name_it_cannot_read_back(tmp_path, name):
+    # Text mode reads \r as a line end, "#" starts a comment and the blanks at either end are
+    # stripped: such a name would come back as another file, or none.
+    from epg.data.folder import write_file_list
+
+    with pytest.raises(ValueError, match="cannot be written to a file list"):
+        write_file_list(tmp_path / "list.txt", ["n0/ok.png", name], [0, 0])
+    assert not (tmp_path / "list.txt").exists()
+
+
+def test_32_bit_gray_levels_are_clipped_to_16_bits_and_scaled():
+    # Pillow's "I" mode (32-bit) is read as 16-bit gray: clipped to 0..65535, then the top byte,
+    # not Pillow's convert("RGB"), which clips every level above 255 to white.
+    from epg.data.folder import to_rgb
+
+    image = Image.fromarray(np.array([[-5, 300, 32768, 70000]], np.int32))
+    assert image.mode == "I"
+    rgb = np.asarray(to_rgb(image))
+    assert rgb.shape == (1, 4, 3) and rgb[0, :, 0].tolist() == [0, 1, 128, 255]
+    assert (rgb == rgb[..., :1]).all()
+
+
+def test_loaders_refuse_bad_settings_with_the_reason(png_tree):
+    with pytest.raises(ValueError, match=r"flip_p must be in \[0, 1\], got 1.5"):
+        BatchSchedule(15, 5, flip_p=1.5)
+    with pytest.raises(ValueError, match=r"on_error must be one of \('raise', 'skip'\), got 'ignore'"):
+        PortableLoader(png_tree, RES, 4, on_error="ignore", num_workers=0)
+    with pytest.raises(ValueError, match="resolution must be positive, got 0"):
+        PortableLoader(png_tree, 0, 4, num_workers=0)
+    with pytest.raises(ValueError, match="num_workers must be >= 0, got -1"):
+        PortableLoader(png_tree, RES, 4, num_workers=-1)
+
+
+def test_a_bad_file_met_again_by_a_fresh_reader_is_logged_once(bad_tree, caplog):
+    # Each DataLoader worker (and each restart, as after load_state_dict) finds the bad files
+    # anew; the loader warns about each file once per run, not once per reader.
+    options = dict(convention=None, flip_p=0.0, on_error="skip", num_workers=0)
+    loader = PortableLoader(bad_tree, RES, 15, **options)  # one batch holds every file
+    with caplog.at_level(logging.WARNING, logger="epg.data"):
+        next(loader)
+        loader.load_state_dict(loader.state_dict())  # a fresh reader at the same position
+        next(loader)
+    warnings = [r.getMessage() for r in caplog.records]
+    assert [sum(name in w for w in warnings) for name in ("n02_1.png", "n03_4.png")] == [1, 1]
+    assert loader.skipped == 4

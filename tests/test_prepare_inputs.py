@@ -2,6 +2,7 @@
 ignores, Ctrl-C with workers, an output folder of the user's, a full disk, small sources."""
 
 import errno
+import io
 import os
 import signal
 import subprocess
@@ -238,3 +239,155 @@ def test_center_crop_arr_shapes_and_the_count_of_upscaled_images(tmp_path):
     report = _run(src, tmp_path / "dst")
     assert (report.written, report.upscaled) == (3, 1) and "3 written (1 upscaled" in str(report)
     assert _run(src, tmp_path / "dst").upscaled == 0  # kept outputs: not decoded again
+
+
+def test_a_source_whose_short_side_is_exactly_twice_the_resolution_is_halved_first():
+    # ADM halves while the short side is >= 2·resolution: at exactly 2·res the BOX halving gives
+    # res × (W // 2), with no bicubic resampling (a ">" would resize 16×19 to 10×8 bicubically).
+    image = Image.fromarray(np.random.default_rng(1).integers(0, 256, (2 * RES, 2 * RES + 3, 3),
+                                                              dtype=np.uint8))  # fmt: skip
+    halved = np.asarray(image.resize((RES + 1, RES), Image.BOX))
+    np.testing.assert_array_equal(center_crop_arr(image, RES), halved[:, :RES])
+
+
+def test_a_rerun_redoes_an_output_of_the_wrong_format_or_mode(tmp_path):
+    # Only a complete RGB image of the run's format and size counts as done: a JPEG or a gray PNG
+    # under an output's name (the right size) would otherwise be kept and trained on.
+    src = _tree(tmp_path / "src", {"a/x.png": 20, "a/y.png": 20, "b/z.png": 20})
+    dst = tmp_path / "dst"
+    _run(src, dst)
+    rgb = np.asarray(Image.open(dst / "a" / "x.png"))
+    Image.fromarray(rgb).save(dst / "a" / "x.png", format="JPEG", quality=95)
+    Image.fromarray(rgb).convert("L").save(dst / "a" / "y.png", format="PNG")
+    report = _run(src, dst)
+    assert (report.written, report.existing) == (2, 1)
+    for name in ("x.png", "y.png"):
+        with Image.open(dst / "a" / name) as image:
+            assert (image.format, image.mode, image.size) == ("PNG", "RGB", (RES, RES))
+
+
+def test_a_write_error_that_names_its_file_is_left_as_it_is(tmp_path, monkeypatch):
+    # Only an error without a file name (a full disk's, raised by a write) is given the output's
+    # name; one that has a name already keeps it and its own message.
+    src = _tree(tmp_path / "src", {"a/x.png": 20})
+
+    def denied(self, fp, *args, **kwargs):
+        raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(fp))
+
+    monkeypatch.setattr(Image.Image, "save", denied)
+    with pytest.raises(PermissionError) as info:
+        _run(src, tmp_path / "dst")
+    assert info.value.filename == os.path.join(tmp_path / "dst", "a", ".x.png.tmp")
+    assert "cannot write" not in str(info.value)
+
+
+def test_an_interrupted_write_leaves_no_partial_output_under_its_name(tmp_path, monkeypatch):
+    # The image is written to a hidden name and renamed: a run killed mid-write must not leave a
+    # truncated x.png that a folder scan would list.
+    src = _tree(tmp_path / "src", {"a/x.png": 20})
+    save = Image.Image.save
+
+    def killed_mid_write(self, fp, *args, **kwargs):
+        save(self, fp, *args, **kwargs)
+        with open(fp, "r+b") as f:
+            f.truncate(10)
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as patch:
+        patch.setattr(Image.Image, "save", killed_mid_write)
+        with pytest.raises(KeyboardInterrupt):
+            _run(src, tmp_path / "dst")
+    assert not (tmp_path / "dst" / "a" / "x.png").exists()
+    assert _run(src, tmp_path / "dst").written == 1
+
+
+def test_jpeg_outputs_are_encoded_at_the_asked_quality(tmp_path):
+    src = _tree(tmp_path / "src", {"a/x.png": 20})
+    expected = center_crop_arr(Image.open(src / "a" / "x.png").convert("RGB"), RES)
+    for quality in (30, 95):
+        dst = tmp_path / f"q{quality}"
+        prepare(src, dst, RES, format="jpeg", quality=quality, workers=0, progress=False)
+        buffer = io.BytesIO()
+        Image.fromarray(expected).save(buffer, format="JPEG", quality=quality)
+        assert (dst / "a" / "x.jpg").read_bytes() == buffer.getvalue()
+
+
+def test_a_rerun_removes_only_entries_of_the_form_of_its_outputs(tmp_path):
+    # An index entry deeper than <class>/<file> (here added by hand) names no output of epg
+    # prepare: the file it names is the user's, and stays.
+    src = _tree(tmp_path / "src", {"a/x.png": 20})
+    dst = tmp_path / "dst"
+    _run(src, dst)
+    (dst / "a" / "sub").mkdir()
+    (dst / "a" / "sub" / "keep.png").write_bytes(b"the user's")
+    with open(dst / "index.txt", "a") as f:
+        f.write("a/sub/keep.png 0\n")
+    assert _run(src, dst).removed == 0
+    assert (dst / "a" / "sub" / "keep.png").read_bytes() == b"the user's"
+
+
+def test_prepare_refuses_a_source_inside_the_output(tmp_path):
+    src = _tree(tmp_path / "out" / "raw", {"a/x.png": 20})
+    with pytest.raises(ValueError, match="must not contain each other"):
+        _run(src, tmp_path / "out")
+
+
+def test_two_sources_that_would_share_an_output_are_refused(tmp_path):
+    # a/x.png and a/x.jpg both become a/x.png: the second would overwrite the first.
+    src = _tree(tmp_path / "src", {"a/x.png": 20, "a/x.jpg": 20})
+    with pytest.raises(ValueError, match=r"a/x\.jpg and a/x\.png would both be written to .*x\.png"):
+        _run(src, tmp_path / "dst")
+    assert not (tmp_path / "dst").exists()
+
+
+def test_a_name_index_txt_cannot_hold_is_skipped_and_counted(tmp_path):
+    # A line break in a file name cannot be written to index.txt: that file is skipped with the
+    # reason, the rest prepared; skipped.txt and the report are in path order.
+    src = _tree(tmp_path / "src", {"a/x\ny.png": 20, "a/z.png": 20})
+    (src / "a" / "b.png").write_bytes(b"not an image")
+    report = _run(src, tmp_path / "dst")
+    assert (report.total, report.written) == (3, 1)
+    assert [rel for rel, _ in report.failed] == ["a/b.png", "a/x\ny.png"]
+    assert "cannot be written to index.txt" in report.failed[1][1]
+    assert FolderIndex.scan(tmp_path / "dst").paths() == [str(tmp_path / "dst" / "a" / "z.png")]
+
+
+def test_a_run_killed_while_removing_stale_outputs_leaves_them_listed(tmp_path, monkeypatch):
+    # index.txt is rewritten before the stale outputs are removed; it must keep listing them so
+    # that the next run still knows they are its own.
+    src = _tree(tmp_path / "src", {"a/x.png": 20, "a/y.png": 20})
+    dst = tmp_path / "dst"
+    _run(src, dst)
+    (src / "a" / "y.png").unlink()
+
+    def killed(path):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as patch:
+        patch.setattr(prepare_module.os, "remove", killed)
+        with pytest.raises(KeyboardInterrupt):
+            _run(src, dst)
+    assert (dst / "a" / "y.png").is_file()
+    assert _run(src, dst).removed == 1 and not (dst / "a" / "y.png").exists()
+
+
+def test_index_txt_is_in_scan_order_whatever_the_source_index_order(tmp_path):
+    src = _tree(tmp_path / "src", {"a/x.png": 20, "a/y.png": 20, "b/z.png": 20})
+    scanned = FolderIndex.scan(src)
+    reverse = FolderIndex.from_files(scanned.paths()[::-1])
+    report = _run(reverse, tmp_path / "dst")
+    listed = FolderIndex.from_file_list(report.index_list)
+    assert listed.paths() == FolderIndex.scan(tmp_path / "dst").paths()
+    assert listed.labels.tolist() == [0, 0, 1]
+
+
+def test_an_index_txt_of_the_users_is_not_taken_for_an_earlier_run(tmp_path):
+    # A folder with a file list of the user's (its own "#" header) is not an earlier output of
+    # epg prepare: refused as a folder of the user's, not as "prepared with other settings".
+    src = _tree(tmp_path / "src", {"a/x.png": 20})
+    dst = tmp_path / "dst"
+    dst.mkdir()
+    (dst / "index.txt").write_text("# my own list\na/x.png 0\n")
+    with pytest.raises(ValueError, match="is not empty and is not an earlier `epg prepare` output"):
+        _run(src, dst)
+    assert (dst / "index.txt").read_text() == "# my own list\na/x.png 0\n"

@@ -20,8 +20,10 @@ contract in epg/data/folder.py).
 
 from __future__ import annotations
 
+import atexit
 import os
 import signal
+import weakref
 from collections.abc import Iterator
 
 import numpy as np
@@ -107,6 +109,17 @@ def _ignore_sigterm(worker_id: int) -> None:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
+_with_workers: weakref.WeakSet = weakref.WeakSet()  # loaders whose workers may be running
+
+
+def _close_loaders_at_exit() -> None:
+    """At exit multiprocessing SIGTERMs its daemon children and joins them; ours ignore SIGTERM
+    (:func:`_ignore_sigterm`), so a script that never closed its loader would wait forever.
+    Registered after multiprocessing's own handler, so it runs first."""
+    for loader in list(_with_workers):
+        loader.close()
+
+
 class PortableLoader(FolderLoaderBase):
     """Batches of an image folder through a PyTorch DataLoader and Pillow.
 
@@ -162,7 +175,12 @@ class PortableLoader(FolderLoaderBase):
             worker_init_fn=_ignore_sigterm,
             **extra,
         )
-        return iter(loader)
+        iterator = iter(loader)  # starts the workers, so multiprocessing's exit handler is in
+        if self.num_workers:
+            atexit.unregister(_close_loaders_at_exit)  # registered once
+            atexit.register(_close_loaders_at_exit)
+            _with_workers.add(self)
+        return iterator
 
     def _fetch(self) -> tuple[Tensor, Tensor, list[tuple[str, str]], int]:
         if self._iterator is None:
