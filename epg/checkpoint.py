@@ -247,6 +247,8 @@ def _read_payload(directory: str | os.PathLike) -> tuple[EPGConfig | RCMConfig, 
         payload = json.loads(path.read_text())
         if not isinstance(payload, dict) or "config" not in payload:
             raise ValueError('no "config" key (the network config that save() writes)')
+        if not isinstance(payload["config"], dict):
+            raise ValueError(f'"config" must be a JSON object (the network config), got {json.dumps(payload["config"])}')
         metadata, digest = payload.get("metadata", {}), payload.get(WEIGHTS_DIGEST_KEY)
         if not isinstance(metadata, dict):  # a hand edit: generate and train read keys of it
             raise ValueError(f'"metadata" must be a JSON object or absent, got {json.dumps(metadata)}')
@@ -424,9 +426,12 @@ def _unwrap(obj: Any, source: str) -> dict[str, Tensor]:
 
 
 def _strip_prefixes(state: dict[str, Tensor]) -> dict[str, Tensor]:
-    for prefix in _PREFIXES:
-        if state and all(k.startswith(prefix) for k in state):
-            state = {k[len(prefix):]: v for k, v in state.items()}
+    # In whatever order they nest: torch.compile(DDP(net)) saves "_orig_mod.module.".
+    while state:
+        prefix = next((p for p in _PREFIXES if all(k.startswith(p) for k in state)), None)
+        if prefix is None:
+            break
+        state = {k[len(prefix):]: v for k, v in state.items()}
     return state
 
 

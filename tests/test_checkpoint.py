@@ -136,6 +136,11 @@ def _truncated_checkpoint(tmp_path):
     return data[: len(data) // 2]
 
 
+def _truncated_legacy_checkpoint(tmp_path):
+    torch.save({"w": torch.zeros(3)}, tmp_path / "whole.pth", _use_new_zipfile_serialization=False)
+    return (tmp_path / "whole.pth").read_bytes()[:60]  # within the pickle: EOF while unpickling
+
+
 @pytest.mark.parametrize("content, expected", [
     pytest.param(b"hello\nnot a checkpoint\n", "not a PyTorch checkpoint: it is a text file, starting 'hello'", id="text"),
     pytest.param(_LFS_POINTER, "not a PyTorch checkpoint: it is a Git LFS pointer.*git lfs pull", id="lfs-pointer"),
@@ -144,6 +149,12 @@ def _truncated_checkpoint(tmp_path):
     pytest.param(b"", "not a PyTorch checkpoint: the file is empty", id="empty"),
     pytest.param(_truncated_checkpoint, "corrupt: it begins as a PyTorch checkpoint \\(a zip archive\\).*truncated",
                  id="truncated-zip"),
+    # A sign-in page need not start with a doctype.
+    pytest.param(b"<html>\n<body>Sign in</body></html>", "not a PyTorch checkpoint: it is an HTML page",
+                 id="html-without-doctype"),
+    # torch.save's format before PyTorch 1.6 (a pickle, protocol 2), cut short.
+    pytest.param(_truncated_legacy_checkpoint,
+                 "corrupt: it begins as a PyTorch checkpoint \\(a pickle\\).*truncated", id="truncated-pickle"),
 ])  # fmt: skip
 def test_a_file_that_is_not_a_checkpoint_says_what_it_is(tmp_path, content, expected):
     path = tmp_path / "nnet_ema.pth"
@@ -322,9 +333,11 @@ def test_checked_weights_digest_takes_the_recorded_one_that_load_checks(tmp_path
 @pytest.mark.parametrize(
     "edit, message",
     [({"weights_sha256": 5}, r"'weights_sha256' must be a string 'sha256:<hex>', got 5; delete the key"),
+     ({"weights_sha256": "deadbeef"}, r"'weights_sha256' must be a string 'sha256:<hex>', got \"deadbeef\""),
      ({"metadata": None}, r'"metadata" must be a JSON object or absent, got null'),
+     ({"config": 5}, r'"config" must be a JSON object \(the network config\), got 5'),
      ({"config": None, "drop": "config"}, r'no "config" key \(the network config that save\(\) writes\)')],
-    ids=["digest-not-a-string", "metadata-null", "no-config"],
+    ids=["digest-not-a-string", "digest-without-its-prefix", "metadata-null", "config-not-an-object", "no-config"],
 )  # fmt: skip
 def test_a_hand_edited_config_json_is_refused_naming_the_key(tmp_path, edit, message):
     # A non-string digest skipped the weights check without a word; a null metadata was an

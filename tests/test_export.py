@@ -87,6 +87,9 @@ def test_export_skips_a_damaged_newest_checkpoint_and_refuses_a_foreign_folder(t
     with pytest.raises(FileExistsError, match="is not an earlier export"):
         export_checkpoint(run, busy)
     assert (busy / "notes.txt").read_text() == "mine" and len(list(busy.iterdir())) == 1
+    with pytest.raises(FileExistsError, match="is not an earlier export"):  # a file is not replaced
+        export_checkpoint(run, busy / "notes.txt")
+    assert (busy / "notes.txt").read_text() == "mine"
     export_checkpoint(run, out)  # an earlier export is replaced; a run's final/ is not
     with pytest.raises(FileExistsError, match="is not an earlier export"):
         export_checkpoint(run, run / "final")

@@ -24,6 +24,36 @@ def test_parameter_counts_match_the_paper(name, millions):
     assert count_parameters(model) / 1e6 == pytest.approx(millions, rel=1e-3)
 
 
+# epg-method.md §4.4: (encoder blocks, width, heads), (decoder blocks, width, heads), image, patch.
+# Heads change no parameter count, so test_parameter_counts_match_the_paper does not see them;
+# an official checkpoint loads into a network with the wrong head count and samples wrongly.
+_SPEC_TABLE = {
+    "epg-l-16": ((16, 1024, 16), (16, 1024, 16), 256, 16),
+    "epg-xl-16": ((12, 768, 12), (12, 1584, 22), 256, 16),
+    "epg-xxl-16": ((12, 768, 12), (12, 1920, 16), 256, 16),
+    "epg-g-16": ((12, 768, 12), (12, 2688, 21), 256, 16),
+    "epg-l-32": ((16, 1024, 16), (16, 1024, 16), 512, 32),
+}
+
+
+@pytest.mark.parametrize("name", sorted(_SPEC_TABLE))
+def test_named_configs_have_the_papers_widths_and_head_counts(name):
+    (depth, dim, heads), (ddepth, ddim, dheads), img, patch = _SPEC_TABLE[name]
+    c = get_config(name)
+    assert (c.depth, c.embed_dim, c.num_heads) == (depth, dim, heads)
+    assert (c.decoder_depth, c.decoder_embed_dim, c.decoder_num_heads) == (ddepth, ddim, dheads)
+    assert (c.img_size, c.patch_size, c.in_channels, c.num_classes) == (img, patch, 3, 1000)
+    assert (c.mlp_ratio, c.qkv_bias, c.drop) == (4.0, False, 0.0)
+
+
+def test_stage_one_configs_match_their_stage_two_encoders_and_the_official_projector():
+    # proj_output_dim 768 as the official scripts/pretrain.sh runs it (epg-method.md §13).
+    for rcm, epg in (("rcm-b-16", "epg-xl-16"), ("rcm-l-16", "epg-l-16")):
+        r, e = get_config(rcm), get_config(epg)
+        assert (r.depth, r.embed_dim, r.num_heads) == (e.depth, e.embed_dim, e.num_heads)
+        assert (r.proj_hidden_dim, r.proj_output_dim, r.proj_layers) == (4096, 768, 3)
+
+
 def _official_xl16_layout():
     """epg-method.md §4.5, written out independently of the model code."""
     D, Dd, p = 768, 1584, 16
@@ -101,6 +131,7 @@ def test_rcm_state_dict_has_the_official_projector_keys():
     keys = set(model.state_dict())
     for i in (0, 3, 6):
         assert f"projection_head.{i}.weight" in keys
+        assert f"projection_head.{i}.bias" not in keys  # Linear(bias=False), BatchNorm after
     for i in (1, 4):
         for s in ("weight", "bias", "running_mean", "running_var", "num_batches_tracked"):
             assert f"projection_head.{i}.{s}" in keys
@@ -118,6 +149,25 @@ def test_overrides_accept_every_architectural_field_and_reject_unknown_ones():
         get_config("epg-xs-16")
     with pytest.raises(ValueError, match="not a multiple of patch_size"):
         get_config("epg-tiny", img_size=30)
+    # qkv_bias and drop build no other shape of most layers: they must still reach every block.
+    net = build("epg-tiny", qkv_bias=True, drop=0.25)
+    keys = set(net.state_dict())
+    assert {"blocks.1.attn.qkv.bias", "decoder_blocks.1.attn.qkv.bias"} <= keys
+    assert all(block.attn.proj_drop.p == 0.25 for block in net.decoder_blocks)
+    assert "blocks.0.attn.qkv.bias" in build("rcm-tiny", qkv_bias=True).state_dict()
+
+
+@pytest.mark.parametrize("name, overrides, message", [
+    ("epg-tiny", {"num_heads": 3}, "embed_dim 64 not divisible by num_heads 3"),
+    ("epg-tiny", {"decoder_num_heads": 5}, "decoder_embed_dim 96 not divisible by decoder_num_heads 5"),
+    ("epg-tiny", {"drop": 1.0}, r"drop in \[0, 1\)"),
+    ("rcm-tiny", {"proj_layers": 0}, "proj_layers must be >= 1, got 0"),
+])  # fmt: skip
+def test_configs_that_cannot_build_are_refused_by_the_config(name, overrides, message):
+    # The config itself refuses, so a bad config.json is reported when it is read, naming the
+    # fields, not as an error from deep inside a layer (or, for proj_layers, not at all).
+    with pytest.raises(ValueError, match=message):
+        get_config(name, **overrides)
 
 
 @pytest.mark.parametrize(
@@ -209,6 +259,18 @@ def test_fresh_network_is_adaln_zero():
         assert torch.count_nonzero(block.adaLN_modulation[-1].weight) == 0
     assert model.pos_embed.std().item() == pytest.approx(0.02, rel=0.2)
     assert model.cls_token.abs().max() < 1e-4
+    assert model.class_embed.weight.std().item() == pytest.approx(0.02, rel=0.2)
+
+
+def test_the_stage_one_encoder_bounds_its_fused_qkv_as_three_separate_projections():
+    # The official stage-1 init: xavier bound of one D×D layer for the (3D, D) qkv weight; the
+    # stage-2 network takes the fused layer's own (smaller) xavier bound.
+    D = 64
+    separate, fused = math.sqrt(6 / (D + D)), math.sqrt(6 / (3 * D + D))
+    rcm, epg = build("rcm-tiny"), build("epg-tiny")
+    for model, bound in ((rcm, separate), (epg, fused)):
+        w = model.blocks[0].attn.qkv.weight
+        assert bound * 0.98 < w.abs().max().item() <= bound
 
 
 def test_unconditional_call_uses_the_null_class():
@@ -221,6 +283,18 @@ def test_rcm_forward_shapes_and_head():
     model = build("rcm-tiny").eval()
     z, h = model(torch.randn(4, 3, 32, 32), torch.randn(4))
     assert z.shape == (4, 32) and h.shape == (4, 64)
+
+
+def test_rcm_feature_is_the_normalised_cls_token_and_z_its_projection():
+    # The representation is the cls token's (position 0), not the time token's next to it.
+    model = _randomised(build("rcm-tiny")).eval()
+    tokens = []
+    model.blocks[-1].register_forward_hook(lambda module, args, out: tokens.append(out))
+    x, t = torch.randn(4, 3, 32, 32), torch.randn(4) * 100
+    z, h = model(x, t)
+    expected = F.layer_norm(tokens[0][:, 0], (64,), model.norm.weight, model.norm.bias, 1e-5)
+    assert_close(h, expected, atol=1e-5, rtol=1e-5)
+    assert_close(z, model.projection_head(h), atol=1e-6, rtol=1e-6)
 
 
 # --- backends, backward, compile ------------------------------------------------------------------
@@ -278,6 +352,8 @@ def _grads_with_and_without_recomputation(model, *inputs):
 
 def test_activation_checkpointing_changes_no_number(monkeypatch):
     # The blocks run again in the backward (dropout 0.5: the checkpoint replays the masks).
+    # Opt-in (a second forward per block): a fresh network does not recompute.
+    assert not build("epg-tiny").activation_checkpointing and not build("rcm-tiny").activation_checkpointing
     x, t, y = torch.randn(3, 3, 32, 32), torch.randn(3) * 100, torch.tensor([3, 10, 1])
     epg = _randomised(build("epg-tiny", drop=0.5)).train()
     rcm = _randomised(build("rcm-tiny")).train()
@@ -385,6 +461,8 @@ def test_wrong_image_size_channels_and_labels_name_the_expected_values():
     with pytest.raises(ValueError, match=r"int64 or int32 class labels, got \(2,\) torch.int16"):
         model(torch.randn(2, 3, 32, 32), t, torch.tensor([0, 1], dtype=torch.int16))
     model(torch.randn(2, 3, 32, 32), t, torch.tensor([0, 1], dtype=torch.int32))  # accepted
+    with pytest.raises(ValueError, match=r"int64 or int32 class labels, got \(2, 1\) torch.int64"):
+        model(torch.randn(2, 3, 32, 32), t, torch.tensor([[0], [1]]))  # would broadcast silently
     with pytest.raises(ValueError, match=r"t_cond must be \(2,\)"):
         model(torch.randn(2, 3, 32, 32), torch.zeros(3), torch.tensor([0, 1]))
     with pytest.raises(ValueError, match="expects images"):
@@ -432,5 +510,8 @@ def test_networks_name_wrong_image_dtypes_labels_and_stage_one_encoders():
         net(x, t, [0, 1])
     with torch.autocast("cpu", dtype=torch.bfloat16):  # autocast: the usual way to run in bf16
         assert net(x.bfloat16(), t).shape == x.shape
+        # Not every dtype: uint8 pixels (as an image file decodes) are refused under autocast too.
+        with pytest.raises(ValueError, match=r"images must be a floating-point tensor, got torch.uint8"):
+            net(x.to(torch.uint8), t)
     with pytest.raises(TypeError, match=r"stage-1 encoder \(RCMViT, from `epg pretrain`\)"):
         Denoiser(build("rcm-tiny"))
