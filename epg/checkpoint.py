@@ -248,7 +248,8 @@ def _read_payload(directory: str | os.PathLike) -> tuple[EPGConfig | RCMConfig, 
         if not isinstance(payload, dict) or "config" not in payload:
             raise ValueError('no "config" key (the network config that save() writes)')
         if not isinstance(payload["config"], dict):
-            raise ValueError(f'"config" must be a JSON object (the network config), got {json.dumps(payload["config"])}')
+            raise ValueError(f'"config" must be a JSON object (the network config), '
+                             f'got {json.dumps(payload["config"])}')
         metadata, digest = payload.get("metadata", {}), payload.get(WEIGHTS_DIGEST_KEY)
         if not isinstance(metadata, dict):  # a hand edit: generate and train read keys of it
             raise ValueError(f'"metadata" must be a JSON object or absent, got {json.dumps(metadata)}')

@@ -175,9 +175,11 @@ class PortableLoader(FolderLoaderBase):
             worker_init_fn=_ignore_sigterm,
             **extra,
         )
-        iterator = iter(loader)  # starts the workers, so multiprocessing's exit handler is in
+        iterator = iter(loader)
         if self.num_workers:
-            atexit.unregister(_close_loaders_at_exit)  # registered once
+            # Starting workers registers multiprocessing's exit handler; ours goes after it (so
+            # runs first), and only once.
+            atexit.unregister(_close_loaders_at_exit)
             atexit.register(_close_loaders_at_exit)
             _with_workers.add(self)
         return iterator
