@@ -490,7 +490,9 @@ def _official_load_error(path: Path, head: bytes, exc: Exception) -> CheckpointE
 
 def _is_cut_short(path: Path, kind: str, exc: Exception) -> bool:
     """Whether a torch.save file that torch.load could not read looks truncated."""
-    return isinstance(exc, EOFError) or (kind == "zip" and not zipfile.is_zipfile(path))
+    # A pre-1.6 pickle cut within its tensor data: torch says "unexpected EOF, expected N more bytes".
+    cut_in_data = kind == "pickle" and "unexpected EOF" in str(exc)
+    return isinstance(exc, EOFError) or cut_in_data or (kind == "zip" and not zipfile.is_zipfile(path))
 
 
 def _cut_short(kind: str, size: int) -> str:

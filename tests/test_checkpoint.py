@@ -141,6 +141,11 @@ def _truncated_legacy_checkpoint(tmp_path):
     return (tmp_path / "whole.pth").read_bytes()[:60]  # within the pickle: EOF while unpickling
 
 
+def _legacy_checkpoint_cut_in_its_tensors(tmp_path):
+    torch.save({"w": torch.zeros(1000)}, tmp_path / "whole.pth", _use_new_zipfile_serialization=False)
+    return (tmp_path / "whole.pth").read_bytes()[:-100]  # torch: "unexpected EOF, expected 100 more bytes"
+
+
 @pytest.mark.parametrize("content, expected", [
     pytest.param(b"hello\nnot a checkpoint\n", "not a PyTorch checkpoint: it is a text file, starting 'hello'", id="text"),
     pytest.param(_LFS_POINTER, "not a PyTorch checkpoint: it is a Git LFS pointer.*git lfs pull", id="lfs-pointer"),
@@ -155,6 +160,8 @@ def _truncated_legacy_checkpoint(tmp_path):
     # torch.save's format before PyTorch 1.6 (a pickle, protocol 2), cut short.
     pytest.param(_truncated_legacy_checkpoint,
                  "corrupt: it begins as a PyTorch checkpoint \\(a pickle\\).*truncated", id="truncated-pickle"),
+    pytest.param(_legacy_checkpoint_cut_in_its_tensors,
+                 "corrupt: it begins as a PyTorch checkpoint \\(a pickle\\).*truncated", id="truncated-pickle-data"),
 ])  # fmt: skip
 def test_a_file_that_is_not_a_checkpoint_says_what_it_is(tmp_path, content, expected):
     path = tmp_path / "nnet_ema.pth"
