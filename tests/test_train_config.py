@@ -63,6 +63,7 @@ def test_defaults_offs_and_presets_still_validate():
     TrainConfig(grad_clip=0.0, ckpt_every=0, preview_every=0, warmup_steps=0, weight_decay=0.0,
                 ema_decay=0.0, betas=(0.0, 0.0)).validate()  # fmt: skip
     TrainConfig(mode="pretrain", target_ema=1.0).validate()
+    TrainConfig(ema_decay=1.0).validate()  # the ranges are closed: 1 keeps the start's weights
     for preset in PRESETS.values():
         TrainConfig.from_dict(preset).validate()
 
@@ -279,3 +280,135 @@ def test_export_before_any_step_is_refused(tmp_path):
     with pytest.raises(ValueError, match=r"nothing is trained yet \(step 0\)"):
         trainer.export()
     assert not (tmp_path / "run" / "final").exists()
+
+
+def test_paper_presets_are_the_method_tables_recipes():
+    # epg-method.md §5.5 (stage 1), §6.3 (diffusion), §7.4 (consistency): a preset off by a value
+    # still validates and trains, just not the paper's run.
+    from epg.presets import get_preset
+
+    stage1 = get_preset("pretrain-rcm-l-16")
+    assert {k: stage1[k] for k in ("mode", "steps", "batch_size", "lr", "betas", "weight_decay", "no_weight_decay",
+                                   "lr_schedule", "warmup_steps", "grad_clip", "target_ema")} == dict(
+        mode="pretrain", steps=600_000, batch_size=1024, lr=6e-4, betas=(0.9, 0.95), weight_decay=0.03,
+        no_weight_decay=(), lr_schedule="cosine", warmup_steps=10_000, grad_clip=0.0, target_ema=0.99)  # fmt: skip
+    assert stage1["objective"] == dict(s0=20, s1=1280, tau_con=0.2, tau_rc=0.1)
+    for name in ("pretrain-rcm-b-16", "pretrain-rcm-l-16", "pretrain-rcm-l-32", "diffusion-epg-xl-16",
+                 "diffusion-epg-xxl-16", "diffusion-epg-g-16", "diffusion-epg-l-32", "consistency-epg-l-16"):  # fmt: skip
+        assert get_preset(name)["model"] == name.split("-", 1)[1] and get_preset(name)["data"] == "folder", name
+    diffusion = get_preset("diffusion-epg-xxl-16")
+    assert {k: diffusion[k] for k in ("steps", "batch_size", "lr", "betas", "weight_decay", "lr_schedule",
+                                      "warmup_steps", "grad_clip", "clip_after_warmup", "ema_decay")} == dict(
+        steps=1_000_000, batch_size=1024, lr=1e-4, betas=(0.9, 0.999), weight_decay=0.01, lr_schedule="cosine",
+        warmup_steps=10_000, grad_clip=0.5, clip_after_warmup=True, ema_decay=0.9999)  # fmt: skip
+    assert diffusion["objective"] == dict(label_dropout=0.1)
+    assert TrainConfig.from_dict(diffusion).no_weight_decay == ("pos_embed", "cls_token")
+    assert get_preset("diffusion-epg-g-16")["steps"] == 2_000_000  # 1600 epochs at 1024
+    cm = get_preset("consistency-epg-l-16")
+    assert {k: cm[k] for k in ("steps", "batch_size", "lr", "betas", "weight_decay", "lr_schedule", "warmup_steps",
+                               "lr_milestones", "lr_factors", "grad_clip", "ema_decay")} == dict(
+        steps=700_000, batch_size=1024, lr=1e-4, betas=(0.9, 0.99), weight_decay=0.03, lr_schedule="warmup-step",
+        warmup_steps=10_000, lr_milestones=(400_000, 500_000), lr_factors=(0.3, 0.08), grad_clip=0.0,
+        ema_decay=0.9999)  # fmt: skip
+    assert cm["model_overrides"] == dict(drop=0.5) and cm["objective"] == dict(stage_length=100_000, c=0.06)
+
+
+def test_get_preset_hands_out_a_copy():
+    # `--set objective.x=...` writes into the returned dicts: it must not change the preset for
+    # the next run in the same process (the demo runs three).
+    from epg.presets import get_preset
+
+    preset = get_preset("demo-consistency")
+    preset["objective"]["stage_length"] = 1
+    preset["steps"] = 1
+    assert PRESETS["demo-consistency"]["objective"]["stage_length"] == 375
+    assert get_preset("demo-consistency")["steps"] == 1500
+
+
+def test_lr_factor_warms_up_linearly_then_follows_its_schedule():
+    cosine = TrainConfig(steps=110, warmup_steps=10)
+    assert [lr_factor(s, cosine) for s in (0, 4, 9)] == [0.1, 0.5, 1.0]  # step 0 trains at lr/10, not 0
+    assert lr_factor(10, cosine) == 1.0
+    assert lr_factor(60, cosine) == pytest.approx(0.5)
+    assert lr_factor(110, cosine) == pytest.approx(0.0, abs=1e-12)
+    assert lr_factor(160, cosine) == pytest.approx(0.0, abs=1e-12)  # past the end: stays at 0, no rise again
+    step = TrainConfig(mode="consistency", lr_schedule="warmup-step", warmup_steps=10, lr_milestones=(400, 500),
+                       lr_factors=(0.3, 0.08))  # fmt: skip
+    assert [lr_factor(s, step) for s in (10, 399, 400, 499, 500, 10_000)] == [1.0, 1.0, 0.3, 0.3, 0.08, 0.08]
+    assert lr_factor(50, TrainConfig(lr_schedule="constant")) == 1.0
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [({"steps": 0}, "steps and batch_size must be positive"), ({"batch_size": 0}, "steps and batch_size"),
+     ({"seed": -1}, "seed must be a non-negative int"), ({"seed": True}, "seed must be"),
+     ({"parallel": "zero"}, "parallel must be ddp or fsdp"), ({"lr_schedule": "linear"}, "lr_schedule must be"),
+     ({"lr_milestones": (400,)}, "lr_milestones and lr_factors must have the same length"),
+     ({"precision": "fp8"}, "precision must be"), ({"mode": "train"}, "mode must be one of"),
+     ({"mode": "consistency", "objective": {"aux_weight": 0}, "perceptual": "s1"},
+      "perceptual names the auxiliary InfoNCE's network, which objective.aux_weight=0 turns off")],
+)  # fmt: skip
+def test_bad_top_level_settings_are_refused(options, message):
+    with pytest.raises(ValueError, match=message):
+        TrainConfig(**options).validate()
+
+
+def test_from_dict_reads_each_option_as_its_type():
+    cfg = TrainConfig.from_dict({"compile": "off", "progress": "on", "steps": "2e3", "betas": "0.8, 0.95",
+                                 "lr_milestones": "400,500", "encoder": None, "lr_factors": 0.5})  # fmt: skip
+    assert (cfg.compile, cfg.progress, cfg.steps, cfg.betas) == (False, True, 2000, (0.8, 0.95))
+    assert (cfg.lr_milestones, cfg.encoder, cfg.lr_factors) == ((400, 500), None, (0.5,))
+    assert all(type(m) is int for m in cfg.lr_milestones)  # compared with the int step, saved as JSON
+    for options, expected in [({"steps": 2.5}, "an integer"), ({"betas": "0.9"}, "two numbers"),
+                              ({"compile": "maybe"}, "true or false"), ({"steps": None}, "int"),
+                              ({"objective": [1]}, "a mapping"), ({"lr": "fast"}, "a number"),
+                              ({"model": ["epg-l-16"]}, "a string"), ({"data": None}, "str")]:  # fmt: skip
+        with pytest.raises(ValueError, match=f"training option {next(iter(options))}: expected {expected}"):
+            TrainConfig.from_dict(options)
+
+
+def test_defaults_are_the_diffusion_recipes_optimiser_and_keep_runs_safe():
+    cfg = TrainConfig()
+    assert (cfg.lr, cfg.betas, cfg.weight_decay, cfg.no_weight_decay, cfg.ema_decay, cfg.target_ema) == (
+        1e-4, (0.9, 0.999), 0.01, ("pos_embed", "cls_token"), 0.9999, 0.99)  # fmt: skip
+    assert (cfg.keep_checkpoints, cfg.max_bad_steps, cfg.resume, cfg.grad_accum, cfg.seed) == (2, 5, "auto", 1, 0)
+    assert TrainConfig.from_dict(cfg.to_dict()) == cfg
+
+
+def test_home_expansion_covers_every_path_option(monkeypatch):
+    from epg.train import _home_expanded_paths
+
+    monkeypatch.setenv("HOME", "/h")
+    cfg = TrainConfig(run_dir="~/r", resume="~/c.pt", encoder="~/e", init="rel", data_options={"path": "~/d", "x": 1})
+    assert _home_expanded_paths(cfg) == {"run_dir": "/h/r", "resume": "/h/c.pt", "encoder": "/h/e",
+                                         "data_options": {"path": "/h/d", "x": 1}}  # fmt: skip
+
+
+def test_a_network_path_given_only_on_one_side_is_a_different_run(tmp_path, monkeypatch):
+    from epg.train import _same_identity
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "r1").mkdir()
+    assert _same_identity("encoder", "r1", "./r1") and _same_identity("init", str(tmp_path / "r1"), "r1/")
+    assert not _same_identity("encoder", "r1", None) and not _same_identity("encoder", None, "r1")
+    assert not _same_identity("encoder", "r1", "r2")
+    assert _same_identity("objective", {"a": 1, "b": 2}, {"b": 2, "a": 1}) and not _same_identity("lr", 1e-4, 2e-4)
+
+
+def test_set_option_under_a_value_that_is_not_a_mapping_is_named():
+    # `--set lr.x=1` met a float: a TypeError about item assignment that named no option
+    from epg.presets import set_option
+
+    options = {"lr": 1e-4, "objective": {"c": 0.06}}
+    set_option(options, "objective.aux_weight", 0.0)
+    set_option(options, "augment.crop_scale", (0.4, 1.0))
+    assert options == {"lr": 1e-4, "objective": {"c": 0.06, "aux_weight": 0.0}, "augment": {"crop_scale": (0.4, 1.0)}}
+    with pytest.raises(ValueError, match=r"cannot set lr\.x: lr is not a mapping"):
+        set_option(options, "lr.x", 1)
+
+
+def test_an_option_the_trainer_passes_itself_is_refused_in_the_objective_group(tmp_path):
+    # objective.img_size is the Trainer's to pass (from the model): given too, it reached the
+    # constructor as a "got multiple values" TypeError
+    with pytest.raises(ValueError, match=r"unknown objective \(diffusion\) option\(s\) 'img_size'; valid: \[.*'label_dropout'"):
+        Trainer(_cfg(tmp_path, objective={"img_size": 16}))
