@@ -23,6 +23,9 @@ def assert_close(actual, expected, atol=None, rtol=None, what=""):
     assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
     a, e = actual.double(), expected.to(actual.device).double()
     err = (a - e).abs() - rtol * e.abs()
+    # A NaN against anything but NaN, or an infinity against another value, is the worst
+    # mismatch: max() over a NaN compares False and would let it, and every other element, through.
+    err = torch.where((a == e) | (a.isnan() & e.isnan()), 0.0, err.nan_to_num(nan=float("inf")))
     if err.numel() and err.max() > atol:
         idx = tuple(int(i) for i in torch.unravel_index(err.argmax(), err.shape))
         raise AssertionError(
