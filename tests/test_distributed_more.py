@@ -121,6 +121,9 @@ def test_teardown_leaves_the_group(one_process_group):
 
 
 def _bn_worker(rank, world, init_file, rows, x, w_out, results):
+    # A forked child must not enter an OpenMP parallel region: the parent's thread pool did not
+    # come along, and BatchNorm's CPU kernel would wait on it forever (seen after the other tests).
+    torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
         torch.manual_seed(0)

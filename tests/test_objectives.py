@@ -92,6 +92,7 @@ def test_info_nce_float32_under_autocast():
 
 
 def _distributed_worker(rank, world, init_file, q, k, results):
+    torch.set_num_threads(1)  # forked: an OpenMP region would wait on the parent's threads
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
         B = q.shape[0] // world

@@ -34,6 +34,7 @@ def _kernels():
 # --- attention -----------------------------------------------------------------------------------
 
 
+@pytest.mark.triton
 def test_attention_reads_qkv_and_writes_grad_with_their_own_column_strides():
     """qkv with column stride 2 (every other column of a wider buffer): Q, K and V are read through
     qkv's strides, while dK and dV are written through grad_qkv's (contiguous) strides; mixing the
@@ -54,6 +55,7 @@ def test_attention_reads_qkv_and_writes_grad_with_their_own_column_strides():
                  atol=1e-5, rtol=1e-5, what="grad_qkv")
 
 
+@pytest.mark.triton
 def test_attention_inner_tile_follows_the_padded_row_width():
     """The documented blocking: 64-token inner tiles while a padded head row is at most 256 bytes
     (float32 head dim 64 is exactly 256), else 32; 64-token query blocks up to 768-byte rows."""
@@ -70,6 +72,7 @@ def test_attention_inner_tile_follows_the_padded_row_width():
     assert cfg(64, torch.float16)["IEEE"] is False and cfg(64, torch.bfloat16)["IEEE"] is False
 
 
+@pytest.mark.triton
 def test_automatic_choice_takes_triton_at_the_largest_head_dim():
     """Head dim 256 is the kernel's MAX_HEAD_DIM: SUPPORTS must accept it (a decliner at the
     boundary would send the largest supported heads to the slow reference)."""
@@ -80,6 +83,7 @@ def test_automatic_choice_takes_triton_at_the_largest_head_dim():
     assert supports["attention"](torch.zeros(1, 2, 3 * 257), 1) is not None
 
 
+@pytest.mark.triton
 @pytest.mark.parametrize("num_heads", [2.0, 2.5])
 def test_attention_takes_an_integer_head_count_only(num_heads):
     """num_heads goes through operator.index: a float (even 2.0) is a caller's bug, not something
@@ -218,6 +222,7 @@ def _ln_inputs(B, T, D, seed, spread=1.0):
     return x, w, b, shift, scale, grad
 
 
+@pytest.mark.triton
 def test_layer_norm_uses_the_callers_eps_where_it_matters():
     """Rows of small variance (std 0.02) with a large eps (0.01): y and every gradient depend on
     eps inside the square root, sqrt(var + eps), in the forward and in the backward, which
@@ -241,6 +246,7 @@ def test_layer_norm_uses_the_callers_eps_where_it_matters():
         assert_close(got.cpu(), want, what=f"ln_modulate grad_{name}", **tol)
 
 
+@pytest.mark.triton
 def test_layer_norm_takes_rows_up_to_max_width():
     """MAX_WIDTH is the widest row the kernels take: automatic choice must not decline it."""
     kernels = _kernels()
@@ -251,6 +257,7 @@ def test_layer_norm_takes_rows_up_to_max_width():
     assert kernels.SUPPORTS["layer_norm"](torch.zeros(2, width + 1)) is not None
 
 
+@pytest.mark.triton
 def test_layer_norm_backward_returns_parameter_grads_in_the_parameters_dtype():
     """Mixed precision on plain LayerNorm: float16 x and grad with float32 weight give grad_x in
     float16 and grad_weight, grad_bias in float32 (the dtype of the parameters they update)."""
@@ -264,6 +271,7 @@ def test_layer_norm_backward_returns_parameter_grads_in_the_parameters_dtype():
         assert_close(a.double().cpu(), b, atol=1e-4, rtol=1e-4, what=f"grad_{name}")
 
 
+@pytest.mark.triton
 def test_ln_modulate_backward_gives_each_gradient_its_inputs_dtype():
     """grad_shift takes shift's dtype and grad_scale scale's, even where the two differ."""
     K = _kernels().IMPLEMENTATIONS
@@ -275,6 +283,7 @@ def test_ln_modulate_backward_gives_each_gradient_its_inputs_dtype():
 # --- gated residual ------------------------------------------------------------------------------
 
 
+@pytest.mark.triton
 def test_gated_residual_backward_computes_in_float64_for_a_float64_gradient():
     """The backward's compute dtype follows grad (as the reference's): a float64 gradient with a
     float32 y gives grad_gate = Σ_t grad·y summed in float64 (here into a float64 gate)."""
@@ -293,6 +302,7 @@ def test_gated_residual_backward_computes_in_float64_for_a_float64_gradient():
 # --- noise preconditioning -----------------------------------------------------------------------
 
 
+@pytest.mark.triton
 def test_noise_precondition_reads_a_strided_sigma():
     """sigma may be a strided view (a column of a per-sample table): the kernels index it as
     contiguous, so the launchers must hand them a contiguous copy, forward and backward."""
@@ -314,6 +324,7 @@ def test_noise_precondition_reads_a_strided_sigma():
         assert_close(a.cpu(), b, atol=1e-5, rtol=1e-4, what=name)
 
 
+@pytest.mark.triton
 def test_noise_precondition_t_cond_is_finite_at_sigma_zero():
     """t_cond = 250·ln(σ + 1e-44) keeps σ = 0 (x0 mode's clean end) finite, as the reference."""
     K = _kernels().IMPLEMENTATIONS
@@ -325,6 +336,7 @@ def test_noise_precondition_t_cond_is_finite_at_sigma_zero():
     assert_close(t_cond.cpu(), want, what="t_cond")
 
 
+@pytest.mark.triton
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
 def test_automatic_choice_declines_every_sigma_but_float32(dtype):
     """The launchers take float32 σ only (they raise otherwise): SUPPORTS must decline any other
@@ -342,6 +354,7 @@ def test_automatic_choice_declines_every_sigma_but_float32(dtype):
 # --- patch embedding -----------------------------------------------------------------------------
 
 
+@pytest.mark.triton
 def test_patch_embed_multiplies_a_float16_image_by_float32_weights_in_float32():
     """Only an image and weight of one 16-bit dtype are multiplied in that dtype; a float16 image
     with float32 weights must not round the weights to float16 (IEEE float32 products)."""
@@ -359,6 +372,7 @@ def test_patch_embed_multiplies_a_float16_image_by_float32_weights_in_float32():
 # --- InfoNCE -------------------------------------------------------------------------------------
 
 
+@pytest.mark.triton
 def test_info_nce_backward_with_more_columns_than_one_gradient_program_holds():
     """D = 300 > BLOCK_D = 256: the gradient programs split the output columns into two chunks
     (each recomputing the logits), on top of key splits and several row blocks; each (split,
@@ -380,6 +394,7 @@ def test_info_nce_backward_with_more_columns_than_one_gradient_program_holds():
 # --- launch heuristics (kernels/_common.py) ------------------------------------------------------
 
 
+@pytest.mark.triton
 def test_launch_heuristics():
     """The documented heuristics every launcher builds on: powers of two, ~16 elements per thread
     clamped to [1, 16] warps, whole-row tiles of about 4096 elements and at most 64 rows, and
@@ -397,6 +412,7 @@ def test_launch_heuristics():
         assert common.target_programs(torch.device("cpu")) > 1
 
 
+@pytest.mark.triton
 def test_gated_residual_rounds_float16_once():
     """float16 inputs are computed in float32 and rounded once, like the reference: the product
     gate·y = 1 + 2⁻¹¹ − 2⁻²¹ rounded to float16 first would be 1.0, and 2048 + 1.0 then ties
@@ -411,6 +427,7 @@ def test_gated_residual_rounds_float16_once():
     assert torch.equal(got.cpu(), want), got
 
 
+@pytest.mark.triton
 def test_reducing_kernels_run_the_gpus_configuration_under_the_interpreter(monkeypatch):
     """The interpreter must test the one block size a GPU runs the reducing kernels with (their
     block sets a sum's order), not the interpreter's block for the elementwise kernels."""
@@ -435,6 +452,7 @@ def test_reducing_kernels_run_the_gpus_configuration_under_the_interpreter(monke
     assert_close(mse.cpu(), (x.cpu() ** 2).mean(1), what="mse")
 
 
+@pytest.mark.triton
 def test_patch_embed_refuses_a_width_not_divisible_by_the_patch():
     """W must be a multiple of p like H (the reference's conv would drop the remainder columns,
     and the kernel's patch grid would misplace every row after the first)."""
@@ -448,6 +466,7 @@ def test_patch_embed_refuses_a_width_not_divisible_by_the_patch():
                                   torch.randn(4, 16, device=DEVICE), True)
 
 
+@pytest.mark.triton
 def test_patch_embed_supports_declines_an_image_without_channels():
     """The launchers refuse C = 0, so SUPPORTS must say why (automatic choice then runs the
     reference), forward and backward."""
@@ -459,6 +478,7 @@ def test_patch_embed_supports_declines_an_image_without_channels():
     assert supports["patch_embed"](torch.zeros(1, 1, 8, 8), torch.zeros(16, 1, 4, 4), bias, pos) is None
 
 
+@pytest.mark.triton
 def test_patch_embed_backward_rounds_the_gradient_for_16_bit_products():
     """With a float16 image and weight (autocast) and a float32 gradient, the products take the
     gradient rounded to float16, as autocast's conv2d backward does, while grad_bias sums the
@@ -477,6 +497,7 @@ def test_patch_embed_backward_rounds_the_gradient_for_16_bit_products():
     assert_close(grad_pos.cpu(), grad[0], what="grad_pos")
 
 
+@pytest.mark.triton
 def test_precondition_names_a_batch_mismatch_as_a_value_error():
     """Every image argument must have x0's batch size; one that does not is a ValueError naming
     it (not a reshape failure from deeper down)."""
