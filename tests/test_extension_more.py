@@ -10,6 +10,7 @@ import math
 import pytest
 import torch
 from helpers import assert_close
+from test_extension_ops import randn, sigmas
 
 from epg import reference
 
@@ -18,17 +19,6 @@ E = torch.ops.epg_C
 
 SD, SMIN, C_HUBER = 0.5, 0.008, 0.06
 IMAGENET = (list(reference.IMAGENET_MEAN), [2 * s for s in reference.IMAGENET_STD])
-
-
-def randn(shape, dtype, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(shape, generator=g, dtype=torch.float64).to(dtype)
-
-
-def sigmas(n, dtype=torch.float32, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    log_s = torch.empty(n, dtype=torch.float64).uniform_(math.log(0.008), math.log(320.0), generator=g)
-    return log_s.exp().to(dtype)
 
 
 def x_in_formula(x0, eps, sigma, c_in):
