@@ -93,3 +93,18 @@ def signal_in_call(trainer, call, *signals):
         return real_loss(batch, draws)
 
     trainer.loss_fn = signalled
+
+
+def _single_threaded(rank, fn, *args):
+    # A forked child must not enter an OpenMP parallel region: the parent's thread pool did not
+    # come along, and an op's region (BatchNorm's, seen) would wait on it forever.
+    torch.set_num_threads(1)
+    fn(rank, *args)
+
+
+def fork_ranks(fn, nprocs, *args):
+    """``fn(rank, *args)`` in ``nprocs`` forked processes (they inherit the imported torch, where
+    spawn would re-import it, ~15 s here), each single-threaded; returns when all have ended."""
+    import torch.multiprocessing as mp
+
+    mp.start_processes(_single_threaded, args=(fn, *args), nprocs=nprocs, start_method="fork")

@@ -224,9 +224,9 @@ def _bench(params, extra, median, calls=1):
             "stats": {"median": median * calls}}  # fmt: skip
 
 
-def _results(tmp_path, name, env, benchmarks, not_run):
+def _results(tmp_path, name, env, benchmarks, not_run=()):
     path = tmp_path / name
-    data = {"machine_info": {"epg": env}, "benchmarks": benchmarks, "epg_not_run": not_run}
+    data = {"machine_info": {"epg": env}, "benchmarks": benchmarks, "epg_not_run": list(not_run)}
     path.write_text(json.dumps(data))
     return str(path)
 

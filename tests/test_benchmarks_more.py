@@ -20,35 +20,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from benchmarks import common, flops, report  # noqa: E402
-
-NO_GPU = "no CUDA GPU on this machine: not measured on a GPU"  # benchmarks/conftest.py's reason
-
-CPU_ENV = {
-    "date": "2026-11-30", "git_revision": "abc1234", "torch": "2.14.1", "triton": "3.8.0",
-    "cuda": "13.0", "cpu": "Test CPU", "cpu_count": 2, "torch_threads": 2, "gpu": None,
-    "calibration": {"cpu": {"copy_gbps": 10.0, "matmul_tflops": 0.1, "matmul_dtype": "float32"}},
-}  # fmt: skip
-GPU_ENV = {
-    "date": "2026-12-01", "git_revision": "def5678", "torch": "2.11.0+cu130", "triton": "3.6.0",
-    "cuda": "13.0", "cpu": "Host CPU", "cpu_count": 16, "torch_threads": 16, "gpu": "NVIDIA H200",
-    "gpu_count": 1,
-    "calibration": {"cuda": {"copy_gbps": 4000.0, "matmul_tflops": 800.0,
-                             "matmul_dtype": "bfloat16"}},
-}  # fmt: skip
-
-
-def _bench(params, extra, median, calls=1):
-    """A pytest-benchmark entry: ``median`` seconds per call, ``calls`` calls per round."""
-    return {"name": "x", "params": params, "extra_info": {**extra, "calls_per_round": calls},
-            "stats": {"median": median * calls}}  # fmt: skip
-
-
-def _results(tmp_path, name, env, benchmarks, not_run=()):
-    path = tmp_path / name
-    data = {"machine_info": {"epg": env}, "benchmarks": benchmarks, "epg_not_run": list(not_run)}
-    path.write_text(json.dumps(data))
-    return str(path)
-
+from test_benchmarks import CPU_ENV, GPU_ENV, NO_GPU, _bench, _results  # noqa: E402
 
 def _op_params(provider, op="attention", mode="fwd", device="cuda"):
     return {"device": device, "op": op, "shape": "D1584-H22", "batch": 128, "mode": mode,

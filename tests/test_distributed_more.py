@@ -16,7 +16,7 @@ from epg.distributed import DistInfo, GlobalBatchNorm1d, convert_batchnorm, reso
 from epg.seeding import torch_seed
 from epg.train import Trainer, _fully_shard, _is_per_sample, _step_seed
 
-from helpers import assert_close, tiny_train_config
+from helpers import assert_close, fork_ranks, tiny_train_config
 
 CPU = torch.device("cpu")
 
@@ -121,9 +121,6 @@ def test_teardown_leaves_the_group(one_process_group):
 
 
 def _bn_worker(rank, world, init_file, rows, x, w_out, results):
-    # A forked child must not enter an OpenMP parallel region: the parent's thread pool did not
-    # come along, and BatchNorm's CPU kernel would wait on it forever (seen after the other tests).
-    torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
         torch.manual_seed(0)
@@ -166,8 +163,7 @@ def test_global_batchnorm_on_two_ranks_is_batchnorm_on_the_global_batch(tmp_path
     x = torch.randn(sum(rows), D, generator=g) * 2 + 1
     w_out = torch.randn(sum(rows), D, generator=g)
     results = mp.Manager().dict()
-    mp.start_processes(_bn_worker, args=(2, str(tmp_path / "pg"), rows, x, w_out, results), nprocs=2,
-                       start_method="fork")  # fmt: skip
+    fork_ranks(_bn_worker, 2, 2, str(tmp_path / "pg"), rows, x, w_out, results)
     ref = nn.BatchNorm1d(D, eps=1e-2, momentum=0.3)
     with torch.no_grad():
         ref.weight.copy_(torch.linspace(0.5, 2.0, D))

@@ -53,6 +53,15 @@ def _png_stack(out, n):
     return np.stack([np.asarray(Image.open(image_path(out, i))) for i in range(n)])
 
 
+def _write_random_pngs(out, n, size):
+    """n random RGB images of size² written as ``out``'s PNGs 0..n-1; returns them (n, size, size, 3)."""
+    images = np.random.default_rng(0).integers(0, 256, size=(n, size, size, 3), dtype=np.uint8)
+    (out / "images").mkdir()
+    for i, img in enumerate(images):
+        generate._write_png(image_path(out, i), img)
+    return images
+
+
 def _assert_same_images(got, ref):
     # Same noise, same labels; only the float rounding of batched matrix products differs
     # with the batch shape, which can move a pixel that sits on a rounding edge by one level.
@@ -388,11 +397,7 @@ def test_progress_bars_follow_the_progress_flag(tiny_ckpt, tmp_path, capsys):
 
 
 def test_npz_is_written_one_image_at_a_time(tmp_path):
-    rng = np.random.default_rng(0)
-    images = rng.integers(0, 256, size=(64, 64, 64, 3), dtype=np.uint8)
-    (tmp_path / "images").mkdir()
-    for i, img in enumerate(images):
-        generate._write_png(image_path(tmp_path, i), img)
+    images = _write_random_pngs(tmp_path, 64, 64)
     labels = torch.arange(64) % 10
     generate.write_npz(tmp_path, 64, labels, progress=False)  # imports and caches warmed up
     tracemalloc.start()

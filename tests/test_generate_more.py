@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from test_generate import _png_stack, _tiny
+from test_generate import _png_stack, _tiny, _write_random_pngs
 
 from epg import checkpoint as ckpt
 from epg import generate, sampling
@@ -118,11 +118,7 @@ def test_a_bool_batch_size_is_refused_before_the_folder_is_touched(tmp_path):
 def test_the_preview_is_the_grid_of_the_first_64_pngs(tmp_path):
     # preview.png: the first 64 images (8 per row), magnified to at least 64 px, pixels as
     # in their PNGs. The PNGs are all there, so nothing is sampled.
-    rng = np.random.default_rng(0)
-    images = rng.integers(0, 256, size=(65, 32, 32, 3), dtype=np.uint8)
-    (tmp_path / "images").mkdir()
-    for i, img in enumerate(images):
-        generate._write_png(image_path(tmp_path, i), img)
+    images = _write_random_pngs(tmp_path, 65, 32)
     settings = SampleSettings(num_images=65, steps=2, convention="simple")
     summary = run_sampling(_tiny(), tmp_path, settings, batch_size=8, progress=False)
     assert summary["sampled_now_by_this_rank"] == 0 and summary["preview"] == str(tmp_path / "preview.png")

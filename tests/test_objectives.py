@@ -7,7 +7,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 import torch.multiprocessing as mp
-from helpers import assert_close
+from helpers import assert_close, fork_ranks
 
 from epg.models import build
 from epg.objectives import (
@@ -92,7 +92,6 @@ def test_info_nce_float32_under_autocast():
 
 
 def _distributed_worker(rank, world, init_file, q, k, results):
-    torch.set_num_threads(1)  # forked: an OpenMP region would wait on the parent's threads
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
         B = q.shape[0] // world
@@ -107,13 +106,7 @@ def test_info_nce_gathers_keys_over_ranks(tmp_path):
     world, B = 2, 3
     q, k = torch.randn(world * B, 4), torch.randn(world * B, 4)
     results = mp.Manager().dict()
-    # fork: the children inherit the imported torch (spawn would re-import it, ~15 s here)
-    mp.start_processes(
-        _distributed_worker,
-        args=(world, str(tmp_path / "pg"), q, k, results),
-        nprocs=world,
-        start_method="fork",
-    )
+    fork_ranks(_distributed_worker, world, world, str(tmp_path / "pg"), q, k, results)
     for rank in range(world):
         rows = slice(rank * B, (rank + 1) * B)
         # local block first, then the other ranks in rank order

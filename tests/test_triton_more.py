@@ -15,6 +15,7 @@ import types
 import pytest
 import torch
 from helpers import assert_close
+from test_attention_providers import _FlashStub
 
 from epg import _attention_providers as providers
 from epg import reference as R
@@ -126,23 +127,6 @@ def test_sdpa_backward_takes_a_gradient_of_another_dtype():
 # --- providers: flash-attn (stubbed: the real package needs a GPU) --------------------------------
 
 
-class _Packed(torch.autograd.Function):
-    """flash_attn_qkvpacked_func's shape, (B, T, 3, H, Dh) -> (B, T, H, Dh), computed by the
-    reference; old-style forward(ctx, ...) as flash-attn defines it."""
-
-    @staticmethod
-    def forward(ctx, qkv):
-        ctx.save_for_backward(qkv)
-        B, T, _, H, Dh = qkv.shape
-        return R.attention(qkv.reshape(B, T, -1), H).view(B, T, H, Dh)
-
-    @staticmethod
-    def backward(ctx, grad):
-        (qkv,) = ctx.saved_tensors
-        B, T, _, H, _ = qkv.shape
-        return R.attention_backward(grad.reshape(B, T, -1), qkv.reshape(B, T, -1), H).view(qkv.shape)
-
-
 def _stub(monkeypatch, name, func=None, version="0"):
     module = types.ModuleType(name)
     if func is not None:
@@ -155,8 +139,8 @@ def _stub(monkeypatch, name, func=None, version="0"):
 def test_flash_module_prefers_fa3_and_skips_a_module_without_the_packed_function(monkeypatch):
     """FA3's interface is taken when importable (the faster kernels on Hopper); a module that
     imports but lacks flash_attn_qkvpacked_func does not count as flash-attn."""
-    fa3 = _stub(monkeypatch, "flash_attn_interface", _Packed.apply, "3.0")
-    fa2 = _stub(monkeypatch, "flash_attn", _Packed.apply, "2.7")
+    fa3 = _stub(monkeypatch, "flash_attn_interface", _FlashStub.apply, "3.0")
+    fa2 = _stub(monkeypatch, "flash_attn", _FlashStub.apply, "2.7")
     module, what = providers._flash_module()
     assert module is fa3 and what.startswith("FA3"), what
     _stub(monkeypatch, "flash_attn_interface")  # no packed function
@@ -166,7 +150,7 @@ def test_flash_module_prefers_fa3_and_skips_a_module_without_the_packed_function
 
 def test_flash_attention_takes_fa3s_output_tuple(monkeypatch):
     """FA3's packed function returns (out, softmax_lse): the backend must use only out."""
-    _stub(monkeypatch, "flash_attn_interface", lambda packed: (_Packed.apply(packed), None), "3.0")
+    _stub(monkeypatch, "flash_attn_interface", lambda packed: (_FlashStub.apply(packed), None), "3.0")
     qkv = torch.randn(2, 5, 3 * 2 * 8, dtype=torch.float64)
     out = providers.flash_attention(qkv, 2)
     assert out.shape == (2, 5, 16)
@@ -178,11 +162,11 @@ def test_flash_attention_backward_casts_the_gradient_to_qkvs_dtype(monkeypatch):
     qkv's dtype (its backward kernel takes one dtype)."""
     seen = []
 
-    class Checked(_Packed):
+    class Checked(_FlashStub):
         @staticmethod
         def backward(ctx, grad):
             seen.append(grad.dtype)
-            return _Packed.backward(ctx, grad)
+            return _FlashStub.backward(ctx, grad)
 
     _stub(monkeypatch, "flash_attn_interface", Checked.apply, "3.0")
     qkv = torch.randn(1, 4, 3 * 2 * 8, dtype=torch.float64)
