@@ -21,6 +21,8 @@ Environment variables
   EPG_REQUIRE_EXT=1      a failed (CPU-only) build is an error, not a warning.
   EPG_NVCC_THREADS=N     nvcc --threads (default 2).
   EPG_CUDA_LINEINFO=1    add -lineinfo (for profilers / compute-sanitizer).
+  EPG_OPENMP=0           compile the CPU kernels without -fopenmp (they then run on one
+                         thread); default on Linux when torch's ATen runs on OpenMP.
   TORCH_CUDA_ARCH_LIST   target GPUs, default "8.0;9.0a" (A100, H100/H200).
   MAX_JOBS               parallel compile jobs (read by torch's ninja build).
   CUDA_HOME              CUDA toolkit holding bin/nvcc (torch's usual lookup).
@@ -100,6 +102,7 @@ class _Plan:
         self.cuda = False
         self.nvcc = None
         self.torch = None
+        self.openmp = False
 
     def decide(self):
         if self.skip:
@@ -128,6 +131,7 @@ class _Plan:
             _warn(msg)
             return False
 
+        self.openmp = _use_openmp(torch)
         torch_cuda = torch.version.cuda
         want_cuda = bool(torch_cuda) and self.cuda_request is not False
         cuda_home = _resolve_cuda_home(cpp_ext) if want_cuda else None
@@ -166,6 +170,31 @@ class _Plan:
                 f"MAX_JOBS={os.environ.get('MAX_JOBS', '<unset: ninja default>')})"
             )
         return True
+
+
+def _use_openmp(torch):
+    """Whether to compile the C++ kernels with -fopenmp.
+
+    at::parallel_for is a header template: with torch's OpenMP backend it is a
+    `#pragma omp parallel` region, compiled into *this* extension, so without
+    -fopenmp it silently runs its whole range on the calling thread. The
+    extension then links libgomp.so.1, which resolves to the copy torch already
+    loaded (same soname), so both share one thread pool and torch.set_num_threads.
+    Linux only: macOS clang needs a separate libomp and Windows another flag.
+    """
+    request = _env_flag("EPG_OPENMP")
+    if request is False:
+        _info("EPG_OPENMP=0: the C++ CPU kernels are compiled without OpenMP (one thread)")
+        return False
+    backend_openmp = "ATen parallel backend: OpenMP" in torch.__config__.parallel_info()
+    if not sys.platform.startswith("linux") or not backend_openmp:
+        if request:
+            raise SystemExit(
+                "epg setup.py: EPG_OPENMP=1 needs Linux and a torch whose ATen parallel "
+                f"backend is OpenMP (platform {sys.platform!r}, OpenMP backend {backend_openmp})"
+            )
+        return False
+    return True
 
 
 def _nvcc_path(cuda_home):
@@ -244,6 +273,9 @@ def _make_extension(plan, with_cuda):
         include_dirs=[os.path.join(ROOT, CSRC)],
         depends=headers,
     )
+    if plan.openmp:
+        cxx_flags.append("-fopenmp")
+        kwargs["extra_link_args"] = ["-fopenmp"]
     if not with_cuda:
         return CppExtension(sources=cpp_sources, extra_compile_args={"cxx": cxx_flags}, **kwargs)
 

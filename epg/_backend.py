@@ -120,6 +120,8 @@ def _cuda_info() -> BackendInfo:
         detail = "epg._C: C++ and CUDA kernels"
     else:
         detail = "epg._C built with CUDA kernels; no GPU here: its C++ twins run on CPU when forced"
+    if not getattr(_C, "WITH_OPENMP", 0):
+        detail += " (C++ kernels on one thread: built without OpenMP)"
     return BackendInfo("cuda", True, detail, impls, runs_on_cuda=with_cuda)
 
 

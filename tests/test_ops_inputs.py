@@ -207,6 +207,16 @@ def test_extension_detail_says_what_it_can_run_here(monkeypatch, fresh_probes):
     )
 
 
+def test_extension_detail_says_when_its_cpu_kernels_are_single_threaded(monkeypatch, fresh_probes):
+    _C = pytest.importorskip("epg._C", reason="needs the extension epg._C")
+    monkeypatch.setattr(_C, "WITH_OPENMP", 0)
+    assert _detail("cuda", monkeypatch, gpu=False).endswith(
+        " (C++ kernels on one thread: built without OpenMP)"
+    )
+    monkeypatch.setattr(_C, "WITH_OPENMP", 1)
+    assert "OpenMP" not in _detail("cuda", monkeypatch, gpu=False)
+
+
 def test_info_prints_what_the_backends_can_run_here(monkeypatch, fresh_probes, capsys):
     if torch.cuda.is_available():
         pytest.skip("checks the text printed on a machine without a GPU")

@@ -1,7 +1,14 @@
-"""pyproject.toml lists every package, so a non-editable install ships all of epg."""
+"""Packaging: pyproject.toml lists every package (so a non-editable install ships all of epg),
+and setup.py compiles the extension with the flags its kernels need."""
 
+import runpy
+import sys
 import tomllib
+import types
 from pathlib import Path
+
+import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -15,3 +22,56 @@ def test_every_package_folder_is_listed_in_pyproject():
     }
     assert found <= listed, f"missing from pyproject.toml: {sorted(found - listed)}"
     assert config["package-dir"]["epg_kernels"] == "kernels" and "epg_kernels" in listed
+
+
+def run_setup(monkeypatch, **env):
+    """setup.py's globals and the arguments it passes to setuptools.setup(), building nothing."""
+    import setuptools
+
+    captured = {}
+    monkeypatch.setattr(setuptools, "setup", lambda **kwargs: captured.update(kwargs))
+    monkeypatch.setenv("EPG_BUILD_CUDA", "0")  # the CPU extension: no CUDA toolkit needed
+    for name in ("EPG_SKIP_EXT", "EPG_REQUIRE_EXT", "EPG_OPENMP"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    namespace = runpy.run_path(str(ROOT / "setup.py"), run_name="epg_setup_under_test")
+    if not captured.get("ext_modules"):
+        pytest.skip("setup.py plans no extension here (no torch or no C++ compiler)")
+    (ext,) = captured["ext_modules"]
+    return namespace, ext
+
+
+def fake_torch(backend):
+    return types.SimpleNamespace(
+        __config__=types.SimpleNamespace(parallel_info=lambda: f"ATen parallel backend: {backend}\n")
+    )
+
+
+def test_cpu_kernels_are_compiled_with_openmp_where_torch_threads_with_it(monkeypatch):
+    """at::parallel_for is inlined into the extension: without -fopenmp it runs on one thread."""
+    if not sys.platform.startswith("linux"):
+        pytest.skip("OpenMP is only switched on for Linux builds")
+    if "ATen parallel backend: OpenMP" not in torch.__config__.parallel_info():
+        pytest.skip("this torch's ATen does not run on OpenMP")
+    _, ext = run_setup(monkeypatch)
+    assert "-fopenmp" in ext.extra_compile_args["cxx"] and ext.extra_link_args == ["-fopenmp"]
+    _, ext = run_setup(monkeypatch, EPG_OPENMP="0")
+    assert "-fopenmp" not in ext.extra_compile_args["cxx"] and "-fopenmp" not in ext.extra_link_args
+
+
+def test_openmp_is_refused_or_skipped_where_torch_does_not_thread_with_it(monkeypatch):
+    namespace, _ = run_setup(monkeypatch)
+    use_openmp = namespace["_use_openmp"]
+    assert use_openmp(fake_torch("native thread pool")) is False
+    monkeypatch.setenv("EPG_OPENMP", "1")
+    with pytest.raises(SystemExit, match="EPG_OPENMP=1 needs Linux"):
+        use_openmp(fake_torch("native thread pool"))
+    monkeypatch.setenv("EPG_OPENMP", "0")
+    assert use_openmp(fake_torch("OpenMP")) is False
+    monkeypatch.setenv("EPG_OPENMP", "sometimes")
+    with pytest.raises(SystemExit, match="EPG_OPENMP='sometimes' is not a boolean"):
+        use_openmp(fake_torch("OpenMP"))
+    monkeypatch.setattr(sys, "platform", "darwin")
+    monkeypatch.delenv("EPG_OPENMP")
+    assert use_openmp(fake_torch("OpenMP")) is False
