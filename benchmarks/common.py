@@ -183,6 +183,8 @@ def environment() -> dict:
         from epg import _C
 
         extension = "C++ and CUDA" if getattr(_C, "WITH_CUDA", 0) else "C++ only"
+        if not getattr(_C, "WITH_OPENMP", 0):  # the CPU figures of its ops are one thread's
+            extension += ", C++ kernels on one thread"
     except ImportError:
         extension = None
     try:

@@ -10,10 +10,13 @@
   each device measured in the same run (``common.calibrate``); and ``epg_not_run``: every
   benchmark case that was skipped, with its parameters and the reason (a GPU case on a machine
   without a GPU, a backend with no kernel for an op, ...), so the report can say which figures
-  are still missing.
+  are still missing. A run in which every case was skipped or failed gets the same file with no
+  measured case (pytest-benchmark writes none then), so the report can say why.
 """
 
 from __future__ import annotations
+
+import json
 
 import pytest
 import torch
@@ -28,6 +31,7 @@ MARKERS = (
 
 _NOT_RUN: list[dict] = []
 _CALIBRATION: dict[str, dict] = {}
+_JSON_WRITTEN: list[bool] = []  # set when pytest-benchmark wrote --benchmark-json
 
 
 def pytest_configure(config):
@@ -125,3 +129,21 @@ def pytest_benchmark_update_machine_info(config, machine_info):
 @pytest.hookimpl(optionalhook=True)
 def pytest_benchmark_update_json(config, benchmarks, output_json):
     output_json["epg_not_run"] = list(_NOT_RUN)
+    _JSON_WRITTEN.append(True)
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """Write --benchmark-json when pytest-benchmark did not (no case was measured) but cases
+    were skipped or failed: their reasons are the run's only result. Runs after the plugin's own
+    sessionfinish, a wrapper that saves its JSON first."""
+    config = session.config
+    path = config.getoption("benchmark_json", None)
+    if path is None or _JSON_WRITTEN or not _NOT_RUN:
+        return
+    machine_info = {"epg": {**common.environment(), "calibration": dict(_CALIBRATION)}}
+    data = {"machine_info": machine_info, "benchmarks": [], "epg_not_run": list(_NOT_RUN)}
+    path.write_text(json.dumps(data, indent=4))
+    reporter = config.pluginmanager.get_plugin("terminalreporter")
+    if reporter is not None:
+        reporter.write_line(f"no benchmark case was measured: wrote the {len(_NOT_RUN)} not run "
+                            f"and their reasons to {path}")  # fmt: skip

@@ -23,6 +23,10 @@ Figures (per call = median round time / calls per round):
             a CPU the fraction of the measured float32 matmul rate
   sampling  images/s = batch / time of one Heun-32 batch; the same FLOP-based fraction
   loader    images/s = batch / time per batch
+  target    GPU op rows timed on epg's Triton or CUDA kernels: met / missed / not judged (a
+            figure missing) against the issues' targets: Triton attention ≥1.3× the fastest
+            attention baseline; memory-bound Triton kernels ≥85% of the copy bandwidth and
+            ≥1.1× torch.compile of the reference; CUDA kernels ≥85% of the copy bandwidth
 
 ``--compact`` prints a short plain-text table, the steps and the run last (gpu_check.sh
 prints it last); ``--steps`` adds
@@ -58,6 +62,12 @@ EPG_PROVIDERS = ("epg", "triton", "cuda")  # the op rows that get a speed-up
 ATTENTION_BASELINES = ("ref", "sdpa", "sdpa_flash", "sdpa_cudnn", "sdpa_efficient", "flash_attn",
                        "flash_attn_lib")  # fmt: skip
 OP_BASELINES = ("ref_compiled",)
+# The issues' performance targets for epg's own kernels on a GPU (issues #6 and #7).
+ATTENTION_TARGET = 1.3  # Triton attention: × the fastest of SDPA and flash-attn
+COPY_TARGET = 0.85  # memory-bound Triton and CUDA kernels: of the run's copy bandwidth
+COMPILE_TARGET = 1.1  # memory-bound Triton kernels: × torch.compile of the reference
+KERNEL_BACKENDS = ("triton", "cuda")
+TARGET_WORDS = {True: "met", False: "missed", None: "not judged"}
 
 
 # --- numbers --------------------------------------------------------------------------------------
@@ -177,6 +187,46 @@ def add_speedups(measured: list[dict]) -> None:
                        baseline=base["fields"]["provider"], baseline_seconds=base["seconds"])
 
 
+def target_of(row: dict) -> tuple[str, bool | None] | None:
+    """(the target, met?) of a GPU op row timed on epg's Triton or CUDA kernel (the backend that
+    ran, whichever provider chose it); met is None where the run lacks a figure to judge it by.
+    None for rows with no target: CPU rows, baselines, matmul-bound ops other than attention."""
+    f = row["fields"]
+    if row["kind"] != "op" or row["device"] != "cuda" or f["provider"] not in EPG_PROVIDERS:
+        return None
+    backend = (f.get("ran") or {}).get(f["mode"]) or f["provider"]
+    speedup, copy = row.get("speedup"), row.get("copy_fraction")
+    if f["op"] == "attention" and backend == "triton":
+        rule, checks = f"≥{ATTENTION_TARGET}× SDPA/flash-attn", [(speedup, ATTENTION_TARGET)]
+    elif f["op"] == "attention" or f.get("flops") or backend not in KERNEL_BACKENDS:
+        return None
+    elif backend == "cuda":
+        rule, checks = f"≥{COPY_TARGET:.0%} of copy", [(copy, COPY_TARGET)]
+    else:
+        rule = f"≥{COPY_TARGET:.0%} of copy, ≥{COMPILE_TARGET}× compile"
+        checks = [(copy, COPY_TARGET), (speedup, COMPILE_TARGET)]
+    if any(value is not None and value < goal for value, goal in checks):
+        return rule, False
+    return rule, None if any(value is None for value, _ in checks) else True
+
+
+def target_text(row: dict) -> str:
+    target = row.get("target")
+    if target is None:
+        return "—"
+    rule, met = target
+    return TARGET_WORDS[met] + f" ({rule})"
+
+
+def target_counts(measured: list[dict]) -> dict[str, int]:
+    """{'met': n, 'missed': n, 'not judged': n} over the rows with a target."""
+    counts = {"met": 0, "missed": 0, "not judged": 0}
+    for row in measured:
+        if row.get("target") is not None:
+            counts[TARGET_WORDS[row["target"][1]]] += 1
+    return counts
+
+
 def _read(path: str) -> dict | None:
     """A results file, or None (said on stderr) when it cannot be read: the other files and the
     step statuses still make a report."""
@@ -208,6 +258,8 @@ def load(paths: list[str]) -> tuple[list[Run], list[dict], list[dict]]:
                                 "device": entry["params"].get("device", "cpu"),
                                 "key": _key(entry["kind"], entry["params"])})  # fmt: skip
     add_speedups(measured)
+    for row in measured:
+        row["target"] = target_of(row) if row["kind"] == "op" else None
     seen = {row["key"] for row in measured}
     kept: dict[tuple, dict] = {}
     for entry in not_run:
@@ -328,10 +380,16 @@ def _op_section(measured: list[dict], not_run: list[dict]) -> list[str]:
         rows.append([f["op"], f["shape"], str(f["batch"]), f["mode"], provider,
                      fmt(row["seconds"] * 1e6), fmt(row["gbps"]), pct(row["copy_fraction"]),
                      fmt(row["tflops"]), pct(row["matmul_fraction"]), speedup_text(row),
-                     row["run"].ref])  # fmt: skip
+                     target_text(row), row["run"].ref])  # fmt: skip
+    counts = target_counts(measured)
+    if sum(counts.values()):
+        out += ["Targets of epg's kernels (Triton attention ≥1.3× the fastest of SDPA and "
+                "flash-attn; memory-bound Triton kernels ≥85% of copy and ≥1.1× torch.compile "
+                "of the reference; CUDA kernels ≥85% of copy): "
+                + ", ".join(f"{n} {word}" for word, n in counts.items()), ""]  # fmt: skip
     if rows:
         header = ["op", "shape", "batch", "mode", "provider (→ backend that ran)", "µs", "GB/s",
-                  "of copy", "TFLOP/s", "of matmul", "speed-up", "run"]  # fmt: skip
+                  "of copy", "TFLOP/s", "of matmul", "speed-up", "target", "run"]  # fmt: skip
         out += ["Ops (µs per call; GB/s of minimum traffic and its share of the measured copy "
                 "bandwidth; matmul TFLOP/s and its share of the measured matmul rate; speed-up of "
                 "an epg provider over the fastest baseline of the same run: SDPA or flash-attn "
@@ -396,6 +454,8 @@ def _value(row: dict) -> str:
         value += f", {fmt(row['tflops'])} TFLOP/s" if row.get("tflops") else ""
         if row.get("speedup") is not None:
             value += f", {speedup_text(row)} ({fmt(row['baseline_seconds'] * 1e6)} µs)"
+        if row.get("target") is not None:
+            value += f", target {TARGET_WORDS[row['target'][1]]}"
         return value
     value = f"{fmt(row['images_per_s'])} img/s"
     if row.get("mfu") is not None:
@@ -439,6 +499,10 @@ def render_compact(runs: list[Run], measured: list[dict], not_run: list[dict],
     if missing:
         counts = ", ".join(f"{n} {kind}" for kind, n in sorted(missing.items()))
         rows.append(("GPU cases skipped", f"{counts} ({NOT_ON_GPU})"))
+    targets = target_counts(measured)
+    if sum(targets.values()):
+        rows.append(("kernel targets", ", ".join(f"{n} {w}" for w, n in targets.items())
+                     + " (rules in summary.md)"))  # fmt: skip
     # The steps and the run last: a log cut to its last 12,000 characters keeps them.
     rows += [(name, f"{status}: {det}" if det else status) for name, status, det in steps or []]
     width = max((len(name) for name, _ in rows), default=0)
@@ -457,6 +521,7 @@ def summary(runs: list[Run], measured: list[dict], not_run: list[dict]) -> dict:
         "runs": [{"run": r.index, "file": r.path, **r.env} for r in runs],
         "measured": [plain(r) for r in measured],
         "not_run": [plain(e) for e in not_run],
+        "targets": target_counts(measured),
     }
 
 

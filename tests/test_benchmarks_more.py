@@ -20,7 +20,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from benchmarks import common, flops, report  # noqa: E402
-from test_benchmarks import CPU_ENV, GPU_ENV, NO_GPU, _bench, _results  # noqa: E402
+from test_benchmarks import CPU_ENV, GPU_ENV, NO_GPU, _bench, _results, run_bench_ops  # noqa: E402
 
 def _op_params(provider, op="attention", mode="fwd", device="cuda"):
     return {"device": device, "op": op, "shape": "D1584-H22", "batch": 128, "mode": mode,
@@ -547,15 +547,8 @@ def test_skipped_gpu_cases_are_recorded_with_the_plain_no_gpu_reason(tmp_path):
     """Without a GPU every GPU case is skipped and written to epg_not_run with its parameters and
     conftest's reason, without pytest's 'Skipped: ' prefix: report.py matches that reason."""
     out = tmp_path / "b.json"
-    # One CPU case is measured too: pytest-benchmark writes no JSON without a measured case.
-    env = {**os.environ, "PYTHONPATH": str(REPO), "CUDA_VISIBLE_DEVICES": "", "EPG_BENCH_QUICK": "1"}
-    proc = subprocess.run(
-        [sys.executable, "-m", "pytest", "benchmarks/bench_ops.py", "-m", "quick", "-k",
-         "edm_scalings and fwd and not triton", "-q", "-p", "no:cacheprovider", "-o", "addopts=",
-         f"--benchmark-json={out}"],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    # One CPU case is measured too, so that the JSON is pytest-benchmark's own.
+    run_bench_ops(out, "quick", "edm_scalings and fwd and not triton", EPG_BENCH_QUICK="1")
     results = json.loads(out.read_text())
     assert {b["extra_info"]["device"] for b in results["benchmarks"]} == {"cpu"}
     entries = [e for e in results["epg_not_run"] if e["gpu"]]
