@@ -358,6 +358,8 @@ def _make_build_ext(plan):
                 f"building the native extension epg._C failed ({type(error).__name__}: {error}); "
                 "installing without it. epg will use its PyTorch reference paths. Set "
                 "EPG_REQUIRE_EXT=1 to make this an error."
+                + (" A compiler without OpenMP support fails on -fopenmp: EPG_OPENMP=0 builds "
+                   "the CPU kernels single-threaded." if plan.openmp else "")
             )
             # Also removes it from distribution.ext_modules (same list), so that
             # install / editable_wheel do not look for the missing library.

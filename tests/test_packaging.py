@@ -1,7 +1,10 @@
 """Packaging: pyproject.toml lists every package (so a non-editable install ships all of epg),
 and setup.py compiles the extension with the flags its kernels need."""
 
+import os
 import runpy
+import shutil
+import subprocess
 import sys
 import tomllib
 import types
@@ -75,3 +78,27 @@ def test_openmp_is_refused_or_skipped_where_torch_does_not_thread_with_it(monkey
     monkeypatch.setattr(sys, "platform", "darwin")
     monkeypatch.delenv("EPG_OPENMP")
     assert use_openmp(fake_torch("OpenMP")) is False
+
+
+def test_a_build_failing_on_openmp_says_how_to_build_without_it(tmp_path):
+    """A compiler without OpenMP support fails on -fopenmp; the optional build then installs no
+    extension, and its warning must name the switch that builds one anyway."""
+    if "ATen parallel backend: OpenMP" not in torch.__config__.parallel_info():
+        pytest.skip("this torch's ATen does not run on OpenMP")
+    if not sys.platform.startswith("linux") or shutil.which("c++") is None:
+        pytest.skip("needs Linux and a C++ compiler")
+    shutil.copy(ROOT / "setup.py", tmp_path)
+    shutil.copytree(ROOT / "csrc", tmp_path / "csrc")
+    cxx = tmp_path / "cxx-without-openmp"
+    cxx.write_text('#!/bin/sh\nfor a in "$@"; do [ "$a" = -fopenmp ] && exit 1; done\n'
+                   f'exec {shutil.which("c++")} "$@"\n')  # fmt: skip
+    cxx.chmod(0o755)
+    env = {**os.environ, "CXX": str(cxx), "EPG_BUILD_CUDA": "0", "MAX_JOBS": "1"}
+    for name in ("EPG_REQUIRE_EXT", "EPG_OPENMP", "EPG_SKIP_EXT"):
+        env.pop(name, None)
+    proc = subprocess.run([sys.executable, "setup.py", "build_ext", "--inplace"], cwd=tmp_path,
+                          env=env, capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "building the native extension epg._C failed" in proc.stderr
+    assert "EPG_OPENMP=0 builds the CPU kernels single-threaded" in proc.stderr
+    assert not list(tmp_path.rglob("_C*.so"))
