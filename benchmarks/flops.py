@@ -239,11 +239,11 @@ def op_counts(op: str, mode: str, dims: Mapping[str, int], sizes: Mapping[str, i
         if fwd:  # read pred, target, weight; write loss, mse
             return Counts(n * (a + x) + 3 * b * f, 0)
         # read dloss, pred, target, weight; write dpred
-        return Counts(n * (2 * a + x) + 3 * b * f, 0)
+        return Counts(n * (2 * a + x) + 2 * b * f, 0)
     if op == "pseudo_huber_loss":  # pred and target data (float32 EDM outputs)
         if fwd:  # read pred, target, weight; write loss, squared sum
             return Counts(2 * n * x + 3 * b * f, 0)
-        return Counts(3 * n * x + 4 * b * f, 0)  # + the forward's squared sum; write dpred
+        return Counts(3 * n * x + 3 * b * f, 0)  # + the forward's squared sum; write dpred
     if op == "normalize_images":  # read uint8 NHWC and the flips; write float32 NCHW
         return Counts(n + b + n * x, 0)
     if op == "to_uint8":

@@ -371,27 +371,30 @@ def test_op_byte_and_flop_counts_are_the_tensors_read_and_written():
 
 
 @pytest.mark.parametrize(
-    "op, mode, per_element",
+    "op, mode, per_element, per_sample",
     [
-        ("noise_precondition", "fwd", 3 * 6),  # read x0, eps; write x_in (data)
-        ("noise_precondition", "bwd", 5 * 6),  # read dx_in, x0, eps; write dx0, deps
-        ("weighted_mse_loss", "fwd", 2 + 6),  # read pred (act), target (data)
-        ("weighted_mse_loss", "bwd", 2 * 2 + 6),  # read pred, target; write dpred
-        ("pseudo_huber_loss", "fwd", 2 * 6),  # read pred, target (data)
-        ("pseudo_huber_loss", "bwd", 3 * 6),  # read pred, target; write dpred
-        ("normalize_images", "fwd", 1 + 6),  # read uint8; write float32 (data)
-        ("to_uint8", "fwd", 6 + 1),  # read float; write uint8
-        ("patchify_hwc", "fwd", 2 * 2),  # a permuted copy
-        ("unpatchify_hwc", "bwd", 2 * 2),
+        ("noise_precondition", "fwd", 3 * 6, 5 * 4),  # read x0, eps, σ; write x_in, 4 scalings
+        ("noise_precondition", "bwd", 5 * 6, 6 * 4),  # dx_in, x0, eps, 4 grads, σ; dx0, deps, dσ
+        ("weighted_mse_loss", "fwd", 2 + 6, 3 * 4),  # read pred (act), target (data), weight
+        ("weighted_mse_loss", "bwd", 2 * 2 + 6, 2 * 4),  # read dloss, pred, target, weight
+        ("pseudo_huber_loss", "fwd", 2 * 6, 3 * 4),  # read pred, target (data), weight
+        ("pseudo_huber_loss", "bwd", 3 * 6, 3 * 4),  # read dloss, weight, squared sum too
+        ("normalize_images", "fwd", 1 + 6, 1),  # read uint8 and a bool flip; write float32
+        ("to_uint8", "fwd", 6 + 1, 0),  # read float; write uint8
+        ("patchify_hwc", "fwd", 2 * 2, 0),  # a permuted copy
+        ("unpatchify_hwc", "bwd", 2 * 2, 0),
     ],
 )
-def test_image_sized_op_bytes_grow_by_the_image_tensors(op, mode, per_element):
-    """The image-sized ops' traffic is dominated by whole images: doubling the side adds, per
-    added element, one read or write of each image-sized tensor at its dtype."""
+def test_image_sized_op_bytes_are_the_image_and_per_sample_tensors(op, mode, per_element,
+                                                                   per_sample):  # fmt: skip
+    """The image-sized ops' traffic: per element, one read or write of each image-sized tensor at
+    its dtype; per sample, one of each (B,) tensor (float32 per-sample values, bool flips)."""
     small = flops.op_counts(op, mode, {**DIMS, "img": 8}, SIZES).bytes
     large = flops.op_counts(op, mode, {**DIMS, "img": 16}, SIZES).bytes
     added = DIMS["B"] * DIMS["C"] * (16**2 - 8**2)
     assert large - small == added * per_element, (large - small, added * per_element)
+    per_sample_bytes = small - DIMS["B"] * DIMS["C"] * 8**2 * per_element
+    assert per_sample_bytes == DIMS["B"] * per_sample, (per_sample_bytes, DIMS["B"] * per_sample)
 
 
 def test_op_counts_refuse_an_unknown_mode_or_op():

@@ -46,9 +46,8 @@ def run_setup(monkeypatch, **env):
 
 
 def fake_torch(backend):
-    return types.SimpleNamespace(
-        __config__=types.SimpleNamespace(parallel_info=lambda: f"ATen parallel backend: {backend}\n")
-    )
+    info = f"ATen parallel backend: {backend}\n"
+    return types.SimpleNamespace(__config__=types.SimpleNamespace(parallel_info=lambda: info))
 
 
 def test_cpu_kernels_are_compiled_with_openmp_where_torch_threads_with_it(monkeypatch):
