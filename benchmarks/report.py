@@ -23,10 +23,11 @@ Figures (per call = median round time / calls per round):
             a CPU the fraction of the measured float32 matmul rate
   sampling  images/s = batch / time of one Heun-32 batch; the same FLOP-based fraction
   loader    images/s = batch / time per batch
-  target    GPU op rows timed on epg's Triton or CUDA kernels: met / missed / not judged (a
-            figure missing) against the issues' targets: Triton attention ≥1.3× the fastest
-            attention baseline; memory-bound Triton kernels ≥85% of the copy bandwidth and
-            ≥1.1× torch.compile of the reference; CUDA kernels ≥85% of the copy bandwidth
+  target    GPU op rows that forced and ran one of epg's Triton or CUDA kernels: met /
+            missed / not judged (a figure missing) against the issues' targets: Triton
+            attention ≥1.3× the fastest attention baseline; memory-bound Triton kernels ≥85% of
+            the copy bandwidth and ≥1.1× torch.compile of the reference; CUDA kernels ≥85% of
+            the copy bandwidth
 
 ``--compact`` prints a short plain-text table, the steps and the run last (gpu_check.sh
 prints it last); ``--steps`` adds
@@ -66,8 +67,11 @@ OP_BASELINES = ("ref_compiled",)
 ATTENTION_TARGET = 1.3  # Triton attention: × the fastest of SDPA and flash-attn
 COPY_TARGET = 0.85  # memory-bound Triton and CUDA kernels: of the run's copy bandwidth
 COMPILE_TARGET = 1.1  # memory-bound Triton kernels: × torch.compile of the reference
-KERNEL_BACKENDS = ("triton", "cuda")
+KERNEL_BACKENDS = ("triton", "cuda")  # the providers that force one of epg's kernels
 TARGET_WORDS = {True: "met", False: "missed", None: "not judged"}
+TARGET_RULES = (f"Triton attention ≥{ATTENTION_TARGET}× the fastest of SDPA and flash-attn; "
+                f"memory-bound Triton kernels ≥{COPY_TARGET:.0%} of copy and ≥{COMPILE_TARGET}× "
+                f"torch.compile of the reference; CUDA kernels ≥{COPY_TARGET:.0%} of copy")  # fmt: skip
 
 
 # --- numbers --------------------------------------------------------------------------------------
@@ -188,17 +192,22 @@ def add_speedups(measured: list[dict]) -> None:
 
 
 def target_of(row: dict) -> tuple[str, bool | None] | None:
-    """(the target, met?) of a GPU op row timed on epg's Triton or CUDA kernel (the backend that
-    ran, whichever provider chose it); met is None where the run lacks a figure to judge it by.
-    None for rows with no target: CPU rows, baselines, matmul-bound ops other than attention."""
+    """(the target, met?) of a GPU op row that forced one of epg's kernels (provider triton or
+    cuda) and ran it; met is None where the run lacks a figure to judge it by. None for every
+    other row: CPU rows, baselines, epg's automatic choice (its kernel has its own forced row),
+    a backward the kernel's backend hands to the reference, matmul-bound ops but attention."""
     f = row["fields"]
-    if row["kind"] != "op" or row["device"] != "cuda" or f["provider"] not in EPG_PROVIDERS:
+    if row["kind"] != "op" or row["device"] != "cuda" or f["provider"] not in KERNEL_BACKENDS:
         return None
     backend = (f.get("ran") or {}).get(f["mode"]) or f["provider"]
+    if backend != f["provider"]:
+        return None
     speedup, copy = row.get("speedup"), row.get("copy_fraction")
-    if f["op"] == "attention" and backend == "triton":
+    if f["op"] == "attention":
+        if backend != "triton":
+            return None
         rule, checks = f"≥{ATTENTION_TARGET}× SDPA/flash-attn", [(speedup, ATTENTION_TARGET)]
-    elif f["op"] == "attention" or f.get("flops") or backend not in KERNEL_BACKENDS:
+    elif f.get("flops"):
         return None
     elif backend == "cuda":
         rule, checks = f"≥{COPY_TARGET:.0%} of copy", [(copy, COPY_TARGET)]
@@ -225,6 +234,10 @@ def target_counts(measured: list[dict]) -> dict[str, int]:
         if row.get("target") is not None:
             counts[TARGET_WORDS[row["target"][1]]] += 1
     return counts
+
+
+def counts_text(counts: dict[str, int]) -> str:
+    return ", ".join(f"{n} {word}" for word, n in counts.items())
 
 
 def _read(path: str) -> dict | None:
@@ -259,7 +272,7 @@ def load(paths: list[str]) -> tuple[list[Run], list[dict], list[dict]]:
                                 "key": _key(entry["kind"], entry["params"])})  # fmt: skip
     add_speedups(measured)
     for row in measured:
-        row["target"] = target_of(row) if row["kind"] == "op" else None
+        row["target"] = target_of(row)
     seen = {row["key"] for row in measured}
     kept: dict[tuple, dict] = {}
     for entry in not_run:
@@ -383,10 +396,7 @@ def _op_section(measured: list[dict], not_run: list[dict]) -> list[str]:
                      target_text(row), row["run"].ref])  # fmt: skip
     counts = target_counts(measured)
     if sum(counts.values()):
-        out += ["Targets of epg's kernels (Triton attention ≥1.3× the fastest of SDPA and "
-                "flash-attn; memory-bound Triton kernels ≥85% of copy and ≥1.1× torch.compile "
-                "of the reference; CUDA kernels ≥85% of copy): "
-                + ", ".join(f"{n} {word}" for word, n in counts.items()), ""]  # fmt: skip
+        out += [f"Targets of epg's kernels ({TARGET_RULES}): {counts_text(counts)}", ""]
     if rows:
         header = ["op", "shape", "batch", "mode", "provider (→ backend that ran)", "µs", "GB/s",
                   "of copy", "TFLOP/s", "of matmul", "speed-up", "target", "run"]  # fmt: skip
@@ -501,8 +511,7 @@ def render_compact(runs: list[Run], measured: list[dict], not_run: list[dict],
         rows.append(("GPU cases skipped", f"{counts} ({NOT_ON_GPU})"))
     targets = target_counts(measured)
     if sum(targets.values()):
-        rows.append(("kernel targets", ", ".join(f"{n} {w}" for w, n in targets.items())
-                     + " (rules in summary.md)"))  # fmt: skip
+        rows.append(("kernel targets", f"{counts_text(targets)} (rules in summary.md)"))
     # The steps and the run last: a log cut to its last 12,000 characters keeps them.
     rows += [(name, f"{status}: {det}" if det else status) for name, status, det in steps or []]
     width = max((len(name) for name, _ in rows), default=0)

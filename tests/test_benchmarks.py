@@ -358,17 +358,17 @@ def test_report_judges_epg_kernels_against_the_issue_targets(tmp_path):
     benchmarks = [
         _op_bench("sdpa_flash", 200e-6),
         op("triton", 150e-6, op="attention"),  # 1.33×: met
-        op("epg", 160e-6, op="attention", ran={"fwd": "triton"}),  # 1.25× on Triton: missed
-        op("epg", 190e-6, op="attention", ran={"fwd": "sdpa"}),  # ran SDPA: no target
-        op("triton", 500e-6, op="attention", mode="bwd"),  # no baseline: not judged
+        op("epg", 120e-6, op="attention", ran={"fwd": "triton"}),  # automatic choice: no target
+        op("sdpa_flash", 200e-6, op="attention", mode="bwd"),
+        op("triton", 500e-6, op="attention", mode="bwd"),  # 0.4×: missed
         op("ref_compiled", 200e-6),
         op("triton", 170e-6),  # 147% of copy, 1.18× compile: met
-        op("triton", 190e-6, mode="bwd"),  # 1.05× compile: missed (no compiled bwd: not judged)
+        op("triton", 190e-6, mode="bwd"),  # 1.05× compile: missed
         op("ref_compiled", 200e-6, mode="bwd"),
+        op("triton", 100e-6, op="gated_residual"),  # no compiled baseline measured: not judged
         op("cuda", 290e-6, op="edm_scalings"),  # 86% of copy: met
         op("cuda", 300e-6, op="noise_precondition"),  # 83%: missed
-        op("epg", 100e-6, op="noise_precondition", mode="bwd", ran={"fwd": "cuda",
-                                                                   "bwd": "reference"}),
+        op("cuda", 100e-6, op="noise_precondition", mode="bwd", ran={"bwd": "reference"}),
         op("triton", 100e-6, op="patch_embed", flops=10**12),  # matmul-bound: no target
         op("cuda", 1e-3, op="patchify_hwc", device="cpu"),  # CPU: no target
     ]  # fmt: skip
@@ -376,9 +376,9 @@ def test_report_judges_epg_kernels_against_the_issue_targets(tmp_path):
     runs, measured, not_run = report.load([path])
     attention = "≥1.3× SDPA/flash-attn"
     triton, cuda = "≥85% of copy, ≥1.1× compile", "≥85% of copy"
-    expected = [None, (attention, True), (attention, False), None, (attention, None),
-                None, (triton, True), (triton, False), None, (cuda, True), (cuda, False), None,
-                None, None]  # fmt: skip
+    expected = [None, (attention, True), None, None, (attention, False), None, (triton, True),
+                (triton, False), None, (triton, None), (cuda, True), (cuda, False), None, None,
+                None]  # fmt: skip
     assert [r["target"] for r in measured] == expected  # in the order of `benchmarks`
     counts = {"met": 3, "missed": 3, "not judged": 1}
     assert report.target_counts(measured) == counts
@@ -386,7 +386,9 @@ def test_report_judges_epg_kernels_against_the_issue_targets(tmp_path):
     assert "flash-attn; memory-bound Triton kernels ≥85% of copy" in text
     assert "CUDA kernels ≥85% of copy): 3 met, 3 missed, 1 not judged" in text
     assert "| 1.05× vs ref_compiled | missed (≥85% of copy, ≥1.1× compile) | [1] |" in text
-    assert "| 500 | 2,000 | 50% | — | — | — | not judged (≥1.3× SDPA/flash-attn) | [1] |" in text
+    assert ("| gated_residual | D1584-H22 | 128 | fwd | triton | 100 | 10,000 | 250% | — | — | — | "
+            "not judged (≥85% of copy, ≥1.1× compile) | [1] |") in text
+    assert "| 0.40× vs sdpa_flash | missed (≥1.3× SDPA/flash-attn) | [1] |" in text
     compact = report.render_compact(runs, measured, not_run)
     assert "3 met, 3 missed, 1 not judged (rules in summary.md)" in compact
     assert "83% of copy), target missed" in compact
