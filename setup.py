@@ -178,8 +178,8 @@ def _use_openmp(torch):
     at::parallel_for is a header template: with torch's OpenMP backend it is a
     `#pragma omp parallel` region, compiled into *this* extension, so without
     -fopenmp it silently runs its whole range on the calling thread. The
-    extension then links libgomp.so.1, which resolves to the copy torch already
-    loaded (same soname), so both share one thread pool and torch.set_num_threads.
+    extension must use torch's OpenMP runtime (see _openmp_link_args) so that
+    both share one thread pool and torch.set_num_threads.
     Linux only: macOS clang needs a separate libomp and Windows another flag.
     """
     request = _env_flag("EPG_OPENMP")
@@ -195,6 +195,22 @@ def _use_openmp(torch):
             )
         return False
     return True
+
+
+def _openmp_link_args(torch):
+    """Link the OpenMP runtime torch ships, by path, else the compiler's (-fopenmp).
+
+    A wheel's copy may be renamed (libgomp-<hash>.so.1 under torch.libs/, as
+    auditwheel does); linking the compiler's libgomp.so.1 next to it would load
+    a second runtime with its own thread pool, deaf to torch.set_num_threads.
+    Linked by path, the extension needs the soname torch already loaded.
+    """
+    torch_dir = os.path.dirname(os.path.abspath(torch.__file__))
+    for folder in (os.path.join(torch_dir, "lib"), torch_dir + ".libs"):
+        found = sorted(glob.glob(os.path.join(folder, "libgomp*.so*")))
+        if found:
+            return [found[0]]
+    return ["-fopenmp"]
 
 
 def _nvcc_path(cuda_home):
@@ -275,7 +291,7 @@ def _make_extension(plan, with_cuda):
     )
     if plan.openmp:
         cxx_flags.append("-fopenmp")
-        kwargs["extra_link_args"] = ["-fopenmp"]
+        kwargs["extra_link_args"] = _openmp_link_args(plan.torch)
     if not with_cuda:
         return CppExtension(sources=cpp_sources, extra_compile_args={"cxx": cxx_flags}, **kwargs)
 

@@ -56,8 +56,9 @@ def test_cpu_kernels_are_compiled_with_openmp_where_torch_threads_with_it(monkey
         pytest.skip("OpenMP is only switched on for Linux builds")
     if "ATen parallel backend: OpenMP" not in torch.__config__.parallel_info():
         pytest.skip("this torch's ATen does not run on OpenMP")
-    _, ext = run_setup(monkeypatch)
-    assert "-fopenmp" in ext.extra_compile_args["cxx"] and ext.extra_link_args == ["-fopenmp"]
+    namespace, ext = run_setup(monkeypatch)
+    assert "-fopenmp" in ext.extra_compile_args["cxx"]
+    assert ext.extra_link_args == namespace["_openmp_link_args"](torch)
     _, ext = run_setup(monkeypatch, EPG_OPENMP="0")
     assert "-fopenmp" not in ext.extra_compile_args["cxx"] and "-fopenmp" not in ext.extra_link_args
 
@@ -79,6 +80,26 @@ def test_openmp_is_refused_or_skipped_where_torch_does_not_thread_with_it(monkey
     assert use_openmp(fake_torch("OpenMP")) is False
 
 
+def test_the_extension_links_the_openmp_runtime_torch_ships(monkeypatch, tmp_path):
+    """By path, renamed or not (a second runtime would have its own thread pool); the compiler's
+    only where torch ships none (it then uses the system's, the same one)."""
+    namespace, _ = run_setup(monkeypatch)
+    link_args = namespace["_openmp_link_args"]
+    package = tmp_path / "site-packages" / "torch"
+    (package / "lib").mkdir(parents=True)
+    fake = types.SimpleNamespace(__file__=str(package / "__init__.py"))
+    assert link_args(fake) == ["-fopenmp"]
+    renamed = tmp_path / "site-packages" / "torch.libs" / "libgomp-a34b3233.so.1.0.0"
+    renamed.parent.mkdir()
+    renamed.write_bytes(b"")
+    assert link_args(fake) == [str(renamed)]
+    (package / "lib" / "libgomp.so.1").write_bytes(b"")
+    assert link_args(fake) == [str(package / "lib" / "libgomp.so.1")]
+    bundled = sorted((Path(torch.__file__).parent / "lib").glob("libgomp*.so*"))
+    if bundled:  # this torch's own copy
+        assert link_args(torch) == [str(bundled[0])]
+
+
 def test_a_build_failing_on_openmp_says_how_to_build_without_it(tmp_path):
     """A compiler without OpenMP support fails on -fopenmp; the optional build then installs no
     extension, and its warning must name the switch that builds one anyway."""
@@ -89,8 +110,9 @@ def test_a_build_failing_on_openmp_says_how_to_build_without_it(tmp_path):
     shutil.copy(ROOT / "setup.py", tmp_path)
     shutil.copytree(ROOT / "csrc", tmp_path / "csrc")
     cxx = tmp_path / "cxx-without-openmp"
-    cxx.write_text('#!/bin/sh\nfor a in "$@"; do [ "$a" = -fopenmp ] && exit 1; done\n'
-                   f'exec {shutil.which("c++")} "$@"\n')  # fmt: skip
+    refused = tmp_path / "refused-fopenmp"
+    cxx.write_text(f'#!/bin/sh\nfor a in "$@"; do [ "$a" = -fopenmp ] && touch {refused} && exit 1; '
+                   f'done\nexec {shutil.which("c++")} "$@"\n')  # fmt: skip
     cxx.chmod(0o755)
     env = {**os.environ, "CXX": str(cxx), "EPG_BUILD_CUDA": "0", "MAX_JOBS": "1"}
     for name in ("EPG_REQUIRE_EXT", "EPG_OPENMP", "EPG_SKIP_EXT"):
@@ -98,6 +120,7 @@ def test_a_build_failing_on_openmp_says_how_to_build_without_it(tmp_path):
     proc = subprocess.run([sys.executable, "setup.py", "build_ext", "--inplace"], cwd=tmp_path,
                           env=env, capture_output=True, text=True, timeout=600)  # fmt: skip
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert refused.exists(), "the build failed before it reached -fopenmp"
     assert "building the native extension epg._C failed" in proc.stderr
     assert "EPG_OPENMP=0 builds the CPU kernels single-threaded" in proc.stderr
     assert not list(tmp_path.rglob("_C*.so"))
