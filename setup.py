@@ -368,14 +368,16 @@ def _make_build_ext(plan):
                     return
                 except Exception as exc:
                     error = exc
+            openmp_hint = (" A compiler without OpenMP support fails on -fopenmp: EPG_OPENMP=0 "
+                           "builds the CPU kernels single-threaded." if plan.openmp else "")
             if plan.require:
+                if openmp_hint:
+                    error.add_note(f"epg setup.py:{openmp_hint}")
                 raise error
             _warn(
                 f"building the native extension epg._C failed ({type(error).__name__}: {error}); "
                 "installing without it. epg will use its PyTorch reference paths. Set "
-                "EPG_REQUIRE_EXT=1 to make this an error."
-                + (" A compiler without OpenMP support fails on -fopenmp: EPG_OPENMP=0 builds "
-                   "the CPU kernels single-threaded." if plan.openmp else "")
+                "EPG_REQUIRE_EXT=1 to make this an error." + openmp_hint
             )
             # Also removes it from distribution.ext_modules (same list), so that
             # install / editable_wheel do not look for the missing library.

@@ -124,3 +124,10 @@ def test_a_build_failing_on_openmp_says_how_to_build_without_it(tmp_path):
     assert "building the native extension epg._C failed" in proc.stderr
     assert "EPG_OPENMP=0 builds the CPU kernels single-threaded" in proc.stderr
     assert not list(tmp_path.rglob("_C*.so"))
+    # A required extension fails the build, with the same hint on its error.
+    refused.unlink()
+    proc = subprocess.run([sys.executable, "setup.py", "build_ext", "--inplace"], cwd=tmp_path,
+                          env={**env, "EPG_REQUIRE_EXT": "1"}, capture_output=True, text=True,
+                          timeout=600)  # fmt: skip
+    assert proc.returncode != 0 and refused.exists(), proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "EPG_OPENMP=0 builds the CPU kernels single-threaded" in proc.stderr
