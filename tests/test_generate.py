@@ -26,9 +26,9 @@ from epg.models import build
 from helpers import torchrun
 
 
-def _tiny(seed=0, **overrides):
+def _tiny(seed=0, name="epg-tiny", **overrides):
     torch.manual_seed(seed)
-    net = build("epg-tiny", **overrides).eval()
+    net = build(name, **overrides).eval()
     # A random init has a zero output layer (adaLN-zero style): give it weights so images differ.
     with torch.no_grad():
         for p in net.parameters():

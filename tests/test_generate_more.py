@@ -368,18 +368,6 @@ def test_demo_stage_configs_take_the_seed_the_encoder_and_the_extra_fields(tmp_p
     assert _stage2_config(short, tmp_path, tmp_path).objective["stage_length"] == 1  # never 0
 
 
-def _demo_net():
-    from epg.models import build
-
-    torch.manual_seed(0)
-    net = build("epg-digits").eval()
-    with torch.no_grad():
-        for p in net.parameters():
-            if p.abs().sum() == 0:
-                p.normal_(0, 0.02)
-    return net
-
-
 @pytest.mark.parametrize("objective, sampler, steps, mode", [
     ("diffusion", "heun", 5, "x0"), ("consistency", "consistency", 1, "edm")])  # fmt: skip
 def test_demo_sampling_settings(monkeypatch, tmp_path, objective, sampler, steps, mode):
@@ -397,7 +385,7 @@ def test_demo_sampling_settings(monkeypatch, tmp_path, objective, sampler, steps
     monkeypatch.setattr(sampling, "sample", spy)
     cfg = demo.DemoConfig(objective=objective, out_dir=str(tmp_path), seed=4, samples_per_class=2,
                           sampling_steps=5, guidance=1.7, guidance_interval=(0.5, 9.0), progress=False)  # fmt: skip
-    images, labels = demo._sample(cfg, _demo_net(), torch.device("cpu"))
+    images, labels = demo._sample(cfg, _tiny(name="epg-digits"), torch.device("cpu"))
     assert images.shape == (20, 1, 16, 16) and torch.equal(labels, torch.arange(20) % 10)
     assert torch.equal(seen["labels"], labels)
     assert (seen["sampler"], seen["steps"], seen["mode"], seen["seed"]) == (sampler, steps, mode, 4), seen
@@ -425,7 +413,7 @@ def test_run_demo_chains_the_stages_and_writes_metrics_and_the_class_grid(monkey
             if self.cfg.mode == "pretrain":
                 final.mkdir(parents=True)
             else:
-                ckpt.save(_demo_net(), final, metadata={"mode": self.cfg.mode})
+                ckpt.save(_tiny(name="epg-digits"), final, metadata={"mode": self.cfg.mode})
             return final
 
         def close(self):

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
+BUILD_SWITCHES = ("EPG_SKIP_EXT", "EPG_REQUIRE_EXT", "EPG_OPENMP")  # cleared: setup.py's defaults
 
 
 def test_every_package_folder_is_listed_in_pyproject():
@@ -34,7 +35,7 @@ def run_setup(monkeypatch, **env):
     captured = {}
     monkeypatch.setattr(setuptools, "setup", lambda **kwargs: captured.update(kwargs))
     monkeypatch.setenv("EPG_BUILD_CUDA", "0")  # the CPU extension: no CUDA toolkit needed
-    for name in ("EPG_SKIP_EXT", "EPG_REQUIRE_EXT", "EPG_OPENMP"):
+    for name in BUILD_SWITCHES:
         monkeypatch.delenv(name, raising=False)
     for name, value in env.items():
         monkeypatch.setenv(name, value)
@@ -115,7 +116,7 @@ def test_a_build_failing_on_openmp_says_how_to_build_without_it(tmp_path):
                    f'done\nexec {shutil.which("c++")} "$@"\n')  # fmt: skip
     cxx.chmod(0o755)
     env = {**os.environ, "CXX": str(cxx), "EPG_BUILD_CUDA": "0", "MAX_JOBS": "1"}
-    for name in ("EPG_REQUIRE_EXT", "EPG_OPENMP", "EPG_SKIP_EXT"):
+    for name in BUILD_SWITCHES:
         env.pop(name, None)
     proc = subprocess.run([sys.executable, "setup.py", "build_ext", "--inplace"], cwd=tmp_path,
                           env=env, capture_output=True, text=True, timeout=600)  # fmt: skip
