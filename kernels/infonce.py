@@ -50,9 +50,11 @@ Under the interpreter bfloat16 is loaded and converted to float32 first (its bfl
 is broken); float64 is not taken (SUPPORTS declines it, the reference runs it).
 
 What only a GPU can confirm: speed, the block sizes, num_warps / num_stages and the split
-heuristic (set by reasoning, not measured), that the 64×256 float32 accumulator of the gradient
-kernel does not spill, and bfloat16 numerics on the native tl.dot path
-(tests/test_triton_infonce.py has a ``cuda`` test at B=1024, M=4096, D=256).
+heuristic (set by reasoning, not measured), and bfloat16 numerics on the native tl.dot path
+(tests/test_triton_infonce.py has a ``cuda`` test at B=1024, M=4096, D=256). That every
+configuration compiles for sm_80 and sm_90a within shared memory and without spilling
+registers is checked without a GPU by scripts/compile_triton_kernels.py (the 16-bit logsumexp
+kernel at D ≥ 512 keeps an 8-byte stack frame on sm_80).
 """
 
 from __future__ import annotations
@@ -73,6 +75,13 @@ _BLOCK_M = 64  # queries per program
 _BLOCK_N = 64  # keys per tile
 _BLOCK_K = 64  # columns per chunk of the q·kᵀ contraction
 _BLOCK_D = 256  # output columns per gradient program
+# float32 runs IEEE products on the CUDA cores, its operand tiles held in registers: at the
+# 16-bit tiles both partial kernels spill (compiled for sm_80 / sm_90a by
+# scripts/compile_triton_kernels.py: 864 / 24 bytes of stack per thread for the logsumexp kernel,
+# 2552 / 440 for the gradient's). These narrower tiles compile without spills on both.
+_FP32_BLOCK_K = 32
+_FP32_LSE_WARPS = 8
+_FP32_GRAD_BLOCK_N = 32
 _LOG2E = 1.4426950408889634
 
 
@@ -285,22 +294,26 @@ def _validate(name: str, q: Tensor, k: Tensor, tau) -> float:
 
 
 def _plan(B: int, M: int, D: int, dtype: torch.dtype, device: torch.device,
-          d_chunks: int = 1) -> dict:
-    """Block sizes and key split for B queries, M keys and D columns. The split count makes the
-    grid about ``target_programs(device)`` programs (row blocks × d_chunks × splits) and no split
-    is empty."""
+          d_chunks: int = 0) -> dict:
+    """Block sizes, warps and key split for B queries, M keys and D columns, for the logsumexp
+    kernel (``d_chunks`` 0) or the gradient kernel (``d_chunks`` column chunks). The split count
+    makes the grid about ``target_programs(device)`` programs (row blocks × chunks × splits) and
+    no split is empty. Chosen by dtype, not by the interpreter, so it tests what a GPU runs."""
+    fp32 = dtype == torch.float32
+    cap_n = _FP32_GRAD_BLOCK_N if fp32 and d_chunks else _BLOCK_N
+    cap_k = _FP32_BLOCK_K if fp32 else _BLOCK_K
     block_m = min(_BLOCK_M, max(_MIN_DOT, next_power_of_2(B)))
-    block_n = min(_BLOCK_N, max(_MIN_DOT, next_power_of_2(M)))
+    block_n = min(cap_n, max(_MIN_DOT, next_power_of_2(M)))
     row_blocks, n_tiles = cdiv(B, block_m), cdiv(M, block_n)
-    want = max(1, target_programs(device) // (row_blocks * d_chunks))
+    want = max(1, target_programs(device) // (row_blocks * max(1, d_chunks)))
     tiles_per_split = cdiv(n_tiles, min(n_tiles, want))
     return dict(
-        BLOCK_M=block_m, BLOCK_N=block_n,
-        BLOCK_K=min(_BLOCK_K, max(_MIN_DOT, next_power_of_2(D))),
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=min(cap_k, max(_MIN_DOT, next_power_of_2(D))),
+        num_warps=8 if d_chunks else _FP32_LSE_WARPS if fp32 else 4,
         row_blocks=row_blocks, n_tiles=n_tiles, tiles_per_split=tiles_per_split,
         splits=cdiv(n_tiles, tiles_per_split),
         # bfloat16 arithmetic is broken in the interpreter: upcast there.
-        F32_DOT=dtype == torch.float32 or (dtype == torch.bfloat16 and is_interpreter()),
+        F32_DOT=fp32 or (dtype == torch.bfloat16 and is_interpreter()),
     )
 
 
@@ -320,7 +333,7 @@ def _logsumexp(q: Tensor, k: Tensor, tau: float) -> tuple[Tensor, Tensor]:
             B, M, plan["n_tiles"], plan["tiles_per_split"], row_blocks, _LOG2E / tau,
             *q.stride(), *k.stride(),
             D=D, BLOCK_M=plan["BLOCK_M"], BLOCK_N=plan["BLOCK_N"], BLOCK_K=plan["BLOCK_K"],
-            F32_DOT=plan["F32_DOT"], num_warps=4, num_stages=3, **FP_FUSION,
+            F32_DOT=plan["F32_DOT"], num_warps=plan["num_warps"], num_stages=3, **FP_FUSION,
         )
         _lse_combine_kernel[(cdiv(B, block),)](
             parts[0], parts[1], parts[2], loss, lse, B, splits, BLOCK=block,
@@ -390,7 +403,8 @@ def info_nce_backward(grad: Tensor, q: Tensor, k: Tensor, tau: float) -> Tensor:
             B, M, plan["n_tiles"], plan["tiles_per_split"], row_blocks, d_chunks, _LOG2E / tau,
             *q.stride(), *k.stride(),
             D=D, BLOCK_M=plan["BLOCK_M"], BLOCK_N=plan["BLOCK_N"], BLOCK_K=plan["BLOCK_K"],
-            BLOCK_D=block_d, F32_DOT=plan["F32_DOT"], num_warps=8, num_stages=2, **FP_FUSION,
+            BLOCK_D=block_d, F32_DOT=plan["F32_DOT"], num_warps=plan["num_warps"], num_stages=2,
+            **FP_FUSION,
         )
         _grad_finalize_kernel[(cdiv(B, fin_m) * cdiv(D, fin_d),)](
             acc, mass, k, grad, grad_q, B, splits, 1.0 / tau,
