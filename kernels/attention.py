@@ -12,11 +12,14 @@ fresh contiguous tensors in qkv's dtype (float16, bfloat16 or float32). Memory i
 the outputs, the backward keeps two float32 values per (batch, head, token).
 
 Blocking. A program owns BLOCK_M = 64 tokens (32 for float32 head dims above 192, to fit an
-A100's shared memory) of one (batch, head) and walks the other side in
-tiles of BLOCK_N tokens (64, or 32 when a tile row of the padded head is wider than 256 bytes),
-unmasked; the T mod BLOCK_N tokens left over are taken in 16-token tiles, the only masked ones.
+A100's shared memory, and in the float32 forward, whose 64-row tiles spill registers) of one
+(batch, head) and walks the other side in
+tiles of BLOCK_N tokens (64, or 32 when a tile row of the padded head is wider than 256 bytes;
+512 in the float32 forward), unmasked; the T mod BLOCK_N tokens left over are taken in 16-token
+tiles, the only masked ones.
 So 258 tokens cost 4 full tiles + one 16-token tile per pass (272 columns of work, not 320 or 384).
-One configuration per (head dim, dtype), the same under the interpreter and on a GPU; no autotune.
+One configuration per (head dim, dtype) and pass, the same under the interpreter and on a GPU; no
+autotune.
 
 Head dims. ``tl.dot`` needs every dimension >= 16 and a power of two, so the head dim is rounded
 up to a multiple of 16 and covered by at most two power-of-two column chunks, whichever cover is
@@ -42,10 +45,11 @@ and dS are rounded to the input dtype before their products (as flash attention 
 inputs use IEEE float32 products (no TF32), so they match a float32 reference closely.
 
 What only a GPU can confirm: speed and the choice of BLOCK_N / num_warps / num_stages (set by
-reasoning, not measurement), that the configurations fit in shared memory on every head dim
-(compiled ahead of time with Triton 3.8 for sm_80 and sm_90 at head dims 72, 120, 128, 160,
-192 and 256, they use at most 153 KiB), and bfloat16 numerics (the interpreter cannot do bfloat16
-arithmetic; tests/test_triton_attention.py has a ``cuda`` test for it).
+reasoning and by the register use of the compiled kernels, not by timing), and bfloat16 numerics
+(the interpreter cannot do bfloat16 arithmetic; tests/test_triton_attention.py has a ``cuda`` test
+for it). That every head dim 8-256 in each dtype compiles for sm_80 and sm_90a within shared
+memory (at most 93% of an A100's) is checked without a GPU by scripts/compile_triton_kernels.py,
+which also reports spills: see the README.
 """
 
 from __future__ import annotations
@@ -414,8 +418,9 @@ def head_dim_chunks(head_dim: int) -> tuple[int, int]:
     return single, 0
 
 
-def _launch_config(head_dim: int, dtype: torch.dtype) -> dict:
-    """Constexprs and launch options of all three kernels for one head dim and dtype."""
+def _launch_config(head_dim: int, dtype: torch.dtype, forward: bool = False) -> dict:
+    """Constexprs and launch options of the forward kernel (``forward``) or of both backward
+    kernels, for one head dim and dtype."""
     d0, d1 = head_dim_chunks(head_dim)
     width = d0 + d1
     # Halve the inner tile where a padded row is wider than 256 bytes, to bound shared memory.
@@ -424,12 +429,21 @@ def _launch_config(head_dim: int, dtype: torch.dtype) -> dict:
     # Rows of 1 KiB (float32, head dims 193-256): the backward holds four [BLOCK_M, 256] float32
     # tiles in shared memory, ~200 KiB at BLOCK_M = 64, over an A100's 163 KiB; halve BLOCK_M.
     block_m = _BLOCK_M if row_bytes <= 768 else _BLOCK_M // 2
+    num_warps = 4 if width <= 64 else 8
+    if forward and dtype == torch.float32:
+        # IEEE float32 products run on the CUDA cores with their operands in registers: 64-row
+        # tiles spill (compiled for sm_80 / sm_90a by scripts/compile_triton_kernels.py: 736 /
+        # 712 bytes per thread at head dim 64, 56 / 688 at 120). 32 rows over 8 warps with
+        # 64-key tiles up to 512-byte rows spill nothing on sm_90a up to head dim 192 (8 bytes
+        # on sm_80 at head dims 40 and 64). float32 is the sampler's default precision.
+        block_m, num_warps = _BLOCK_M // 2, 8
+        block_n = 64 if row_bytes <= 512 else 32
     return dict(
         HEAD_DIM=head_dim, D0=d0, D1=d1,
         MASK0=d1 == 0 and d0 != head_dim, MASK1=d1 > 0 and width != head_dim,
         IEEE=dtype == torch.float32,
         BLOCK_M=block_m, BLOCK_N=block_n, TAIL=_TAIL,
-        num_warps=4 if width <= 64 else 8, num_stages=2, **FP_FUSION,
+        num_warps=num_warps, num_stages=2, **FP_FUSION,
     )
 
 
@@ -475,7 +489,7 @@ def attention(qkv: Tensor, num_heads: int) -> Tensor:
     out = torch.empty((B, T, H * Dh), dtype=qkv.dtype, device=qkv.device)
     if out.numel() == 0:
         return out
-    cfg = _launch_config(Dh, qkv.dtype)
+    cfg = _launch_config(Dh, qkv.dtype, forward=True)
     n_blocks = cdiv(T, cfg["BLOCK_M"])
     with device_guard(qkv):
         _attn_fwd_kernel[(B * H * n_blocks,)](

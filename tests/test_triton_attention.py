@@ -137,10 +137,11 @@ def test_launch_configs_fit_an_a100s_shared_memory():
     failed there. A launch-config check: it runs without a GPU."""
     for dtype in attention_module.SUPPORTED_DTYPES:
         for head_dim in range(1, attention_module.MAX_HEAD_DIM + 1):
-            cfg = attention_module._launch_config(head_dim, dtype)
-            width = cfg["D0"] + cfg["D1"]
-            model = 2 * (cfg["BLOCK_M"] + cfg["BLOCK_N"]) * width * dtype.itemsize
-            assert model <= 148 * 1024, (dtype, head_dim, cfg["BLOCK_M"], cfg["BLOCK_N"], model)
+            for forward in (True, False):
+                cfg = attention_module._launch_config(head_dim, dtype, forward)
+                width = cfg["D0"] + cfg["D1"]
+                model = 2 * (cfg["BLOCK_M"] + cfg["BLOCK_N"]) * width * dtype.itemsize
+                assert model <= 148 * 1024, (dtype, head_dim, forward, cfg, model)
 
 
 @pytest.mark.parametrize("case,dtype", PARAMS)

@@ -67,6 +67,12 @@ def test_attention_inner_tile_follows_the_padded_row_width():
     assert cfg(128, torch.float16)["BLOCK_N"] == 64, "float16 Dh 128: 256-byte rows keep 64"
     assert cfg(192, torch.float32)["BLOCK_M"] == 64, "float32 Dh 192: 768-byte rows keep 64"
     assert cfg(200, torch.float32)["BLOCK_M"] == 32, "float32 Dh 200: 1 KiB rows halve it"
+    # The float32 forward: 32-row blocks over 8 warps, 64-key tiles up to 512-byte rows (the
+    # 64-row blocks spilled registers when compiled); the 16-bit forward keeps the backward's.
+    assert [cfg(dh, torch.float32, True)["BLOCK_N"] for dh in (64, 120, 128, 136)] == [64] * 3 + [32]
+    assert {cfg(dh, torch.float32, True)["BLOCK_M"] for dh in range(8, 257, 8)} == {32}
+    assert cfg(64, torch.float32, True)["num_warps"] == 8
+    assert cfg(72, torch.bfloat16, True) == cfg(72, torch.bfloat16)
     # float32 is multiplied in IEEE float32 (TF32 would cost ~5e-4 relative error); the 16-bit
     # dtypes take tl.dot's default. (The interpreter ignores this flag: only a GPU would show it.)
     assert cfg(64, torch.float32)["IEEE"] is True
