@@ -25,7 +25,8 @@ is written once, without atomics). :func:`_chunking` lists the chunk shapes per 
 
 Blocking (one configuration per shape and dtype, the same under the interpreter and on a GPU; no
 autotune). Forward: a program owns BLOCK_M = 64 tokens (a tile may span two samples) × BLOCK_N
-features (128 for 16-bit inputs, 64 for float32) and walks all C·CHUNKS chunks; the epilogue adds
+features (128 for 16-bit inputs, 64 for float32) and walks all C·CHUNKS chunks (of 64 features,
+32 for float32, whose 64-wide chunks spill registers); the epilogue adds
 bias and pos_embed[n] and stores once. Backward:
 1. ``_patch_embed_bwd_weight_kernel``: a program owns 64 features × one chunk of grad_weight and
    reduces over all B·N tokens, walking token blocks of 64 and, inside, the batch, so it sums
@@ -279,13 +280,13 @@ def _block(n: int, cap: int) -> int:
     return max(_MIN_DOT, min(cap, next_power_of_2(n)))
 
 
-def _chunking(p: int) -> dict:
+def _chunking(p: int, block_k: int = _BLOCK_K) -> dict:
     """Constexprs of the feature chunks for patch size p: P_PAD = p rounded up to a power of two,
-    ROWS patch rows of one channel per chunk (BLOCK_K = ROWS·P_PAD: 64 where p allows, never
-    below tl.dot's 16), CHUNKS = chunks per channel, MASK_K = some chunk has padding.
+    ROWS patch rows of one channel per chunk (BLOCK_K = ROWS·P_PAD: ``block_k`` where p allows,
+    never below tl.dot's 16), CHUNKS = chunks per channel, MASK_K = some chunk has padding.
     p=2: 8 rows (2 used) × 2; p=4: 4 × 4; p=8: 8 × 8; p=16: 4 × 16 (4 chunks); p=32: 2 × 32."""
     p_pad = next_power_of_2(p)
-    rows = max(cdiv(_MIN_DOT, p_pad), min(_BLOCK_K // p_pad, p_pad))
+    rows = max(cdiv(_MIN_DOT, p_pad), min(block_k // p_pad, p_pad))
     return dict(P=p, P_PAD=p_pad, CHUNKS=cdiv(p, rows), MASK_K=p_pad != p or p % rows != 0,
                 BLOCK_K=rows * p_pad)
 
@@ -365,13 +366,17 @@ def patch_embed(img: Tensor, weight: Tensor, bias: Tensor, pos_embed: Tensor) ->
         return out
     sixteen_bit = img.dtype != torch.float32 and weight.dtype != torch.float32
     block_n = _block(D, 128 if sixteen_bit else 64)
+    # float32 (IEEE products on the CUDA cores, operands in registers) at 64-feature chunks
+    # spilled ~660 bytes per thread on sm_80 (scripts/compile_triton_kernels.py); 32-feature
+    # chunks spill on neither sm_80 nor sm_90a. Sampling runs this at its default float32.
+    block_k = 64 if sixteen_bit else 32
     tiles_n = cdiv(D, block_n)
     with device_guard(img):
         _patch_embed_fwd_kernel[(cdiv(M, _BLOCK_M) * tiles_n,)](
             img, weight, bias, pos_embed, out,
             M, N, D, C, w, tiles_n,
             *img.stride(), *weight.stride(), bias.stride(0), *pos_embed.stride(),
-            **_chunking(p), **_dot_config(img.dtype, weight.dtype),
+            **_chunking(p, block_k), **_dot_config(img.dtype, weight.dtype),
             BLOCK_M=_BLOCK_M, BLOCK_N=block_n, num_warps=4 if block_n <= 64 else 8, num_stages=3,
             **FP_FUSION,
         )

@@ -117,8 +117,11 @@ def test_chunking():
     expected = {2: (8, 1), 4: (4, 1), 6: (8, 1), 8: (8, 1), 14: (4, 4), 16: (4, 4), 32: (2, 16)}
     assert {p: (c["BLOCK_K"] // c["P_PAD"], c["CHUNKS"]) for p in expected
             for c in [chunking(p)]} == expected
-    for p in range(1, 65):
-        c = chunking(p)
+    # 32-feature chunks (the float32 forward): p=16 takes 2 rows × 8 chunks, p=4 keeps 4 × 1
+    assert [(chunking(p, 32)["BLOCK_K"], chunking(p, 32)["CHUNKS"]) for p in (4, 16, 32)] == [
+        (16, 1), (32, 8), (32, 32)]
+    for p, block_k in [(p, k) for p in range(1, 65) for k in (32, 64)]:
+        c = chunking(p, block_k)
         rows = c["BLOCK_K"] // c["P_PAD"]
         assert c["P_PAD"] >= p and c["BLOCK_K"] >= 16 and c["BLOCK_K"] & (c["BLOCK_K"] - 1) == 0
         assert rows * c["CHUNKS"] >= p and rows * (c["CHUNKS"] - 1) < p
