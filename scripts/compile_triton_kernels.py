@@ -35,6 +35,7 @@ import sys
 import tempfile
 import time
 import traceback
+import types
 
 # Largest dynamic shared memory one block may opt in to, bytes (CUDA programming guide,
 # compute capability table), and the SM counts of the GPUs the launch heuristics are sized for.
@@ -162,7 +163,7 @@ def _resources(cuobjdump: str, cubin: bytes) -> dict:
 def stand_in_gpu(arch: int, case: dict) -> tuple[object, list[dict]]:
     """Make this process's Triton launches compile for ``arch`` and stop before running.
 
-    Returns (the ``epg_kernels`` package with its kernel modules as attributes, the list each
+    Returns (the kernel modules of ``epg_kernels`` as attributes of a namespace, the list each
     compiled kernel appends its record to, tagged with ``case``'s current items). Irreversible:
     for a process of its own.
     """
@@ -235,17 +236,18 @@ def stand_in_gpu(arch: int, case: dict) -> tuple[object, list[dict]]:
     # GPU's SM count: let host tensors stand for device ones (they are never read) and give the
     # stand-in GPU's SM count.
     torch.Tensor.is_cuda = property(lambda self: True)
-    kernels = importlib.import_module("epg_kernels")
-    if kernels.UNAVAILABLE_REASON:
-        raise SystemExit(kernels.UNAVAILABLE_REASON)
-    for module in ("attention", "infonce", "layer_norm", "patch_embed", "precondition", "residual"):
-        mod = importlib.import_module(f"epg_kernels.{module}")
-        setattr(kernels, module, mod)
+    package = importlib.import_module("epg_kernels")
+    if package.UNAVAILABLE_REASON:
+        raise SystemExit(package.UNAVAILABLE_REASON)
+    common = importlib.import_module("epg_kernels._common")
+    modules = {}
+    for name in ("attention", "infonce", "layer_norm", "patch_embed", "precondition", "residual"):
+        modules[name] = mod = importlib.import_module(f"epg_kernels.{name}")
         if hasattr(mod, "device_guard"):
             mod.device_guard = lambda t: contextlib.nullcontext()
         if hasattr(mod, "target_programs"):
-            mod.target_programs = lambda device: 4 * SM_COUNT[arch]
-    return kernels, records
+            mod.target_programs = lambda device: common._PROGRAMS_PER_SM * SM_COUNT[arch]
+    return types.SimpleNamespace(**modules), records
 
 
 def compile_arch(arch: int, which: str, only: tuple[str, ...] = ()) -> list[dict]:
