@@ -369,7 +369,7 @@ def patch_embed(img: Tensor, weight: Tensor, bias: Tensor, pos_embed: Tensor) ->
     # float32 (IEEE products on the CUDA cores, operands in registers) at 64-feature chunks
     # spilled ~660 bytes per thread on sm_80 (scripts/compile_triton_kernels.py); 32-feature
     # chunks spill on neither sm_80 nor sm_90a. Sampling runs this at its default float32.
-    block_k = 64 if sixteen_bit else 32
+    block_k = _BLOCK_K if sixteen_bit else _BLOCK_K // 2
     tiles_n = cdiv(D, block_n)
     with device_guard(img):
         _patch_embed_fwd_kernel[(cdiv(M, _BLOCK_M) * tiles_n,)](

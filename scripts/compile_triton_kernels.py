@@ -25,6 +25,7 @@ caches per device would otherwise carry over.
 from __future__ import annotations
 
 import argparse
+import collections
 import contextlib
 import importlib
 import json
@@ -289,23 +290,19 @@ def verdict(record: dict, max_shared: int | None = None) -> str:
 
 def report(records: list[dict], max_shared: int | None = None) -> tuple[str, int]:
     """A table of the records and the number of failures (errors and over-shared kernels)."""
-    lines, failures = [], 0
-    header = f"{'arch':6} {'kernel':30} {'case':36} {'warps':>5} {'shared KiB':>10} {'regs':>4} {'stack B':>7}  verdict"
-    lines.append(header)
-    for r in records:
-        v = verdict(r, max_shared)
-        failures += v in ("error", "over shared")
-        if "error" in r:
+    verdicts = [verdict(r, max_shared) for r in records]
+    lines = [f"{'arch':6} {'kernel':30} {'case':36} {'warps':>5} {'shared KiB':>10} {'regs':>4} "
+             f"{'stack B':>7}  verdict"]  # fmt: skip
+    for r, v in zip(records, verdicts):
+        if v == "error":
             lines.append(f"sm_{r['arch']:<3} {str(r['kernel']):30} {r['label']:36} {'':>5} {'':>10} "
                          f"{'':>4} {'':>7}  error: {r['error'].splitlines()[-1][:200]}")  # fmt: skip
-            continue
-        lines.append(f"sm_{r['arch']:<3} {r['kernel']:30} {r['label']:36} {r['num_warps']:>5} "
-                     f"{r['shared_bytes'] / 1024:>10.1f} {r['registers']:>4} {r['stack_bytes']:>7}  {v}")  # fmt: skip
-    counts = {}
-    for r in records:
-        counts[verdict(r, max_shared)] = counts.get(verdict(r, max_shared), 0) + 1
+        else:
+            lines.append(f"sm_{r['arch']:<3} {r['kernel']:30} {r['label']:36} {r['num_warps']:>5} "
+                         f"{r['shared_bytes'] / 1024:>10.1f} {r['registers']:>4} {r['stack_bytes']:>7}  {v}")  # fmt: skip
+    counts = collections.Counter(verdicts)
     lines.append("kernels compiled: " + ", ".join(f"{n} {k}" for k, n in sorted(counts.items())))
-    return "\n".join(lines), failures
+    return "\n".join(lines), counts["error"] + counts["over shared"]
 
 
 def main(argv: list[str] | None = None) -> int:
