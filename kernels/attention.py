@@ -12,7 +12,8 @@ fresh contiguous tensors in qkv's dtype (float16, bfloat16 or float32). Memory i
 the outputs, the backward keeps two float32 values per (batch, head, token).
 
 Blocking. A program owns BLOCK_M = 64 tokens (32 for float32 head dims above 192, to fit an
-A100's shared memory, and in the float32 forward, whose 64-row tiles spill registers) of one
+A100's shared memory, and where 64-row tiles spill registers: the float32 forward and the 16-bit
+backward at head dims above 160) of one
 (batch, head) and walks the other side in
 tiles of BLOCK_N tokens (64, or 32 when a tile row of the padded head is wider than 256 bytes;
 512 in the float32 forward), unmasked; the T mod BLOCK_N tokens left over are taken in 16-token
@@ -430,6 +431,12 @@ def _launch_config(head_dim: int, dtype: torch.dtype, forward: bool = False) -> 
     # tiles in shared memory, ~200 KiB at BLOCK_M = 64, over an A100's 163 KiB; halve BLOCK_M.
     block_m = _BLOCK_M if row_bytes <= 768 else _BLOCK_M // 2
     num_warps = 4 if width <= 64 else 8
+    if not forward and dtype.itemsize == 2 and width >= 192:
+        # 16-bit backward at padded widths 192 and 256 (head dims 168-256): 64-row blocks
+        # spilled on sm_80 (3.7 KB per thread in dK/dV at 192) or sm_90a (48 bytes at 256);
+        # 32-row blocks spill on neither (compiled by scripts/compile_triton_kernels.py; at
+        # widths 144 and 160 they would add spills on sm_90a, so those keep 64).
+        block_m = _BLOCK_M // 2
     if forward and dtype == torch.float32:
         # IEEE float32 products run on the CUDA cores with their operands in registers: 64-row
         # tiles spill (compiled for sm_80 / sm_90a by scripts/compile_triton_kernels.py: 736 /

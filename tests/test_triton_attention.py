@@ -53,6 +53,7 @@ CASES = {
     "Dh256": ((1, 9, 1, 256), (F32,)),  # the largest head dim
     "Dh256_three_blocks": ((1, 70, 1, 256), (F32,)),  # float32's 32-row blocks: 3, a full tile
     "T258_Dh72": ((1, 258, 1, 72), (F32,)),  # EPG's token count and decoder head dim
+    "Dh176_three_blocks": ((1, 70, 1, 176), (F16,)),  # 16-bit backward's 32-row blocks, 128 + 64
 }
 PARAMS = [
     pytest.param(case, dtype, id=f"{case}-{str(dtype).removeprefix('torch.')}")

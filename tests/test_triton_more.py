@@ -73,6 +73,9 @@ def test_attention_inner_tile_follows_the_padded_row_width():
     assert {cfg(dh, torch.float32, True)["BLOCK_M"] for dh in range(8, 257, 8)} == {32}
     assert cfg(64, torch.float32, True)["num_warps"] == 8
     assert cfg(72, torch.bfloat16, True) == cfg(72, torch.bfloat16)
+    # The 16-bit backward halves its blocks at padded widths 192 and 256 (head dims 168-256).
+    assert [cfg(dh, torch.float16)["BLOCK_M"] for dh in (160, 168, 192, 200, 256)] == [64] + [32] * 4
+    assert cfg(192, torch.bfloat16, True)["BLOCK_M"] == 64
     # float32 is multiplied in IEEE float32 (TF32 would cost ~5e-4 relative error); the 16-bit
     # dtypes take tl.dot's default. (The interpreter ignores this flag: only a GPU would show it.)
     assert cfg(64, torch.float32)["IEEE"] is True
