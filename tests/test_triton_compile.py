@@ -42,8 +42,8 @@ def _toolchain_missing() -> str | None:
     return None
 
 
-needs_toolchain = pytest.mark.skipif(_toolchain_missing() is not None,
-                                     reason=str(_toolchain_missing()))  # fmt: skip
+TOOLCHAIN_MISSING = _toolchain_missing()
+needs_toolchain = pytest.mark.skipif(TOOLCHAIN_MISSING is not None, reason=str(TOOLCHAIN_MISSING))
 
 
 def _run(tmp_path, *args) -> tuple[subprocess.CompletedProcess, list[dict]]:
